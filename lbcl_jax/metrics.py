@@ -1,0 +1,191 @@
+"""Continual-learning metrics from the accuracy matrix, and atomic result files.
+
+`R[i][j]` is the accuracy on task j after training task i (0-indexed, T tasks). Entries not
+evaluated (e.g. j > i when future tasks are not tested) are None or NaN. Definitions:
+
+* average accuracy (LB-CL, O-LoRA): mean_j R[T-1][j], over the tasks of the last row.
+* backward transfer (Lopez-Paz & Ranzato, 2017, "Gradient Episodic Memory", GEM):
+  BWT = 1/(T-1) sum_{j=0}^{T-2} (R[T-1][j] - R[j][j]); negative is forgetting.
+* forward transfer (GEM): FWT = 1/(T-1) sum_{j=1}^{T-1} (R[j-1][j] - b[j]), where b[j] is a
+  reference accuracy on task j before any training on it (GEM: a randomly initialised model;
+  here whatever the caller passes, e.g. the zero-shot pretrained model). Needs the entries
+  above the diagonal, so it is None unless future tasks were evaluated and `reference` is given.
+* forgetting (Chaudhry et al., 2018, "Riemannian Walk"): the mean over j < T-1 of
+  max_{i <= T-2} R[i][j] - R[T-1][j] (missing entries are ignored in the max).
+
+Every metric is a plain float, or None when undefined (one task, a missing entry, a joint MTL
+run): JSON-friendly.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import pathlib
+import tempfile
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+Matrix = Sequence[Sequence[float | None]]
+
+
+def as_matrix(matrix: Matrix | np.ndarray) -> np.ndarray:
+  """float64 [rows, T] with NaN for missing entries."""
+  rows = [[np.nan if v is None else float(v) for v in row] for row in matrix]
+  if not rows or any(len(r) != len(rows[0]) for r in rows):
+    raise ValueError(f"the accuracy matrix must be a non-empty rectangle, got {matrix!r}")
+  return np.asarray(rows, dtype=np.float64)
+
+
+def _float(x: float) -> float | None:
+  return None if x is None or not math.isfinite(x) else float(x)
+
+
+def _square(r: np.ndarray) -> np.ndarray:
+  if r.shape[0] != r.shape[1]:
+    raise ValueError(f"this metric needs a square T x T matrix, got shape {r.shape}")
+  return r
+
+
+def average_accuracy(matrix: Matrix | np.ndarray) -> float | None:
+  """Mean accuracy over all tasks after the last task (None if the last row has a gap)."""
+  last = as_matrix(matrix)[-1]
+  return None if np.isnan(last).any() else _float(last.mean())
+
+
+def backward_transfer(matrix: Matrix | np.ndarray) -> float | None:
+  """GEM's BWT (see the module docstring); None for T < 2 or a missing entry."""
+  r = _square(as_matrix(matrix))
+  t = r.shape[0]
+  if t < 2:
+    return None
+  diffs = r[t - 1, :t - 1] - np.diag(r)[:t - 1]
+  return None if np.isnan(diffs).any() else _float(diffs.mean())
+
+
+def forward_transfer(matrix: Matrix | np.ndarray,
+                     reference: Sequence[float | None] | None) -> float | None:
+  """GEM's FWT against per-task reference accuracies `reference` (None: undefined)."""
+  if reference is None:
+    return None
+  r = _square(as_matrix(matrix))
+  t = r.shape[0]
+  b = np.asarray([np.nan if v is None else float(v) for v in reference], dtype=np.float64)
+  if b.shape != (t,):
+    raise ValueError(f"reference must hold one accuracy per task ({t}), got {len(b)}")
+  if t < 2:
+    return None
+  diffs = np.asarray([r[j - 1, j] - b[j] for j in range(1, t)])
+  return None if np.isnan(diffs).any() else _float(diffs.mean())
+
+
+def forgetting(matrix: Matrix | np.ndarray) -> float | None:
+  """Chaudhry et al.'s average forgetting (see the module docstring); None for T < 2."""
+  r = _square(as_matrix(matrix))
+  t = r.shape[0]
+  if t < 2:
+    return None
+  values = []
+  for j in range(t - 1):
+    past = r[:t - 1, j]
+    if np.isnan(past).all() or np.isnan(r[t - 1, j]):
+      return None
+    values.append(np.nanmax(past) - r[t - 1, j])
+  return _float(float(np.mean(values)))
+
+
+def summarize(matrix: Matrix | np.ndarray, reference: Sequence[float | None] | None = None, *,
+              joint: bool = False) -> dict[str, float | None]:
+  """{"average_accuracy", "bwt", "fwt", "forgetting"}.
+
+  Args:
+    matrix: the accuracy matrix (rows: after each stage; columns: tasks).
+    reference: per-task reference accuracies for FWT (None: FWT is None).
+    joint: a multi-task run (one stage training every task): only the average is defined.
+  """
+  r = as_matrix(matrix)
+  out = {"average_accuracy": average_accuracy(r), "bwt": None, "fwt": None, "forgetting": None}
+  if joint or r.shape[0] != r.shape[1]:
+    return out
+  out["bwt"] = backward_transfer(r)
+  out["fwt"] = forward_transfer(r, reference)
+  out["forgetting"] = forgetting(r)
+  return out
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+  """Writes `text` to a temporary file beside `path`, then renames it over `path`.
+
+  A reader (or a crash) sees the old file or the new one, never half of one.
+  """
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    # After a successful replace the temporary name is gone; after a failure, remove it.
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+
+
+def _json_safe(x: Any) -> Any:
+  """NaN/inf -> None and numpy -> Python, recursively (strict JSON has no NaN)."""
+  if isinstance(x, Mapping):
+    return {str(k): _json_safe(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_json_safe(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return _json_safe(x.tolist())
+  if isinstance(x, (np.floating, float)):
+    return _float(float(x))
+  if isinstance(x, np.integer):
+    return int(x)
+  return x
+
+
+def write_results(path_json: str | os.PathLike[str], path_csv: str | os.PathLike[str],
+                  matrix: Matrix | np.ndarray, task_names: Sequence[str], *,
+                  row_names: Sequence[str] | None = None,
+                  reference: Sequence[float | None] | None = None, joint: bool = False,
+                  extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """Writes the matrix and its metrics as JSON and the matrix as CSV, each atomically.
+
+  Args:
+    path_json: {"tasks", "stages", "accuracy_matrix", metrics..., "reference", **extra}.
+    path_csv: header "after,<tasks>", then one row per stage; missing entries are empty.
+    matrix: the accuracy matrix.
+    task_names: the column names.
+    row_names: the stage names (default: the task names, one stage per task).
+    reference: per-task reference accuracies for FWT.
+    joint: a multi-task run (see `summarize`).
+    extra: more JSON fields (method, config, timings, ...).
+
+  Returns:
+    The JSON document written.
+  """
+  r = as_matrix(matrix)
+  if r.shape[1] != len(task_names):
+    raise ValueError(f"{len(task_names)} task names for {r.shape[1]} matrix columns")
+  row_names = list(row_names) if row_names is not None else list(task_names)[:r.shape[0]]
+  if len(row_names) != r.shape[0]:
+    raise ValueError(f"{len(row_names)} row names for {r.shape[0]} matrix rows")
+  doc = {"tasks": list(task_names), "stages": row_names, "accuracy_matrix": r,
+         **summarize(r, reference, joint=joint), "reference": reference, **(extra or {})}
+  doc = _json_safe(doc)
+  atomic_write_text(path_json, json.dumps(doc, indent=2, allow_nan=False) + "\n")
+  buf = io.StringIO()
+  writer = csv.writer(buf, lineterminator="\n")
+  writer.writerow(["after", *task_names])
+  for name, row in zip(row_names, r.tolist()):
+    writer.writerow([name, *("" if math.isnan(v) else f"{v:.6f}" for v in row)])
+  atomic_write_text(path_csv, buf.getvalue())
+  return doc

@@ -1,0 +1,497 @@
+"""The continual-learning driver: `train_and_evaluate(config, workdir)`.
+
+For each task of the order:
+  1. injection methods: pick seed samples, score every old triplet, inject the new adapter;
+  2. build the optimizer (AdamW, plus the projection, the O-LoRA loss, as the method says);
+  3. train;
+  4. evaluate on every task seen so far, filling the accuracy matrix;
+  5. checkpoint.
+Everything a run needs to continue is checkpointed, and every random draw is a pure function of
+(seed, task, step), so a resumed run ends with the same results as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import signal
+import time
+from typing import Any
+
+from absl import logging
+from clu import metric_writers
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from lbcl_jax import adapters as adapters_lib
+from lbcl_jax import backbones
+from lbcl_jax import checkpointing
+from lbcl_jax import config_lib
+from lbcl_jax import injection
+from lbcl_jax import methods as methods_lib
+from lbcl_jax import metrics as metrics_lib
+from lbcl_jax import olora
+from lbcl_jax import plots
+from lbcl_jax import sensitivity
+from lbcl_jax import sharding
+
+
+def _tree_dtype(tree: Any, dtype) -> Any:
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+class Run:
+  """Everything fixed for the whole sequence: model, data, mesh, method."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.config = config
+    self.workdir = pathlib.Path(workdir)
+    self.method = methods_lib.get_method(
+        config.method,
+        inject_sigma=config.injection.with_sigma,
+        inject_layers=_injection_layers(config.injection.layers),
+        num_seed_samples=config.injection.num_seed_samples,
+        score_aggregation=config.injection.aggregation,
+        olora_lambda1=config.olora.lambda1,
+        olora_lambda2=config.olora.lambda2)
+    self.mesh = sharding.make_mesh(config.mesh)
+    dp = sharding.data_parallel_size(self.mesh)
+    if config.optim.global_batch_size % dp:
+      raise ValueError(
+          f"config.optim.global_batch_size={config.optim.global_batch_size} is not divisible by the "
+          f"data-parallel size {dp} (mesh data x fsdp = {self.mesh.shape['data']} x {self.mesh.shape['fsdp']})")
+    if config.optim.global_batch_size % (dp * config.optim.grad_accum_steps):
+      raise ValueError("config.optim.global_batch_size must be divisible by data-parallel size x "
+                       f"grad_accum_steps ({dp} x {config.optim.grad_accum_steps})")
+    if config.eval.batch_size % dp:
+      raise ValueError(f"config.eval.batch_size={config.eval.batch_size} is not divisible by the "
+                       f"data-parallel size {dp}")
+    self.backbone = backbones.build(config)
+    self.tasks = backbones.resolve_tasks(config)
+    self.rules = tuple(config.mesh.logical_axis_rules)
+    self.key = jax.random.key(config.seed)
+
+    # The frozen base, created already sharded.
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.backbone.params)
+    self.base_shardings = sharding.logical_to_sharding(
+        self.backbone.param_specs, shapes, self.mesh, self.rules)
+    self.base = jax.device_put(self.backbone.params, self.base_shardings)
+    self.backbone.params = None  # the host copy is no longer needed
+
+    if self.method.uses_adapters:
+      self.adapter_config = adapters_lib.AdapterConfig(
+          targets=self.backbone.resolve_targets(config.adapters.targets),
+          rank=config.adapters.rank,
+          scaling=config.adapters.scaling,
+          init=self.method.init,
+          apply_mode=config.adapters.apply_mode or adapters_lib.AdapterConfig.apply_mode)
+      # Raises naming the layer when the rank exceeds min(d_in, d_out).
+      self.paths = adapters_lib.find_targets(self.base, self.adapter_config.targets)
+      for path in self.paths:
+        d_in, d_out = adapters_lib.get_kernel(self.base, path).shape
+        if config.adapters.rank > min(d_in, d_out):
+          raise ValueError(f"config.adapters.rank={config.adapters.rank} exceeds min(d_in, d_out) = "
+                           f"{min(d_in, d_out)} of layer {path} ({d_in} -> {d_out})")
+      self.kernel_specs = self.backbone.kernel_specs(self.paths)
+      self.apply_mode = self.adapter_config.apply_mode
+    self.data = backbones.load_task_data(config, self.tasks, self.backbone)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) the task sequence of `config` in `workdir`; returns results.json's dict."""
+  config_lib.validate(config)
+  workdir = os.fspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  checkpointing.check_workdir_config(workdir, config)
+  run = Run(config, workdir)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer.write_hparams(_flat_hparams(config))
+  ckpt = checkpointing.RunCheckpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.max_to_keep)
+
+  # MTL trains one adapter on every task at once: a single stage holding all tasks.
+  stages = [list(run.tasks)] if run.method.joint else [[t] for t in run.tasks]
+  progress = {"stage": 0, "step": 0, "global_step": 0, "phase": "stage_start",
+              "accuracy_matrix": [], "losses": {}, "sensitivity": {}, "train_seconds": 0.0,
+              "stages": [", ".join(s) if len(s) > 1 else s[0] for s in stages]}
+  old = None  # stacked frozen adapters of finished tasks (None before the first)
+  base = run.base
+  resume_step = ckpt.latest_step()
+  if resume_step is not None:
+    progress = ckpt.restore_progress(resume_step)
+    logging.info("Resuming %s from checkpoint %d: stage %d, step %d, phase %s", workdir,
+                 resume_step, progress["stage"], progress["step"], progress["phase"])
+
+  with run.mesh:
+    while progress["stage"] < len(stages):
+      stage = progress["stage"]
+      names = stages[stage]
+      label = progress["stages"][stage]
+      stage_key = jax.random.fold_in(run.key, stage)
+      if resume_step is not None:
+        old, base, trainable, optimizer, opt_state = _restore(
+            run, ckpt, resume_step, progress, stage_key)
+        resume_step = None
+      else:
+        trainable, optimizer, opt_state, scores = _begin_stage(run, old, base, stage_key, names)
+        if scores is not None:
+          progress["sensitivity"][label] = scores
+        progress["phase"], progress["step"] = "train", 0
+
+      trainable, opt_state = _train_stage(run, ckpt, writer, progress, old, base, trainable,
+                                          optimizer, opt_state, stage_key, names, label)
+      del opt_state
+
+      # Evaluate every task seen so far with all adapters folded in (no task id).
+      if run.method.full_finetune:
+        base = trainable
+        eval_params = base
+      else:
+        old = adapters_lib.append_task({"old": old or {}, "new": trainable})["old"]
+        eval_params = _merge(run, base, old)
+      row = [None] * len(run.tasks)
+      for s in stages[:stage + 1]:
+        for name in s:
+          row[run.tasks.index(name)] = float(backbones.evaluate(run, eval_params, name))
+      del eval_params
+      progress["accuracy_matrix"].append(row)
+      seen = {n: row[run.tasks.index(n)] for s in stages[:stage + 1] for n in s}
+      logging.info("Accuracy after %s: %s", label, seen)
+      writer.write_scalars(progress["global_step"], {f"accuracy/{n}": v for n, v in seen.items()})
+
+      progress["stage"] += 1
+      progress["step"] = 0
+      progress["phase"] = "stage_start"
+      _save(run, ckpt, progress, old, base, None, None)
+
+  ckpt.close()
+  results = _write_results(run, workdir, progress)
+  writer.flush()
+  writer.close()
+  return results
+
+
+def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  flat = flax.traverse_util.flatten_dict(checkpointing.config_to_dict(config), sep=".")
+  return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in flat.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage set-up: fresh or injected adapter, optimizer.
+
+
+def _merge(run: Run, base: Any, stack: Any) -> Any:
+  """base + all adapters in `stack`, computed sharded like the base."""
+  if not stack:
+    return base
+  fn = jax.jit(lambda b, s: adapters_lib.merge(b, s, run.adapter_config.scaling),
+               out_shardings=run.base_shardings)
+  return fn(base, stack)
+
+
+def _trainable_shardings(run: Run, trainable: Any) -> Any:
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
+  if run.method.full_finetune:
+    return run.base_shardings
+  specs = sharding.adapter_logical_specs(shapes, run.kernel_specs)
+  return sharding.logical_to_sharding(specs, shapes, run.mesh, run.rules)
+
+
+def _fresh_adapter(run: Run, stage_key: jax.Array) -> Any:
+  shapes = jax.eval_shape(
+      lambda k: adapters_lib.init_new(k, run.base, run.adapter_config, run.paths), stage_key)
+  shardings = _trainable_shardings(run, shapes)
+  return jax.jit(lambda k: adapters_lib.init_new(k, run.base, run.adapter_config, run.paths),
+                 out_shardings=shardings)(stage_key)
+
+
+def _build_optimizer(run: Run, old: Any) -> optax.GradientTransformation:
+  o = run.config.optim
+  lr = o.learning_rate
+  if o.warmup_steps:
+    lr = optax.join_schedules(
+        [optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps), optax.constant_schedule(o.learning_rate)],
+        [o.warmup_steps])
+  tx = methods_lib.build_optimizer(
+      run.method, old or None, learning_rate=lr, weight_decay=o.weight_decay,
+      max_grad_norm=o.grad_clip or None, projection_rtol=run.config.projection.rtol)
+  if o.grad_accum_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=o.grad_accum_steps)
+  return tx
+
+
+def _init_opt_state(run: Run, optimizer, trainable, old):
+  del old
+  # jit of init propagates the trainable leaves' shardings to the moments it creates.
+  return jax.jit(optimizer.init)(trainable)
+
+
+def _begin_stage(run: Run, old: Any, base: Any, stage_key: jax.Array, names: list[str]):
+  cfg = run.config
+  scores = None
+  if run.method.full_finetune:
+    trainable = base
+  else:
+    trainable = _fresh_adapter(run, stage_key)
+    if run.method.inject and old:
+      seeds = backbones.seed_batch(run, names[0], run.method.num_seed_samples,
+                                   seed=int(jax.random.randint(jax.random.fold_in(stage_key, 1), (), 0, 2**31 - 1)))
+      raw = _score_old(run, base, old, seeds)
+      scores = {path: np.asarray(v).tolist() for path, v in raw.items()}
+      trainable = jax.jit(
+          lambda o, s, f: injection.inject(o, s, fresh=f, with_sigma=run.method.inject_sigma,
+                                           layers=run.method.inject_layers),
+          out_shardings=_trainable_shardings(run, trainable))(old, raw, trainable)
+  optimizer = _build_optimizer(run, old)
+  opt_state = _init_opt_state(run, optimizer, trainable, old)
+  return trainable, optimizer, opt_state, scores
+
+
+def _injection_layers(spec: str):
+  spec = str(spec).strip()
+  if spec == "all":
+    return "all"
+  if spec.isdigit():
+    return int(spec)
+  return [p.strip() for p in spec.split(",") if p.strip()]
+
+
+def _score_old(run: Run, base: Any, old: Any, seeds: dict[str, jax.Array]) -> Any:
+  """Triplet scores S[layer][k, i] of every old task's triplets on the new task's seeds."""
+  cfg = run.config
+  bb = run.backbone
+  scaling = run.adapter_config.scaling
+
+  def loss_of_stack(stack, sample):
+    batch = jax.tree.map(lambda x: x[None], sample)
+    with adapters_lib.intercept(stack, scaling):
+      return bb.loss(base, batch, None)
+
+  return sensitivity.score_old_triplets(
+      loss_of_stack, old, seeds,
+      aggregation=run.method.score_aggregation,
+      layers=cfg.injection.sensitivity_layers or None,
+      chunk_size=cfg.injection.chunk_size or None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training.
+
+
+def _make_step(run: Run, optimizer: optax.GradientTransformation, trainable_shardings, opt_shardings):
+  m = run.method
+  bb = run.backbone
+  cfg = run.config
+
+  def loss_fn(trainable, base_eff, old, batch, rng):
+    if m.full_finetune:
+      return bb.loss(trainable, batch, rng)
+    stack = jax.tree.map(lambda x: x[None], trainable)
+    if run.apply_mode == "merged":
+      loss = bb.loss(adapters_lib.merge(base_eff, stack, run.adapter_config.scaling), batch, rng)
+    else:
+      with adapters_lib.intercept(stack, run.adapter_config.scaling):
+        loss = bb.loss(base_eff, batch, rng)
+    if m.olora and old:
+      loss = loss + olora.olora_penalty({"old": old, "new": trainable}, m.olora_lambda1, m.olora_lambda2)
+    return loss
+
+  def step(trainable, opt_state, base_eff, old, batch, rng):
+    loss, grads = jax.value_and_grad(loss_fn)(trainable, base_eff, old, batch, rng)
+    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    return trainable, opt_state, loss
+
+  return jax.jit(step, donate_argnums=(0, 1),
+                 out_shardings=(trainable_shardings, opt_shardings, sharding.replicated(run.mesh)))
+
+
+def _train_stage(run, ckpt, writer, progress, old, base, trainable, optimizer, opt_state,
+                 stage_key, names, label):
+  cfg = run.config
+  stream = backbones.train_stream(run, names, seed=int(jax.random.randint(
+      jax.random.fold_in(stage_key, 2), (), 0, 2**31 - 1)))
+  num_steps = stream.num_steps_per_epoch * cfg.optim.num_epochs * cfg.optim.grad_accum_steps
+  if cfg.optim.max_steps_per_task:
+    num_steps = min(num_steps, cfg.optim.max_steps_per_task)
+  base_eff = base if run.method.full_finetune else _merge(run, base, old)
+  tsh = jax.tree.map(lambda x: x.sharding, trainable)
+  osh = jax.tree.map(lambda x: x.sharding, opt_state)
+  step_fn = _make_step(run, optimizer, tsh, osh)
+  train_key = jax.random.fold_in(stage_key, 3)
+  curve = progress["losses"].setdefault(label, [])
+  start = progress["step"]
+  bar = tqdm.tqdm(total=num_steps, initial=start, desc=f"train {label}", unit="step",
+                  disable=jax.process_index() != 0, dynamic_ncols=True)
+  t0, window_t, window_n = time.time(), time.time(), 0
+  for step in range(start, num_steps):
+    batch = sharding.global_batch(stream.batch(step), run.mesh)
+    trainable, opt_state, loss = step_fn(trainable, opt_state, base_eff, old or {}, batch,
+                                         jax.random.fold_in(train_key, step))
+    progress["step"] = step + 1
+    progress["global_step"] += 1
+    window_n += 1
+    bar.update(1)
+    last = step + 1 == num_steps
+    if progress["step"] % cfg.log_every_steps == 0 or last:
+      loss_v = float(loss)
+      rate = window_n / max(time.time() - window_t, 1e-9)
+      window_t, window_n = time.time(), 0
+      curve.append([progress["global_step"], loss_v])
+      bar.set_postfix(loss=f"{loss_v:.4f}", steps_per_s=f"{rate:.2f}")
+      writer.write_scalars(progress["global_step"], {f"train_loss/{label}": loss_v, "steps_per_second": rate})
+    if cfg.checkpoint.every_steps and progress["step"] % cfg.checkpoint.every_steps == 0 and not last:
+      progress["train_seconds"] += time.time() - t0
+      t0 = time.time()
+      _save(run, ckpt, progress, old, None if not run.method.full_finetune else None, trainable, opt_state)
+    if cfg.debug.kill_at_step >= 0 and progress["global_step"] == cfg.debug.kill_at_step:
+      logging.warning("debug.kill_at_step=%d: killing this process with SIGKILL", cfg.debug.kill_at_step)
+      os.kill(os.getpid(), signal.SIGKILL)
+  bar.close()
+  progress["train_seconds"] += time.time() - t0
+  return trainable, opt_state
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def _save(run, ckpt, progress, old, base, trainable, opt_state):
+  state = {"rng": jax.random.key_data(run.key)}
+  if old:
+    state["old"] = old
+  if run.method.full_finetune and trainable is None:
+    state["trainable"] = base
+  if trainable is not None:
+    state["trainable"] = trainable
+    state["opt_state"] = opt_state
+  ckpt.save(progress["global_step"], state, progress)
+
+
+def _restore(run, ckpt, step, progress, stage_key):
+  """Rebuilds the abstract state of the checkpointed phase, then restores it."""
+  stage = progress["stage"]
+  if progress["stage"] > 0 and not run.method.full_finetune:
+    # The old stack holds one task per finished stage.
+    one = jax.eval_shape(lambda k: adapters_lib.init_new(k, run.base, run.adapter_config, run.paths), stage_key)
+    old_abs = jax.tree.map(lambda x: jax.ShapeDtypeStruct((stage,) + x.shape, x.dtype), one)
+    specs = sharding.adapter_logical_specs(old_abs, run.kernel_specs)
+    shard = sharding.logical_to_sharding(specs, old_abs, run.mesh, run.rules)
+    old_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), old_abs, shard)
+  else:
+    old_abs = None
+  abstract = {"rng": jax.eval_shape(lambda: jax.random.key_data(run.key))}
+  if old_abs is not None:
+    abstract["old"] = old_abs
+  base = run.base
+  if progress["phase"] == "train":
+    restored_abs = _abstract_with_shardings(run.base) if run.method.full_finetune else None
+    if run.method.full_finetune:
+      trainable_abs = restored_abs
+    else:
+      one = jax.eval_shape(lambda k: adapters_lib.init_new(k, run.base, run.adapter_config, run.paths), stage_key)
+      sh = _trainable_shardings(run, one)
+      trainable_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), one, sh)
+    old_for_opt = None
+    if old_abs is not None:
+      old_for_opt = ckpt.restore_state(step, {"rng": abstract["rng"], "old": old_abs})["old"]
+    optimizer = _build_optimizer(run, old_for_opt)
+    opt_abs = jax.eval_shape(optimizer.init, trainable_abs)
+    opt_sh = jax.tree.map(lambda x: x.sharding, _init_opt_state(run, optimizer, _zeros_like(trainable_abs), old_for_opt))
+    opt_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt_abs, opt_sh)
+    abstract["trainable"] = trainable_abs
+    abstract["opt_state"] = opt_abs
+    state = ckpt.restore_state(step, abstract)
+    old = state.get("old")
+    return old, base, state["trainable"], optimizer, state["opt_state"]
+  # Stage boundary: finished tasks only.
+  if run.method.full_finetune and stage > 0:
+    abstract["trainable"] = _abstract_with_shardings(run.base)
+  state = ckpt.restore_state(step, abstract)
+  old = state.get("old")
+  if run.method.full_finetune and stage > 0:
+    base = state["trainable"]
+  trainable, optimizer, opt_state, scores = _begin_stage(
+      run, old, base, stage_key, _stage_names(run, stage))
+  label = progress["stages"][stage]
+  if scores is not None:
+    progress["sensitivity"][label] = scores
+  progress["phase"], progress["step"] = "train", 0
+  return old, base, trainable, optimizer, opt_state
+
+
+def _stage_names(run, stage):
+  return list(run.tasks) if run.method.joint else [run.tasks[stage]]
+
+
+def _abstract_with_shardings(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _zeros_like(abstract):
+  return jax.tree.map(lambda a: jax.device_put(jnp.zeros(a.shape, a.dtype), a.sharding), abstract)
+
+
+# ----------------------------------------------------------------------------------------------
+# Results.
+
+
+def _write_results(run: Run, workdir: str, progress: dict[str, Any]) -> dict[str, Any]:
+  matrix = progress["accuracy_matrix"]
+  summary = metrics_lib.summarize(matrix, joint=run.method.joint)
+  results = {
+      "method": run.config.method,
+      "tasks": list(run.tasks),
+      "stages": progress["stages"],
+      "accuracy_matrix": matrix,
+      **summary,
+      "global_steps": progress["global_step"],
+      "train_seconds": progress["train_seconds"],
+      "sensitivity": progress["sensitivity"],
+      "losses": progress["losses"],
+      "config": checkpointing.config_to_dict(run.config),
+  }
+  if jax.process_index() != 0:
+    return results
+  wd = pathlib.Path(workdir)
+  checkpointing.atomic_write_text(wd / "results.json", json.dumps(results, indent=2))
+  header = "after," + ",".join(run.tasks)
+  lines = [header] + [
+      f"{progress['stages'][i]}," + ",".join("" if v is None else f"{v:.6f}" for v in row)
+      for i, row in enumerate(matrix)]
+  checkpointing.atomic_write_text(wd / "accuracy_matrix.csv", "\n".join(lines) + "\n")
+  checkpointing.atomic_write_text(wd / "report.md", _report_md(run, results))
+  if run.config.plots:
+    plots.accuracy_heatmap(matrix, run.tasks, progress["stages"], wd / "accuracy_matrix.png",
+                           title=f"{run.config.method}: average accuracy {100 * results['average_accuracy']:.1f}")
+    plots.sensitivity_plot(progress["sensitivity"], wd / "sensitivity.png")
+    plots.loss_curves(progress["losses"], wd / "loss_curves.png")
+  return results
+
+
+def _fmt(v):
+  return "" if v is None else f"{100 * v:.1f}"
+
+
+def _report_md(run: Run, results: dict[str, Any]) -> str:
+  tasks = results["tasks"]
+  out = [f"# {results['method']} on {', '.join(tasks)}", "",
+         f"Model: `{run.config.model.path or run.config.model.family}`; method `{results['method']}`; "
+         f"seed {run.config.seed}.", "",
+         "Accuracy (%) on each task (columns) after each training stage (rows):", "",
+         "| after | " + " | ".join(tasks) + " |",
+         "|---|" + "---|" * len(tasks)]
+  for stage, row in zip(results["stages"], results["accuracy_matrix"]):
+    out.append(f"| {stage} | " + " | ".join(_fmt(v) for v in row) + " |")
+  out += ["", "| metric | value |", "|---|---|"]
+  for k in ("average_accuracy", "bwt", "fwt", "forgetting"):
+    v = results.get(k)
+    out.append(f"| {k} | {'n/a' if v is None else f'{100 * v:.2f}'} |")
+  out.append("")
+  return "\n".join(out)

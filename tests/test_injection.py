@@ -1,0 +1,108 @@
+"""Tests for lbcl_jax.injection against a plain NumPy implementation of the formula."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lbcl_jax import adapters
+from lbcl_jax import injection
+
+K, R = 3, 4
+SHAPES = {"dec/block_0/q": (6, 5), "dec/block_0/v": (6, 7), "dec/block_1/q": (6, 5)}
+
+
+def _random(seed=0):
+  rng = np.random.default_rng(seed)
+  old, fresh, scores = {}, {}, {}
+  for path, (d_in, d_out) in SHAPES.items():
+    old[path] = {"U": rng.normal(size=(K, d_out, R)), "sigma": rng.uniform(size=(K, R)),
+                 "V": rng.normal(size=(K, R, d_in))}
+    fresh[path] = {"U": rng.normal(size=(d_out, R)), "sigma": rng.normal(size=(R,)),
+                   "V": rng.normal(size=(R, d_in))}
+    scores[path] = rng.uniform(size=(K, R))
+  as_jax = lambda flat: adapters.unflatten_layers(
+      {p: {n: jnp.asarray(a, jnp.float32) for n, a in l.items()} for p, l in flat.items()})
+  return old, fresh, scores, as_jax(old), as_jax(fresh)
+
+
+def _numpy_inject(old, fresh, scores, with_sigma, chosen):
+  out = {}
+  for path in SHAPES:
+    if path not in chosen:
+      out[path] = fresh[path]
+      continue
+    s = scores[path]
+    alpha = s / s.sum(axis=0, keepdims=True)
+    o = old[path]
+    u = np.zeros_like(fresh[path]["U"])
+    v = np.zeros_like(fresh[path]["V"])
+    sig = np.zeros(R)
+    for i in range(R):
+      for k in range(K):
+        u[:, i] += alpha[k, i] * o["U"][k][:, i]
+        v[i, :] += alpha[k, i] * o["V"][k][i, :]
+        sig[i] += alpha[k, i] * o["sigma"][k][i]
+    out[path] = {"U": u, "sigma": sig if with_sigma else fresh[path]["sigma"], "V": v}
+  return out
+
+
+def _check(got, want):
+  flat = adapters.flatten_layers(got)
+  assert list(flat) == list(SHAPES)
+  for path in SHAPES:
+    for name in ("U", "sigma", "V"):
+      np.testing.assert_allclose(flat[path][name], want[path][name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_sigma", [True, False])
+def test_inject_all_layers_matches_numpy(with_sigma):
+  old, fresh, scores, old_j, fresh_j = _random()
+  got = injection.inject(old_j, scores, with_sigma=with_sigma, fresh=fresh_j)
+  _check(got, _numpy_inject(old, fresh, scores, with_sigma, set(SHAPES)))
+
+
+def test_inject_top_n_and_explicit_layers():
+  old, fresh, scores, old_j, fresh_j = _random(1)
+  scores["dec/block_0/v"] = scores["dec/block_0/v"] * 10  # clearly the top layer
+  scores["dec/block_0/q"] = scores["dec/block_0/q"] * 0.01  # clearly the bottom one
+  got = injection.inject(old_j, scores, layers=1, fresh=fresh_j)
+  _check(got, _numpy_inject(old, fresh, scores, True, {"dec/block_0/v"}))
+  assert injection.select_injected_layers(scores, 2) == ["dec/block_0/v", "dec/block_1/q"]
+  got = injection.inject(old_j, scores, layers=["dec/block_1/q"], with_sigma=False,
+                         fresh=fresh_j)
+  _check(got, _numpy_inject(old, fresh, scores, False, {"dec/block_1/q"}))
+  got = injection.inject(old_j, scores, layers=r".*/q", fresh=fresh_j)
+  _check(got, _numpy_inject(old, fresh, scores, True, {"dec/block_0/q", "dec/block_1/q"}))
+  # Scores for a subset of layers: the others stay fresh.
+  sub = {"dec/block_1/q": scores["dec/block_1/q"]}
+  got = injection.inject(old_j, sub, fresh=fresh_j)
+  _check(got, _numpy_inject(old, fresh, scores, True, {"dec/block_1/q"}))
+
+
+def test_alpha_weights_normalise_and_zero_fallback():
+  scores = {"a": np.array([[1.0, 0.0], [3.0, 0.0]]), "b": {"c": np.ones((2, 2))}}
+  alpha = injection.alpha_weights(scores)
+  np.testing.assert_allclose(alpha["a"], [[0.25, 0.5], [0.75, 0.5]])
+  np.testing.assert_allclose(alpha["b/c"], 0.5)
+  for a in alpha.values():
+    np.testing.assert_allclose(np.sum(a, axis=0), 1.0, rtol=1e-6)
+
+
+def test_inject_dtype_and_errors():
+  old, fresh, scores, old_j, fresh_j = _random(2)
+  fresh16 = {"dec": {"block_0": {n: {k: v.astype(jnp.bfloat16) for k, v in l.items()}
+                                 for n, l in fresh_j["dec"]["block_0"].items()},
+                     "block_1": fresh_j["dec"]["block_1"]}}
+  got = adapters.flatten_layers(injection.inject(old_j, scores, fresh=fresh16))
+  assert got["dec/block_0/q"]["U"].dtype == jnp.bfloat16
+  assert got["dec/block_1/q"]["U"].dtype == jnp.float32
+  no_fresh = injection.inject(old_j, scores)  # every layer injected with sigma: fine
+  assert list(adapters.flatten_layers(no_fresh)) == list(SHAPES)
+  with pytest.raises(ValueError, match="fresh"):
+    injection.inject(old_j, scores, with_sigma=False)
+  with pytest.raises(ValueError, match="fresh"):
+    injection.inject(old_j, scores, layers=1)
+  with pytest.raises(ValueError, match="absent"):
+    injection.inject(old_j, {**scores, "nope": scores["dec/block_1/q"]}, fresh=fresh_j)
+  with pytest.raises(ValueError, match="shape"):
+    injection.inject(old_j, {"dec/block_1/q": np.ones((K, R + 1))}, fresh=fresh_j)

@@ -1,0 +1,91 @@
+"""Continual-learning metrics on hand-computed matrices, and atomic result files."""
+
+import csv
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from lbcl_jax import metrics
+
+# After task 0: 0.9 on task 0; after task 1: 0.7, 0.8; after task 2: 0.6, 0.5, 0.95.
+# Entries above the diagonal were not evaluated.
+R = [[0.9, None, None],
+     [0.7, 0.8, None],
+     [0.6, 0.5, 0.95]]
+
+
+def test_hand_computed_metrics():
+  assert metrics.average_accuracy(R) == pytest.approx((0.6 + 0.5 + 0.95) / 3)
+  # BWT = ((0.6 - 0.9) + (0.5 - 0.8)) / 2
+  assert metrics.backward_transfer(R) == pytest.approx(-0.3)
+  # Forgetting: task 0: max(0.9, 0.7) - 0.6 = 0.3; task 1: max(0.8) - 0.5 = 0.3.
+  assert metrics.forgetting(R) == pytest.approx(0.3)
+  # FWT needs R[j-1][j]: not evaluated here.
+  assert metrics.forward_transfer(R, [0.1, 0.2, 0.3]) is None
+  assert metrics.forward_transfer(R, None) is None
+
+
+def test_forward_transfer_and_forgetting_with_a_full_matrix():
+  full = np.array([[0.9, 0.3, 0.2],
+                   [0.95, 0.8, 0.4],
+                   [0.85, 0.7, 0.9]])
+  b = [0.25, 0.2, 0.1]
+  # FWT = ((0.3 - 0.2) + (0.4 - 0.1)) / 2
+  assert metrics.forward_transfer(full, b) == pytest.approx(0.2)
+  # Forgetting: task 0: max(0.9, 0.95) - 0.85 = 0.1; task 1: max(0.3, 0.8) - 0.7 = 0.1.
+  assert metrics.forgetting(full) == pytest.approx(0.1)
+  assert metrics.backward_transfer(full) == pytest.approx(((0.85 - 0.9) + (0.7 - 0.8)) / 2)
+  summary = metrics.summarize(full, b)
+  assert summary == pytest.approx({"average_accuracy": 0.8166666666666667, "bwt": -0.075,
+                                   "fwt": 0.2, "forgetting": 0.1})
+  with pytest.raises(ValueError, match="one accuracy per task"):
+    metrics.forward_transfer(full, [0.1])
+
+
+def test_degenerate_matrices():
+  assert metrics.summarize([[0.5]]) == {"average_accuracy": 0.5, "bwt": None, "fwt": None,
+                                        "forgetting": None}
+  # A joint (MTL) run: one stage training all tasks.
+  assert metrics.summarize([[0.5, 0.7]], joint=True) == pytest.approx(
+      {"average_accuracy": 0.6, "bwt": None, "fwt": None, "forgetting": None})
+  assert metrics.average_accuracy([[0.5, None], [0.4, None]]) is None  # a gap in the last row
+  assert metrics.backward_transfer([[None, None], [0.4, 0.6]]) is None
+  with pytest.raises(ValueError, match="rectangle"):
+    metrics.as_matrix([[0.1], [0.1, 0.2]])
+  with pytest.raises(ValueError, match="square"):
+    metrics.backward_transfer([[0.1, 0.2]])
+
+
+def test_write_results_atomically(tmp_path):
+  out_json, out_csv = tmp_path / "sub" / "results.json", tmp_path / "sub" / "matrix.csv"
+  doc = metrics.write_results(out_json, out_csv, R, ["a", "b", "c"],
+                              extra={"method": "lbcl", "nan": float("nan"),
+                                     "n": np.int64(3)})
+  loaded = json.loads(out_json.read_text())
+  assert loaded == doc
+  assert loaded["accuracy_matrix"] == [[0.9, None, None], [0.7, 0.8, None], [0.6, 0.5, 0.95]]
+  assert loaded["bwt"] == pytest.approx(-0.3) and loaded["fwt"] is None
+  assert loaded["method"] == "lbcl" and loaded["nan"] is None and loaded["n"] == 3
+  rows = list(csv.reader(out_csv.open()))
+  assert rows[0] == ["after", "a", "b", "c"]
+  assert rows[1] == ["a", "0.900000", "", ""]
+  assert rows[3] == ["c", "0.600000", "0.500000", "0.950000"]
+  assert sorted(os.listdir(tmp_path / "sub")) == ["matrix.csv", "results.json"]  # no temp files
+
+
+def test_atomic_write_leaves_the_old_file_on_failure(tmp_path, monkeypatch):
+  path = tmp_path / "r.json"
+  path.write_text("old")
+
+  def failing_replace(src, dst):
+    raise OSError("disk full")
+
+  monkeypatch.setattr(os, "replace", failing_replace)
+  with pytest.raises(OSError, match="disk full"):
+    metrics.atomic_write_text(path, "new")
+  assert path.read_text() == "old"
+  assert os.listdir(tmp_path) == ["r.json"]
+  assert math.isnan(metrics.as_matrix([[None]])[0, 0])
