@@ -519,7 +519,9 @@ def intercept(adapters: PyTree, scaling: float = 1.0):
   'params' collection (checked with flax 0.12: `('block_0', 'SelfAttention', 'q')` for
   params `['block_0']['SelfAttention']['q']`), so its '/'-join keys the adapter tree directly.
   Enter the context *inside* the function you jit/grad/vmap and pass the adapters as that
-  function's argument, so the factors are traced values and gradients flow to them.
+  function's argument, so the factors are traced values and gradients flow to them. Do not
+  call an already-jitted model function inside the context: jit's trace cache does not see
+  interceptors, so a cached trace made without them would silently skip the adapters.
 
   Args:
     adapters: a stack tree (`[K, ...]` leaves), a single-task 'new' tree, or a full adapter

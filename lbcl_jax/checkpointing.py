@@ -86,7 +86,13 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 class RunCheckpointer:
-  """Saves and restores (arrays, progress) pairs keyed by the global step."""
+  """Saves and restores named array trees plus a JSON progress record, keyed by global step.
+
+  Each tree is its own orbax item, so a restore can read some of them (the old adapters first,
+  to rebuild the optimizer whose state is read next).
+  """
+
+  ITEMS = ("old", "trainable", "opt_state", "rng")
 
   def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
     self._mngr = ocp.CheckpointManager(
@@ -96,28 +102,35 @@ class RunCheckpointer:
             # Synchronous saves: a save has landed before training moves on, so a kill right
             # after it resumes from there.
             enable_async_checkpointing=False),
-        item_names=("state", "progress"),
+        item_names=self.ITEMS + ("progress",),
     )
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
 
-  def save(self, step: int, state: Any, progress: dict[str, Any]) -> None:
-    self._mngr.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            progress=ocp.args.JsonSave(progress)),
-        force=True)
+  def save(self, step: int, trees: dict[str, Any], progress: dict[str, Any]) -> None:
+    unknown = set(trees) - set(self.ITEMS)
+    if unknown:
+      raise ValueError(f"unknown checkpoint items {sorted(unknown)}; expected {self.ITEMS}")
+    args = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()}
+    self._mngr.save(step, args=ocp.args.Composite(progress=ocp.args.JsonSave(progress), **args),
+                    force=True)
     self._mngr.wait_until_finished()
+
+  def items(self, step: int) -> set[str]:
+    """Names of the array trees saved at `step`."""
+    directory = pathlib.Path(self._mngr.directory) / str(step)
+    return {name for name in self.ITEMS if (directory / name).exists()}
 
   def restore_progress(self, step: int) -> dict[str, Any]:
     out = self._mngr.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
     return out.progress
 
-  def restore_state(self, step: int, abstract_state: Any) -> Any:
-    out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-    return out.state
+  def restore(self, step: int, abstract: dict[str, Any]) -> dict[str, Any]:
+    """Restores the named trees onto the shapes, dtypes and shardings of `abstract`."""
+    out = self._mngr.restore(step, args=ocp.args.Composite(
+        **{name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}))
+    return {name: out[name] for name in abstract}
 
   def close(self) -> None:
     self._mngr.close()

@@ -216,8 +216,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   methods.get_method(config.method)
   if config.data.source not in _DATA_SOURCES:
     raise ValueError(f"config.data.source={config.data.source!r}: expected one of {_DATA_SOURCES}")
-  if config.data.source != "synthetic":
-    tasks.resolve_order(parse_order(config.order))
+  tasks.resolve_order(parse_order(config.order))
   if config.eval.mode not in _EVAL_MODES:
     raise ValueError(f"config.eval.mode={config.eval.mode!r}: expected one of {_EVAL_MODES}")
   for field in ("dtype", "param_dtype"):

@@ -176,7 +176,8 @@ def evaluate_rank_classification(seq_logprob_fn: Callable[..., Any],
   return correct / total if total else float("nan")
 
 
-def accuracy_from_predictions(predicted_index: Any, batch: Mapping[str, Any]) -> tuple[float, float]:
+def accuracy_from_predictions(predicted_index: Any,
+                              batch: Mapping[str, Any]) -> tuple[float, float]:
   """(weighted correct, weighted total) of predicted option indices for one batch."""
   pred = np.asarray(predicted_index).reshape(-1)
   label_index = np.asarray(batch["label_index"]).reshape(-1)

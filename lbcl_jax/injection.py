@@ -57,28 +57,43 @@ def alpha_weights(scores: Mapping[str, Any]) -> dict[str, Any]:
   return out
 
 
+def _is_int(layers) -> bool:
+  return isinstance(layers, (int, np.integer)) and not isinstance(layers, bool)
+
+
+def top_n_mask(scores: Mapping[str, Any], n: int) -> dict[str, jax.Array]:
+  """`{path: bool scalar}`: True for the n layers with the highest total score.
+
+  The total of a layer is `sum_{k,i} S^k_i`; ties go to the earlier path. Works on traced
+  scores (the selection is a mask, not a Python list), so `inject` can run under `jit`.
+  """
+  if n < 0:
+    raise ValueError(f"layers must be >= 0, got {n}")
+  flat = _flat_scores(scores)
+  paths = list(flat)
+  totals = jnp.stack([jnp.sum(jnp.asarray(flat[p], jnp.float32)) for p in paths])
+  order = jnp.argsort(-totals, stable=True)  # stable: ties keep path order
+  rank = jnp.zeros((len(paths),), jnp.int32).at[order].set(jnp.arange(len(paths)))
+  return {p: rank[i] < n for i, p in enumerate(paths)}
+
+
 def select_injected_layers(
     scores: Mapping[str, Any], layers: Union[str, int, Sequence[str]] = "all"
 ) -> list[str]:
-  """Which layers get injected.
+  """Which layers get injected (concrete scores; see `top_n_mask` for the traced form).
 
   Args:
     scores: `{path: [K, r]}`.
-    layers: 'all'; an int n (the n layers with the highest total score, ties broken by path
-      order); a regex string (fullmatch); or a list of paths.
+    layers: 'all'; an int n (the n layers with the highest total score `sum_{k,i} S^k_i`,
+      ties broken by path order); a regex string (fullmatch); or a list of paths.
 
   Returns:
     Paths in scores order.
   """
   paths = list(_flat_scores(scores))
-  if isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
-    if layers < 0:
-      raise ValueError(f"layers must be >= 0, got {layers}")
-    flat = _flat_scores(scores)
-    totals = np.array([float(jnp.sum(flat[p])) for p in paths])
-    order = np.argsort(-totals, kind="stable")[: int(layers)]
-    keep = {paths[i] for i in order}
-    return [p for p in paths if p in keep]
+  if _is_int(layers):
+    mask = top_n_mask(scores, int(layers))
+    return [p for p in paths if bool(mask[p])]
   return adapters_lib.select_layers(paths, layers)
 
 
@@ -90,14 +105,16 @@ def inject(
     layers: Union[str, int, Sequence[str]] = "all",
     fresh: Optional[PyTree] = None,
 ) -> dict:
-  """The injected initial adapter of the new task.
+  """The injected initial adapter of the new task (jit-safe).
 
   Args:
     old_stack: `adapters['old']` with leaves `[K, ...]`.
     scores: `{path: [K, r]}` triplet scores (from `sensitivity.triplet_scores`); layers
       without scores are not injected.
     with_sigma: inject sigma too; False is the paper's "without sigma" variant (fresh sigma).
-    layers: 'all' | int n (top n by total score) | regex | list of paths.
+    layers: 'all' | int n (the n layers with the highest total score) | regex | list of
+      paths. With an int the choice depends on the score values, so every scored layer is
+      computed and the fresh one is kept where the (possibly traced) mask is False.
     fresh: a fresh 'new' tree (`adapters.init_new`); required unless every layer is injected
       with sigma. Its structure and dtype define the output's.
 
@@ -108,33 +125,40 @@ def inject(
     ValueError: on missing `fresh` when needed or on scores / stack shape mismatch.
   """
   old = adapters_lib.flatten_layers(old_stack)
-  flat_scores = {p: s for p, s in _flat_scores(scores).items()}
+  flat_scores = _flat_scores(scores)
   unknown = [p for p in flat_scores if p not in old]
   if unknown:
     raise ValueError(f"scores name layers absent from old_stack: {unknown[:6]}")
-  chosen = select_injected_layers(flat_scores, layers)
-  alphas = alpha_weights({p: flat_scores[p] for p in chosen})
+  if _is_int(layers):
+    candidates = list(flat_scores)
+    masks = top_n_mask(flat_scores, int(layers))
+    if int(layers) >= len(candidates):  # statically everything: no masking needed
+      masks = None
+  else:
+    candidates = select_injected_layers(flat_scores, layers)
+    masks = None
   fresh_flat = adapters_lib.flatten_layers(fresh) if fresh is not None else {}
   if fresh is None:
     if not with_sigma:
       raise ValueError("inject(with_sigma=False) needs fresh= for the new sigma")
-    missing = [p for p in old if p not in chosen]
+    missing = [p for p in old if p not in candidates or masks is not None]
     if missing:
-      raise ValueError(f"inject: layers {missing[:6]} are not injected; pass fresh=")
-  if fresh is not None:
-    absent = [p for p in chosen if p not in fresh_flat]
+      raise ValueError(f"inject: layers {missing[:6]} may not be injected; pass fresh=")
+  else:
+    absent = [p for p in candidates if p not in fresh_flat]
     if absent:
       raise ValueError(f"inject: fresh has no adapter for injected layers {absent[:6]}")
-  out = dict(fresh_flat) if fresh is not None else {}
-  for path in chosen:
+  alphas = alpha_weights({p: flat_scores[p] for p in candidates})
+  out = dict(fresh_flat)
+  hi = jax.lax.Precision.HIGHEST  # exact f32 sums on TPU/GPU too
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  for path in candidates:
     leaf = old[path]
     a = alphas[path]
     k, r = leaf["sigma"].shape
     if a.shape != (k, r):
       raise ValueError(f"scores for {path!r} have shape {a.shape}, expected {(k, r)}")
     dtype = fresh_flat[path]["U"].dtype if path in fresh_flat else leaf["U"].dtype
-    f32 = lambda x: jnp.asarray(x, jnp.float32)
-    hi = jax.lax.Precision.HIGHEST  # exact f32 sums on TPU/GPU too
     new = {
         "U": jnp.einsum("kr,kor->or", a, f32(leaf["U"]), precision=hi),
         "sigma": jnp.einsum("kr,kr->r", a, f32(leaf["sigma"]), precision=hi),
@@ -142,7 +166,11 @@ def inject(
     }
     if not with_sigma:
       new["sigma"] = fresh_flat[path]["sigma"]
-    out[path] = {name: jnp.asarray(new[name]).astype(dtype) for name in adapters_lib.LEAF_NAMES}
+    new = {name: jnp.asarray(new[name]).astype(dtype) for name in adapters_lib.LEAF_NAMES}
+    if masks is not None:
+      new = {name: jnp.where(masks[path], new[name], jnp.asarray(fresh_flat[path][name], dtype))
+             for name in adapters_lib.LEAF_NAMES}
+    out[path] = new
   # Keep the fresh tree's layer order so the result is structurally identical to it.
-  order = list(fresh_flat) if fresh is not None else chosen
+  order = list(fresh_flat) if fresh is not None else candidates
   return adapters_lib.unflatten_layers({p: out[p] for p in order})

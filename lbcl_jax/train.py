@@ -108,9 +108,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Runs (or resumes) the task sequence of `config` in `workdir`; returns results.json's dict."""
   config_lib.validate(config)
   workdir = os.fspath(workdir)
+  # Building the run checks the model, data and mesh against the config, before the workdir
+  # is touched.
+  run = Run(config, workdir)
   os.makedirs(workdir, exist_ok=True)
   checkpointing.check_workdir_config(workdir, config)
-  run = Run(config, workdir)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   writer.write_hparams(_flat_hparams(config))
   ckpt = checkpointing.RunCheckpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.max_to_keep)
@@ -227,9 +229,21 @@ def _build_optimizer(run: Run, old: Any) -> optax.GradientTransformation:
 
 
 def _init_opt_state(run: Run, optimizer, trainable, old):
+  """The optimizer state, sharded: moments follow their parameter (jit propagates the trainable
+  leaves' shardings to what `init` derives from them); counts and projection bases, which
+  derive from no parameter, are replicated over the mesh."""
   del old
-  # jit of init propagates the trainable leaves' shardings to the moments it creates.
-  return jax.jit(optimizer.init)(trainable)
+  state = jax.jit(optimizer.init)(trainable)
+  rep = sharding.replicated(run.mesh)
+
+  def on_mesh(x):
+    s = x.sharding
+    if isinstance(s, jax.sharding.NamedSharding) and s.mesh == run.mesh:
+      return s
+    return rep
+  # Pinning every leaf to a mesh sharding makes the first train step see the same input
+  # shardings as every later one (it would otherwise compile twice).
+  return jax.device_put(state, jax.tree.map(on_mesh, state))
 
 
 def _begin_stage(run: Run, old: Any, base: Any, stage_key: jax.Array, names: list[str]):
@@ -349,7 +363,7 @@ def _train_stage(run, ckpt, writer, progress, old, base, trainable, optimizer, o
     if cfg.checkpoint.every_steps and progress["step"] % cfg.checkpoint.every_steps == 0 and not last:
       progress["train_seconds"] += time.time() - t0
       t0 = time.time()
-      _save(run, ckpt, progress, old, None if not run.method.full_finetune else None, trainable, opt_state)
+      _save(run, ckpt, progress, old, base, trainable, opt_state)
     if cfg.debug.kill_at_step >= 0 and progress["global_step"] == cfg.debug.kill_at_step:
       logging.warning("debug.kill_at_step=%d: killing this process with SIGKILL", cfg.debug.kill_at_step)
       os.kill(os.getpid(), signal.SIGKILL)
@@ -363,65 +377,63 @@ def _train_stage(run, ckpt, writer, progress, old, base, trainable, optimizer, o
 
 
 def _save(run, ckpt, progress, old, base, trainable, opt_state):
-  state = {"rng": jax.random.key_data(run.key)}
+  """Checkpoints the run. Mid-stage: the trainable tree and optimizer state; at a stage
+  boundary: what later stages need (the old adapters, or the fine-tuned base for SeqFT).
+  The frozen pre-trained base is never written."""
+  trees = {"rng": {"key": jax.random.key_data(run.key)}}
   if old:
-    state["old"] = old
-  if run.method.full_finetune and trainable is None:
-    state["trainable"] = base
+    trees["old"] = old
   if trainable is not None:
-    state["trainable"] = trainable
-    state["opt_state"] = opt_state
-  ckpt.save(progress["global_step"], state, progress)
+    trees["trainable"] = trainable
+    trees["opt_state"] = opt_state
+  elif run.method.full_finetune:
+    trees["trainable"] = base
+  ckpt.save(progress["global_step"], trees, progress)
+
+
+def _with_shardings(abstract, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def _abstract_adapter(run: Run, stage_key: jax.Array, num_tasks: int | None = None):
+  """Shapes and shardings of one task's adapter, or of a stack of `num_tasks` of them."""
+  one = jax.eval_shape(
+      lambda k: adapters_lib.init_new(k, run.base, run.adapter_config, run.paths), stage_key)
+  if num_tasks is not None:
+    one = jax.tree.map(lambda x: jax.ShapeDtypeStruct((num_tasks,) + x.shape, x.dtype), one)
+  specs = sharding.adapter_logical_specs(one, run.kernel_specs)
+  return _with_shardings(one, sharding.logical_to_sharding(specs, one, run.mesh, run.rules))
 
 
 def _restore(run, ckpt, step, progress, stage_key):
-  """Rebuilds the abstract state of the checkpointed phase, then restores it."""
+  """Restores the checkpointed state and returns (old, base, trainable, optimizer, opt_state)."""
   stage = progress["stage"]
-  if progress["stage"] > 0 and not run.method.full_finetune:
-    # The old stack holds one task per finished stage.
-    one = jax.eval_shape(lambda k: adapters_lib.init_new(k, run.base, run.adapter_config, run.paths), stage_key)
-    old_abs = jax.tree.map(lambda x: jax.ShapeDtypeStruct((stage,) + x.shape, x.dtype), one)
-    specs = sharding.adapter_logical_specs(old_abs, run.kernel_specs)
-    shard = sharding.logical_to_sharding(specs, old_abs, run.mesh, run.rules)
-    old_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), old_abs, shard)
-  else:
-    old_abs = None
-  abstract = {"rng": jax.eval_shape(lambda: jax.random.key_data(run.key))}
-  if old_abs is not None:
-    abstract["old"] = old_abs
+  saved = ckpt.items(step)
+  restored = ckpt.restore(step, {"rng": {"key": jax.eval_shape(lambda: jax.random.key_data(run.key))}})
+  if not np.array_equal(np.asarray(restored["rng"]["key"]), np.asarray(jax.random.key_data(run.key))):
+    raise ValueError(f"checkpoint {step} was written with another seed")
+  old = None
+  if "old" in saved:
+    old = ckpt.restore(step, {"old": _abstract_adapter(run, stage_key, num_tasks=stage)})["old"]
   base = run.base
   if progress["phase"] == "train":
-    restored_abs = _abstract_with_shardings(run.base) if run.method.full_finetune else None
     if run.method.full_finetune:
-      trainable_abs = restored_abs
+      trainable_abs = _abstract_with_shardings(run.base)
     else:
-      one = jax.eval_shape(lambda k: adapters_lib.init_new(k, run.base, run.adapter_config, run.paths), stage_key)
-      sh = _trainable_shardings(run, one)
-      trainable_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), one, sh)
-    old_for_opt = None
-    if old_abs is not None:
-      old_for_opt = ckpt.restore_state(step, {"rng": abstract["rng"], "old": old_abs})["old"]
-    optimizer = _build_optimizer(run, old_for_opt)
-    opt_abs = jax.eval_shape(optimizer.init, trainable_abs)
-    opt_sh = jax.tree.map(lambda x: x.sharding, _init_opt_state(run, optimizer, _zeros_like(trainable_abs), old_for_opt))
-    opt_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt_abs, opt_sh)
-    abstract["trainable"] = trainable_abs
-    abstract["opt_state"] = opt_abs
-    state = ckpt.restore_state(step, abstract)
-    old = state.get("old")
+      trainable_abs = _abstract_adapter(run, stage_key)
+    optimizer = _build_optimizer(run, old)
+    # The optimizer state's shapes and shardings, as `_begin_stage` would create them.
+    opt_abs = _abstract_with_shardings(_init_opt_state(run, optimizer, _zeros_like(trainable_abs), old))
+    state = ckpt.restore(step, {"trainable": trainable_abs, "opt_state": opt_abs})
     return old, base, state["trainable"], optimizer, state["opt_state"]
-  # Stage boundary: finished tasks only.
-  if run.method.full_finetune and stage > 0:
-    abstract["trainable"] = _abstract_with_shardings(run.base)
-  state = ckpt.restore_state(step, abstract)
-  old = state.get("old")
-  if run.method.full_finetune and stage > 0:
-    base = state["trainable"]
-  trainable, optimizer, opt_state, scores = _begin_stage(
-      run, old, base, stage_key, _stage_names(run, stage))
-  label = progress["stages"][stage]
+  # A stage boundary: start the next stage as an uninterrupted run would.
+  if run.method.full_finetune and "trainable" in saved:
+    base = ckpt.restore(step, {"trainable": _abstract_with_shardings(run.base)})["trainable"]
+  trainable, optimizer, opt_state, scores = _begin_stage(run, old, base, stage_key,
+                                                         _stage_names(run, stage))
   if scores is not None:
-    progress["sensitivity"][label] = scores
+    progress["sensitivity"][progress["stages"][stage]] = scores
   progress["phase"], progress["step"] = "train", 0
   return old, base, trainable, optimizer, opt_state
 

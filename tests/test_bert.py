@@ -132,16 +132,23 @@ def test_param_paths_logical_axes_and_targets():
   assert paths["encoder/layer_1/intermediate/dense/kernel"].names == ("embed", "mlp")
   assert paths["encoder/layer_1/output/dense/kernel"].names == ("mlp", "embed")
 
-  qv = bert.target_paths(boxed, bert.ADAPTER_TARGETS)
+  dense = sorted(p.rsplit("/", 1)[0] for p in paths if p.endswith("/kernel"))
+  qv = [p for p in dense if re.fullmatch(bert.ADAPTER_TARGETS, p)]
   assert qv == sorted(
       f"encoder/layer_{i}/attention/self/{n}" for i in range(2) for n in ("query", "value")
   )
-  every = bert.target_paths(boxed, bert.ALL_LINEAR_TARGETS)
+  every = [p for p in dense if re.fullmatch(bert.ALL_LINEAR_TARGETS, p)]
   assert len(every) == 6 * TINY.num_hidden_layers
-  pooled = jax.eval_shape(functools.partial(model.init, output_pooled=True),
-                          jax.random.PRNGKey(0), ids, mask)["params"]
-  assert "pooler" in pooled
-  assert "pooler/dense" not in bert.target_paths(pooled, bert.ALL_LINEAR_TARGETS)
+  assert not re.fullmatch(bert.ALL_LINEAR_TARGETS, "pooler/dense")
+
+
+def test_adapters_find_bert_targets(tiny):
+  adapters = pytest.importorskip("lbcl_jax.adapters")
+  params = tiny[1]
+  assert adapters.find_targets(params, "qv", family=bert) == [
+      f"encoder/layer_{i}/attention/self/{n}" for i in range(2) for n in ("query", "value")
+  ]
+  assert len(adapters.find_targets(params, "all_linear", family=bert)) == 12
 
 
 def test_config_round_trip_and_rejections():
@@ -196,6 +203,20 @@ def test_bad_tensors_name_file_and_key(tiny):
   with pytest.raises(bert.BertCheckpointError, match="unexpected") as err:
     bert.params_from_hf(unexpected, TINY, source=source)
   assert "encoder.layer.7.output.dense.weight" in str(err.value) and source in str(err.value)
+
+
+def test_from_pretrained_names_file_and_key_of_a_bad_tensor(tiny, tmp_path):
+  from lbcl_jax import models  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
+  tensors = bert.params_to_hf(tiny[1], TINY)
+  key = "encoder.layer.0.output.dense.weight"
+  tensors[key] = np.zeros((16, 31), np.float32)
+  (tmp_path / "config.json").write_text(json.dumps(bert.config_to_hf(TINY)))
+  save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+  with pytest.raises(models.CheckpointError) as err:
+    models.from_pretrained(tmp_path)
+  assert str(tmp_path / "model.safetensors") in str(err.value) and key in str(err.value)
 
 
 def test_tiny_random_matches_pytorch_bert():
@@ -345,7 +366,7 @@ def test_minilm_matches_pytorch(real):
   ours = np.asarray(bert.mean_pool(hidden, enc["attention_mask"]))
   theirs, _ = _torch_embed(real, enc)
   assert np.abs(ours - theirs).max() <= 1e-4
-  # The pooler the checkpoint carries is kept and matches too.
+  # The pooler the checkpoint carries is kept (params_to_hf writes it back).
   assert "pooler" in real["params"]
 
 

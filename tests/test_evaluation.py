@@ -114,7 +114,9 @@ def test_rank_classify_length_normalization():
   option_ids = np.array([[5, 6, 7, 1], [8, 1, 0, 0]], np.int32)
   option_mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0]], np.int32)
 
+  @jax.jit
   def per_token_minus_one(input_ids, attention_mask, labels, label_mask):
+    del input_ids, attention_mask
     return -label_mask.sum(axis=1).astype(jnp.float32) + 0.5 * (labels[:, 0] == 5)
 
   inputs = np.ones((3, 4), np.int32)

@@ -1,5 +1,6 @@
 """Tests for lbcl_jax.injection against a plain NumPy implementation of the formula."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -67,6 +68,10 @@ def test_inject_top_n_and_explicit_layers():
   scores["dec/block_0/q"] = scores["dec/block_0/q"] * 0.01  # clearly the bottom one
   got = injection.inject(old_j, scores, layers=1, fresh=fresh_j)
   _check(got, _numpy_inject(old, fresh, scores, True, {"dec/block_0/v"}))
+  # Top-n depends on score values: it must also work with traced scores under jit.
+  jitted = jax.jit(lambda o, s, f: injection.inject(o, s, layers=2, with_sigma=False, fresh=f))
+  _check(jitted(old_j, scores, fresh_j),
+         _numpy_inject(old, fresh, scores, False, {"dec/block_0/v", "dec/block_1/q"}))
   assert injection.select_injected_layers(scores, 2) == ["dec/block_0/v", "dec/block_1/q"]
   got = injection.inject(old_j, scores, layers=["dec/block_1/q"], with_sigma=False,
                          fresh=fresh_j)

@@ -62,7 +62,8 @@ def test_seq2seq_batch_contents(tok):
     tgt = tok(text_target=e.label)["input_ids"]
     assert src[-1] == tok.eos_token_id and tgt[-1] == tok.eos_token_id
     np.testing.assert_array_equal(batch["input_ids"][r, :len(src)], src)
-    assert batch["attention_mask"][r].sum() == len(src) and not batch["input_ids"][r, len(src):].any()
+    assert batch["attention_mask"][r].sum() == len(src)
+    assert not batch["input_ids"][r, len(src):].any()
     np.testing.assert_array_equal(batch["labels"][r, :len(tgt)], tgt)
     assert batch["label_mask"][r].sum() == len(tgt)
     assert batch["label_index"][r] == e.label_index

@@ -133,23 +133,61 @@ def test_equals_sum_of_per_task_projections_when_orthogonal():
   np.testing.assert_allclose(res["l"]["V"], np.asarray(g["l"]["V"]) @ pv, atol=1e-5)
 
 
+def _exact_projector(cols):
+  """I - P_span(cols) in float64, via SVD with numpy's default rank rule."""
+  u, s, _ = np.linalg.svd(cols, full_matrices=True)
+  rank = int(np.sum(s > 1e-6 * s.max()))
+  return np.eye(cols.shape[0]) - u[:, :rank] @ u[:, :rank].T
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])  # K*r below, around and above d/2 and d
+def test_matches_exact_projector_span_and_complement(k):
+  old = _old_stack(seed=k, k=k)
+  g = _new_tree(seed=20 + k)
+  tx = projection.orthogonal_projection(old)
+  res, _ = tx.update(g, tx.init(g))
+  bases = tx.init(g).bases["enc/q"]
+  kinds = {f: next(iter(bases[f])) for f in ("U", "V")}
+  # Only the smaller of span / complement is stored.
+  for f, d in (("U", D_OUT), ("V", D_IN)):
+    width = bases[f][kinds[f]].shape[1]
+    assert width <= d // 2 and width == (min(d, k * R) if kinds[f] == "span"
+                                         else d - min(d, k * R))
+  for name in ("q", "v"):
+    pu = _exact_projector(_old_u_cols(old, name))
+    pv = _exact_projector(_old_v_rows(old, name).T)
+    np.testing.assert_allclose(res["enc"][name]["U"], pu @ np.asarray(g["enc"][name]["U"]),
+                               atol=2e-5)
+    np.testing.assert_allclose(res["enc"][name]["V"], np.asarray(g["enc"][name]["V"]) @ pv,
+                               atol=2e-5)
+  # Built from traced old adapters (fixed-shape span with zeroed columns): same result.
+  traced = jax.jit(lambda o, g: projection.orthogonal_projection(o).update(
+      g, projection.orthogonal_projection(o).init(g))[0])(old, g)
+  for a, b in zip(jax.tree_util.tree_leaves(traced), jax.tree_util.tree_leaves(res)):
+    np.testing.assert_allclose(a, b, atol=2e-5)
+
+
 def test_rank_deficient_old_and_qr_method():
   old = _old_stack()
   dup = jax.tree_util.tree_map(lambda x: jnp.concatenate([x, x]), old)  # rank K*r of 2K*r
-  bases = projection.build_bases(dup)
-  b = np.asarray(bases["enc/q"]["U"])
-  assert b.shape == (D_OUT, D_OUT)  # min(d_out, 2*K*r) columns, fixed shape
-  assert int(np.sum(np.linalg.norm(b, axis=0) > 0.5)) == K * R
-  np.testing.assert_allclose(b.T @ b, np.diag((np.linalg.norm(b, axis=0) > 0.5) * 1.0),
-                             atol=1e-5)
+  fixed = projection.build_bases(dup, compact=False)["enc/q"]["U"]["span"]
+  assert fixed.shape == (D_OUT, D_OUT)  # min(d_out, 2*K*r) columns, fixed shape
+  norms = np.linalg.norm(np.asarray(fixed), axis=0)
+  assert int(np.sum(norms > 0.5)) == K * R and np.all((norms > 0.5) | (norms == 0))
+  compact = projection.build_bases(dup)["enc/q"]["U"]
+  assert compact["complement"].shape == (D_OUT, D_OUT - K * R)  # the true rank, not 2K*r
   g = _new_tree()
-  ref, _ = projection.orthogonal_projection(old).update(g, projection.orthogonal_projection(
-      old).init(g))
+  tx0 = projection.orthogonal_projection(old)
+  ref, _ = tx0.update(g, tx0.init(g))
   for method in ("svd", "qr"):
-    tx = projection.orthogonal_projection(dup if method == "svd" else old, method=method)
-    res, _ = tx.update(g, tx.init(g))
-    for a, c in zip(jax.tree_util.tree_leaves(res), jax.tree_util.tree_leaves(ref)):
-      np.testing.assert_allclose(a, c, atol=2e-5)
+    for stack in (old, dup):  # qr falls back to svd on the rank-deficient one
+      for compact in (True, False):
+        if method == "qr" and stack is dup and not compact:
+          continue  # documented: unpivoted QR needs full column rank
+        tx = projection.orthogonal_projection(stack, method=method, compact=compact)
+        res, _ = tx.update(g, tx.init(g))
+        for a, c in zip(jax.tree_util.tree_leaves(res), jax.tree_util.tree_leaves(ref)):
+          np.testing.assert_allclose(a, c, atol=2e-5)
   with pytest.raises(ValueError):
     projection.orthogonal_projection(old, method="lu")
 
@@ -207,7 +245,8 @@ def test_chain_with_adamw_and_multisteps():
   # The transform's state is found in the chain state with fixed-shape bases.
   inner = ms.init(params).inner_opt_state[0]
   assert isinstance(inner, projection.OrthogonalProjectionState)
-  assert inner.bases["enc/q"]["U"].shape == (D_OUT, K * R)
+  assert inner.bases["enc/q"]["U"]["complement"].shape == (D_OUT, D_OUT - K * R)
+  assert inner.bases["enc/q"]["V"]["span"].shape == (D_IN, K * R)
 
 
 _SHARDED = textwrap.dedent("""
@@ -229,15 +268,16 @@ _SHARDED = textwrap.dedent("""
     row = NamedSharding(mesh, P("x", None))
     col = NamedSharding(mesh, P(None, "x"))
     rep = NamedSharding(mesh, P())
-    state_sh = projection.OrthogonalProjectionState(bases={"l": {"U": row, "V": row}})
+    state_sh = projection.OrthogonalProjectionState(
+        bases={"l": {"U": {"span": row}, "V": {"span": row}}})
     state = jax.jit(tx.init, out_shardings=state_sh)(g)
-    assert len(state.bases["l"]["U"].sharding.device_set) == 8
+    assert len(state.bases["l"]["U"]["span"].sharding.device_set) == 8
     g_sh = jax.device_put(g, {"l": {"U": row, "sigma": rep, "V": col}})
     out, new_state = jax.jit(tx.update)(g_sh, state)
     assert len(out["l"]["U"].sharding.device_set) == 8
     for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(ref)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
-    print("SHARDED_OK", state.bases["l"]["U"].sharding.spec)
+    print("SHARDED_OK", state.bases["l"]["U"]["span"].sharding.spec)
 """)
 
 

@@ -28,8 +28,9 @@ def test_sizes_determinism_and_disjoint_splits(name):
   task = tasks.get_task(name)
   train = load_split(name, "train", "synthetic", train_per_class=40, test_per_class=10)
   test = load_split(name, "test", "synthetic", train_per_class=40, test_per_class=10)
-  assert collections.Counter(e.label_index for e in train) == {c: 40 for c in range(task.num_labels)}
-  assert collections.Counter(e.label_index for e in test) == {c: 10 for c in range(task.num_labels)}
+  classes = range(task.num_labels)
+  assert collections.Counter(e.label_index for e in train) == {c: 40 for c in classes}
+  assert collections.Counter(e.label_index for e in test) == {c: 10 for c in classes}
   assert train == load_split(name, "train", "synthetic", train_per_class=40, test_per_class=10)
   assert not {e.sentence for e in train} & {e.sentence for e in test}
   assert len({e.sentence for e in train}) == len(train)
@@ -51,6 +52,10 @@ def test_per_class_and_max_examples():
   assert capped != load_split("syn_news", "train", "synthetic", max_examples=25, seed=2)
   with pytest.raises(ValueError, match="has only 1920 distinct"):
     load_split("syn_news", "train", "synthetic", per_class=5000)
+  # A driver may pass its empty data directory to every source.
+  assert len(load_split("syn_news", "test", "synthetic", root="", per_class=2)) == 8
+  with pytest.raises(ValueError, match="only read by source='local'"):
+    load_split("syn_news", "test", "synthetic", root="/data")
 
 
 def test_conflicting_pair_same_sentences_opposite_labels():

@@ -124,10 +124,13 @@ def load_split(task: str | tasks_lib.Task, split: str, source: str, **opts: Any)
     split: "train" or "test" (the local source also reads "dev").
     source: one of `SOURCES`.
     **opts: the source's options. All sources take `per_class`, `max_examples` and `seed`
-      (seeded sampling, see `sample_indices`); "local" needs `root` (the CL_Benchmark
-      directory) and takes `skip_invalid`; "hf"/"tfds" take the benchmark protocol's sizes
-      (`train_per_class`, `test_size`, ...) and their loader hooks; "synthetic" takes
-      `suite_seed`, `train_per_class`, `test_per_class`. See each module's `load`.
+      (seeded sampling, see `sample_indices`); for `per_class` None or 0 means the source's
+      default size (local: every row; hf/tfds: the benchmark protocol's, 1000 per class for
+      training; synthetic: 200 train / 50 test per class), for `max_examples` no cap. "local"
+      needs `root` (the CL_Benchmark directory) and takes `skip_invalid`; "hf"/"tfds" take the
+      protocol's sizes (`train_per_class`, `test_per_class`, `test_size`) and their loader
+      hooks; "synthetic" takes `suite_seed`, `train_per_class`, `test_per_class`. See each
+      module's `load`.
 
   Returns:
     The examples, each with its label string and label index.
@@ -138,5 +141,11 @@ def load_split(task: str | tasks_lib.Task, split: str, source: str, **opts: Any)
   task = tasks_lib.get_task(task)
   if source not in _SOURCE_MODULES:
     raise ValueError(f"unknown data source {source!r}; valid sources: {', '.join(SOURCES)}")
+  if source != "local":
+    # A driver may pass its (empty) data directory to every source; a set one is a mistake.
+    for key in ("root", "data_dir"):
+      if opts.get(key):
+        raise ValueError(f"{key}={opts[key]!r} is only read by source='local', not {source!r}")
+      opts.pop(key, None)
   module = importlib.import_module(_SOURCE_MODULES[source])
   return module.load(task, split, **opts)

@@ -5,7 +5,7 @@ was drawn from these public datasets:
 
 | task | hub id (config) | train split | test split | source labels -> O-LoRA labels |
 | --- | --- | --- | --- | --- |
-| agnews | ag_news | train | test | World, Sports, Business, Sci/Tech -> ..., Science or Technology |
+| agnews | ag_news | train | test | World, Sports, Business, Sci/Tech -> ..., Science or Tech. |
 | amazon | amazon_reviews_multi (en) * | train | test | stars 1..5 -> very negative..very positive |
 | yelp | yelp_review_full | train | test | 1..5 stars (0..4) -> very negative..very positive |
 | dbpedia | dbpedia_14 | train | test | the 14 DBpedia classes, same order |
@@ -16,7 +16,7 @@ was drawn from these public datasets:
 | copa | super_glue (copa) | train | validation | choice1, choice2 -> A, B |
 | qqp | glue (qqp) | train | validation | not_duplicate, duplicate -> False, True |
 | boolqa | super_glue (boolq) | train | validation | False, True |
-| rte | super_glue (rte) | train | validation | entailment, not_entailment -> entailment, contradiction |
+| rte | super_glue (rte) | train | validation | not_entailment -> contradiction |
 | imdb | imdb | train | test | neg, pos -> Bad, Good |
 | sst-2 | glue (sst2) | train | validation | negative, positive -> Bad, Good |
 | multirc | super_glue (multirc) | train | validation | False, True |
@@ -30,12 +30,13 @@ redirects them to their namespaced repositories (e.g. "nyu-mll/glue", "aps/super
   `amazon_reviews_multi`/en (review_title, review_body, stars); pass `hub_id=`/`hub_config=` (and,
   if its columns differ, a `spec=`) to use another copy.
 
-Sampling protocol (the LB-CL / O-LoRA papers, after Razdaibiedina et al., 2023): 1000 training
-examples per class, seeded; the test split whole for GLUE/SuperGLUE/IMDB, and 7,600 examples
-drawn uniformly for the five large text-classification sets (the MbPA++/IDBR convention: AG News'
-test set has exactly 7,600 rows; O-LoRA's amazon test file has 7,600). The published train files
-were drawn uniformly (e.g. agnews: 968-1040 per class); this loader samples exactly per class.
-Classes with fewer rows than asked (CB's "neutral" has 16) keep all of them.
+Sampling protocol. The papers (LB-CL, O-LoRA, after Razdaibiedina et al., 2023) train on 1000
+examples per class; this loader draws exactly that many per class, seeded (the published train
+files were drawn uniformly, e.g. agnews has 968-1040 per class). Test sets: the five large
+text-classification sets get 7,600 examples drawn uniformly (the MbPA++/IDBR convention; AG
+News' test set has exactly 7,600 rows and O-LoRA's amazon test file holds 7,600); every other
+task, by this loader's choice, its whole test/validation split (GLUE SST-2's 872 rows match
+O-LoRA's SST-2 test file). Classes with fewer rows than asked keep all of them.
 
 Sentences are formatted as O-LoRA's data files write them (checked against the files in its
 repository), e.g. agnews "Title: {title}\\nText: {description}\\n", NLI "sentence 1: {premise}\\n
@@ -205,18 +206,19 @@ def split_indices(task: tasks_lib.Task, split: str, label_ids: Sequence[int], *,
                   seed: int) -> np.ndarray:
   """The benchmark protocol's rows of one split (shared with the TFDS source).
 
-  Train: `train_per_class` per class (an explicit `per_class` overrides it). Test:
+  Train: `train_per_class` per class (a non-zero `per_class` overrides it). Test:
   `test_per_class` per class if given, else `test_size` drawn uniformly (None: the whole split).
   `max_examples` caps the result. Every draw is seeded by (seed, split, class).
   """
   # Train and test draw from different streams so one seed does not pick aligned rows.
   split_seed = [seed, 1 if split == "train" else 2]
   seed_int = int(np.random.default_rng(split_seed).integers(2**31))
+  # per_class None/0 means "the protocol's size", as for the other sources' defaults.
   if split == "train":
-    cap = per_class if per_class is not None else train_per_class
+    cap = per_class or train_per_class
     idx = sample_indices(label_ids, per_class=cap, seed=seed_int)
   else:
-    cap = per_class if per_class is not None else test_per_class
+    cap = per_class or test_per_class
     if cap:
       idx = sample_indices(label_ids, per_class=cap, seed=seed_int)
     else:
@@ -269,7 +271,7 @@ def load(task: str | tasks_lib.Task, split: str, *, train_per_class: int | None 
     test_per_class: test examples per class (None: use `test_size`).
     test_size: test examples drawn uniformly; "default" is the table's (7,600 for the five large
       sets, the whole split otherwise); None/0: the whole split.
-    per_class: overrides the split's per-class size.
+    per_class: overrides the split's per-class size (None/0: the protocol's).
     max_examples: caps the result.
     seed: the sampling seed (every draw is a pure function of it).
     hub_id, hub_config: another copy of the dataset (same columns).

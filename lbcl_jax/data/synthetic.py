@@ -11,9 +11,9 @@ Five tasks (registered in `lbcl_jax.tasks.SYNTHETIC_TASKS`):
 
 | task | sentences | label |
 | --- | --- | --- |
-| syn_news | headlines | topic: World / Sports / Business / Science or Technology (AG News' labels) |
+| syn_news | headlines | World / Sports / Business / Science or Technology (AG News') |
 | syn_sentiment | positive/negative reviews | sentiment: positive / negative |
-| syn_product | reviews of any sentiment | product category: Electronics / Kitchen / Books / Clothing |
+| syn_product | reviews of any sentiment | Electronics / Kitchen / Books / Clothing |
 | syn_rating | reviews of any sentiment | negative / neutral / positive |
 | syn_sentiment_flip | the same sentences as syn_sentiment | the opposite sentiment label |
 

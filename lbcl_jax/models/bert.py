@@ -27,7 +27,6 @@ these scores (`scoring_loss`) and prediction is their argmax (`predict_labels`).
 """
 
 import dataclasses
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -136,7 +135,9 @@ def _partitioned_normal(config: BertConfig, names: tuple[str | None, ...]):
   return nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), names)
 
 
-def _dense(config: BertConfig, features: int, names: tuple[str, str], name: str) -> nn.Dense:
+def _dense(
+    config: BertConfig, features: int, names: tuple[str | None, str | None], name: str
+) -> nn.Dense:
   """A plain biased Dense (adapters intercept it by path) with logical axis names."""
   return nn.Dense(
       features,
@@ -622,6 +623,10 @@ def params_from_hf(
           f"{source}: missing tensor {prefix + t.hf_name!r} (expected shape {t.shape})"
       )
     array = np.asarray(tensors[key])
+    if not (np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16"):
+      raise BertCheckpointError(
+          f"{source}: tensor {key!r} has dtype {array.dtype}, expected floats"
+      )
     if tuple(array.shape) != t.shape:
       raise BertCheckpointError(
           f"{source}: tensor {key!r} has shape {tuple(array.shape)}, expected {t.shape} for "
@@ -665,19 +670,6 @@ def params_to_hf(params: Mapping[str, Any], config: BertConfig) -> dict[str, np.
     # Refuse to drop weights silently: an unknown leaf means the tree is not a BertModel's.
     raise ValueError(f"params have leaves with no HF name: {sorted('/'.join(p) for p in flat)}")
   return out
-
-
-def target_paths(params: Mapping[str, Any], pattern: str = ADAPTER_TARGETS) -> list[str]:
-  """Slash-joined paths of the Dense modules in `params` whose path matches `pattern`."""
-  params = nn.meta.unbox(params)
-  paths = []
-  for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
-    names = [str(getattr(k, "key", k)) for k in path]
-    if names[-1] == "kernel":
-      module = "/".join(names[:-1])
-      if re.fullmatch(pattern, module):
-        paths.append(module)
-  return sorted(paths)
 
 
 # ----------------------------------------------------------------------------- registry

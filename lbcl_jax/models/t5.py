@@ -501,12 +501,17 @@ def _dummy_inputs(batch: int, src_len: int, tgt_len: int):
   return ids, jnp.ones((batch, src_len), jnp.int32), jnp.ones((batch, tgt_len), jnp.int32)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4))
+def _init_variables(model: T5, rng: Array, batch: int, src_len: int, tgt_len: int) -> dict:
+  # Module-level so repeated calls reuse the compiled init (a fresh jax.jit(model.init)
+  # would retrace and recompile every time).
+  return model.init(rng, *_dummy_inputs(batch, src_len, tgt_len))
+
+
 def init_params(model: T5, rng: Array, batch: int = 1, src_len: int = 8,
                 tgt_len: int = 8) -> dict:
   """Random (HF-style init) parameters, unboxed: the nested dict below 'params'."""
-  inputs = _dummy_inputs(batch, src_len, tgt_len)
-  variables = jax.jit(model.init)(rng, *inputs)
-  return nn.meta.unbox(variables["params"])
+  return nn.meta.unbox(_init_variables(model, rng, batch, src_len, tgt_len)["params"])
 
 
 def abstract_params(model: T5) -> dict:

