@@ -74,7 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--sens_tasks", type=int, default=5, help="old tasks scored for sensitivity")
   p.add_argument("--seed_samples", type=int, default=8)
   p.add_argument("--sens_chunk", type=int, default=0, help="per-sample grad chunk (0: all)")
-  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--repeats", type=int, default=3, help="timed rounds of full steps")
+  p.add_argument("--update_repeats", type=int, default=10,
+                 help="timed optimizer-update calls per config and round")
   p.add_argument("--only", choices=("all", "overhead", "sensitivity", "apply_mode"),
                  default="all")
   p.add_argument("--out", default=str(RESULTS))
@@ -216,18 +218,22 @@ def tree_bytes(tree) -> int:
 
 @dataclasses.dataclass
 class Config:
-  """One compiled train step and its running state."""
+  """One compiled train step (and its optimizer update alone) with its running state."""
 
   label: str
   method: str
   old_tasks: int
   apply_mode: str
   compiled: Any = None
+  update: Any = None
   args: tuple = ()
+  grads: Any = None
   compile_s: float = 0.0
   peak: int = 0
+  flops: float = 0.0
   state_bytes: int = 0
   times: list = dataclasses.field(default_factory=list)
+  update_times: list = dataclasses.field(default_factory=list)
 
 
 def make_step(loss_fn, tx, scaling: float, apply_mode: str):
@@ -247,6 +253,23 @@ def make_step(loss_fn, tx, scaling: float, apply_mode: str):
   return jax.jit(step, donate_argnums=(0, 1))
 
 
+def make_update(tx):
+  """The optimizer part of the step alone (projection + AdamW + apply_updates)."""
+
+  def update(grads, opt_state, new):
+    updates, opt_state = tx.update(grads, opt_state, new)
+    return optax.apply_updates(new, updates), opt_state
+
+  return jax.jit(update)
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", float("nan")))
+
+
 def build_config(label, method_name, k, apply_mode, params, paths, loss_fn, batch, args):
   method = methods.get_method(method_name)
   acfg = adapters.AdapterConfig(targets=args.targets, rank=args.rank, init=method.init,
@@ -261,9 +284,13 @@ def build_config(label, method_name, k, apply_mode, params, paths, loss_fn, batc
   cfg.compiled = step.lower(new, opt_state, params, batch).compile()
   cfg.compile_s = time.perf_counter() - t0
   cfg.peak = peak_bytes(cfg.compiled)
+  cfg.flops = _flops(cfg.compiled)
   cfg.state_bytes = tree_bytes(opt_state)
+  rng = np.random.default_rng(4)
+  cfg.grads = jax.tree_util.tree_map(
+      lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), new)
+  cfg.update = make_update(tx).lower(cfg.grads, opt_state, new).compile()
   cfg.args = (new, opt_state)
-  del old
   return cfg
 
 
@@ -275,6 +302,18 @@ def run_once(cfg, params, batch) -> float:
   dt = time.perf_counter() - t0
   cfg.args = (new, opt_state)
   return dt
+
+
+def time_update(cfg, n: int) -> float:
+  """Median seconds of the optimizer update alone over n calls."""
+  new, opt_state = cfg.args
+  times = []
+  for _ in range(n + 1):
+    t0 = time.perf_counter()
+    out = cfg.update(cfg.grads, opt_state, new)
+    jax.block_until_ready(out)
+    times.append(time.perf_counter() - t0)
+  return times[1:]
 
 
 def stats(times) -> dict:
@@ -339,7 +378,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     score_c = jax.jit(score).lower(params, old, seeds).compile()
     sens = {"compile_s": time.perf_counter() - t0, "peak": peak_bytes(score_c), "times": [],
-            "old_tasks": args.sens_tasks, "samples": args.seed_samples}
+            "flops": _flops(score_c), "old_tasks": args.sens_tasks,
+            "samples": args.seed_samples}
     print(f"compiled sensitivity     in {sens['compile_s']:5.1f}s  peak "
           f"{sens['peak'] / 2**20:8.1f} MiB", flush=True)
 
@@ -351,6 +391,7 @@ def main(argv=None):
   for _ in range(args.repeats):
     for cfg in built:
       cfg.times.append(run_once(cfg, params, batch))
+      cfg.update_times += time_update(cfg, args.update_repeats)
     if sens is not None:
       t0 = time.perf_counter()
       jax.block_until_ready(score_c(params, old, seeds))
@@ -358,23 +399,37 @@ def main(argv=None):
 
   ref = built[0]
   ref_s = stats(ref.times)
+  ref_update = float(np.median(ref.update_times)) * 1e3
   rows = []
-  print(f"\n{'config':16s} {'median ms':>10s} {'min ms':>8s} {'ovh med':>8s} {'ovh min':>8s}"
-        f" {'peak MiB':>9s} {'mem x':>6s} {'opt state MiB':>13s}")
+  print(f"\n{'config':15s} {'step med':>9s} {'min':>7s} {'paired':>7s} {'flops':>7s} "
+        f"{'update':>7s} {'upd ovh':>7s} {'peak MiB':>9s} {'mem x':>6s} {'state MiB':>9s}")
   for cfg in built:
     s = stats(cfg.times)
+    paired = float(np.median(np.asarray(cfg.times) / np.asarray(ref.times))) - 1.0
+    update_ms = float(np.median(cfg.update_times)) * 1e3
     row = {
         "label": cfg.label, "method": cfg.method, "old_tasks": cfg.old_tasks,
-        "apply_mode": cfg.apply_mode, "compile_s": round(cfg.compile_s, 2), **s,
-        "overhead_median": s["median_ms"] / ref_s["median_ms"] - 1.0,
-        "overhead_min": s["min_ms"] / ref_s["min_ms"] - 1.0,
+        "apply_mode": cfg.apply_mode, "compile_s": round(cfg.compile_s, 2),
+        "step": s,
+        # Wall clock, paired per round (noisy on a shared CPU).
+        "overhead_wall_paired": paired,
+        # Deterministic: XLA's flop count of the whole compiled step.
+        "flops": cfg.flops, "overhead_flops": cfg.flops / ref.flops - 1.0,
+        # The optimizer update alone, timed over many calls; its extra time relative to a
+        # whole step is the projection's share of the step.
+        "update_median_ms": update_ms,
+        "overhead_update": (update_ms - ref_update) / s["median_ms"],
         "peak_bytes": cfg.peak, "peak_ratio": cfg.peak / ref.peak,
         "opt_state_bytes": cfg.state_bytes,
     }
     rows.append(row)
-    print(f"{cfg.label:16s} {s['median_ms']:10.1f} {s['min_ms']:8.1f} "
-          f"{100 * row['overhead_median']:7.2f}% {100 * row['overhead_min']:7.2f}% "
-          f"{cfg.peak / 2**20:9.1f} {row['peak_ratio']:6.3f} {cfg.state_bytes / 2**20:13.2f}")
+    print(f"{cfg.label:15s} {s['median_ms']:9.1f} {s['min_ms']:7.1f} {100 * paired:6.1f}% "
+          f"{100 * row['overhead_flops']:6.2f}% {update_ms:7.2f} "
+          f"{100 * row['overhead_update']:6.2f}% {cfg.peak / 2**20:9.1f} "
+          f"{row['peak_ratio']:6.3f} {cfg.state_bytes / 2**20:9.2f}")
+  print("  paired: median over rounds of step time / inclora's step time in the same round;"
+        "\n  flops: XLA cost_analysis of the whole step vs inclora's; update: optimizer "
+        "update alone (ms);\n  upd ovh: (update - inclora's update) / this step's median.")
 
   result = {
       "benchmark": "core_overhead", "model": desc, "adapted_layers": len(paths),
@@ -384,37 +439,44 @@ def main(argv=None):
   }
   lbcl_rows = [r for r in rows if r["method"] == "lbcl"]
   if lbcl_rows:
-    worst_small = max((r for r in lbcl_rows if r["old_tasks"] < 50), default=None,
-                      key=lambda r: r["overhead_min"])
-    at50 = next((r for r in lbcl_rows if r["old_tasks"] == 50), None)
+    small = [r for r in lbcl_rows if r["old_tasks"] < 50]
+    at50 = [r for r in lbcl_rows if r["old_tasks"] == 50]
+    est = lambda r: max(r["overhead_flops"], r["overhead_update"])
     result["targets"] = {
-        "projection_overhead_le_3pct": None if worst_small is None else
-        worst_small["overhead_min"] <= 0.03,
-        "projection_overhead_at_50_le_5pct": None if at50 is None else
-        at50["overhead_min"] <= 0.05,
+        "projection_overhead_le_3pct": all(est(r) <= 0.03 for r in small) if small else None,
+        "projection_overhead_at_50_le_5pct": all(est(r) <= 0.05 for r in at50)
+                                             if at50 else None,
         "peak_memory_le_1.05x": max(r["peak_ratio"] for r in lbcl_rows) <= 1.05,
     }
   merged = next((r for r in rows if r["apply_mode"] == "merged"), None)
   if merged is not None:
-    faster = "lowrank" if ref_s["median_ms"] <= merged["median_ms"] else "merged"
+    faster = "lowrank" if merged["overhead_wall_paired"] > 0 else "merged"
     result["apply_mode"] = {"lowrank_median_ms": ref_s["median_ms"],
-                            "merged_median_ms": merged["median_ms"], "faster": faster}
+                            "merged_median_ms": merged["step"]["median_ms"],
+                            "merged_vs_lowrank_paired": merged["overhead_wall_paired"],
+                            "merged_vs_lowrank_flops": merged["overhead_flops"],
+                            "faster": faster}
     print(f"\napply_mode: lowrank {ref_s['median_ms']:.1f} ms vs merged "
-          f"{merged['median_ms']:.1f} ms -> {faster} is faster")
+          f"{merged['step']['median_ms']:.1f} ms (paired {100 * merged['overhead_wall_paired']:+.1f}%,"
+          f" flops {100 * merged['overhead_flops']:+.1f}%) -> {faster} is faster")
   if sens is not None:
     s = stats(sens.pop("times"))
     sens.update(s)
     sens["ratio_to_step_median"] = s["median_ms"] / ref_s["median_ms"]
     sens["ratio_to_step_min"] = s["min_ms"] / ref_s["min_ms"]
     sens["peak_ratio_to_step"] = sens["peak"] / ref.peak
+    sens["flops_ratio_to_step"] = sens["flops"] / ref.flops
     result["sensitivity"] = sens
     result.setdefault("targets", {})["sensitivity_le_2x_step"] = sens["ratio_to_step_min"] <= 2
     print(f"sensitivity ({args.seed_samples} samples, K={args.sens_tasks}): median "
           f"{s['median_ms']:.1f} ms = {sens['ratio_to_step_median']:.2f}x a training step "
-          f"(min-based {sens['ratio_to_step_min']:.2f}x); peak {sens['peak'] / 2**20:.1f} MiB "
+          f"(min-based {sens['ratio_to_step_min']:.2f}x, flops "
+          f"{sens['flops_ratio_to_step']:.2f}x); peak {sens['peak'] / 2**20:.1f} MiB "
           f"= {sens['peak_ratio_to_step']:.2f}x the step's")
-  result["targets_note"] = ("overheads judged on per-config minimum times (least sensitive "
-                            "to other processes on a shared machine); medians also reported")
+  result["targets_note"] = (
+      "projection overhead judged on max(flop overhead, isolated optimizer-update overhead),"
+      " both insensitive to other processes on a shared machine; paired wall-clock step"
+      " ratios are reported alongside. Sensitivity judged on min times.")
   result["wall_s"] = time.perf_counter() - t_start
   print(f"targets: {result.get('targets')}\nwall {result['wall_s']:.0f}s")
   write_json_atomic(pathlib.Path(args.out), result)

@@ -5,7 +5,7 @@ no optimizer update) at batch 8, source 256, target 8, on the same CPU in one pr
 torch limited to the cores JAX uses. Both models hold the same weights. Prints a table and
 writes JSON (atomically) to benchmarks/results/t5_step.json.
 
-  python benchmarks/t5_step.py --steps 10 --warmup 2
+  python benchmarks/t5_step.py --steps 5 --warmup 2
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ FLAN_T5_SMALL = dict(
 
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=10, help="timed steps per framework")
+  parser.add_argument("--steps", type=int, default=5, help="timed steps per framework")
   parser.add_argument("--warmup", type=int, default=2,
                       help="untimed steps first (JAX's first one compiles)")
   parser.add_argument("--batch", type=int, default=8)
@@ -129,7 +129,7 @@ def bench_torch(args, hf_dir, batch) -> dict:
     out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                 labels=labels)
     out.loss.backward()
-    return out.loss
+    return out.loss.detach()
 
   start = time.perf_counter()
   loss = step()
@@ -153,6 +153,7 @@ def write_json_atomically(path: pathlib.Path, payload: dict) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
       json.dump(payload, f, indent=2, sort_keys=True)
       f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp creates it private.
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):

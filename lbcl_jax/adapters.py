@@ -57,7 +57,6 @@ import jax.numpy as jnp
 import numpy as np
 
 PyTree = Any
-LayerTree = dict[str, Any]
 
 # Default target regexes for T5 (the family module's ADAPTER_TARGETS / ALL_LINEAR_TARGETS
 # should agree; these are the fallback when no family is given).
@@ -351,6 +350,11 @@ def empty_state() -> dict:
   return {"old": {}, "new": {}}
 
 
+def _is_state(tree) -> bool:
+  """A full adapter state `{'old', 'new'}` (as opposed to a stack or 'new' tree)."""
+  return isinstance(tree, Mapping) and set(tree) == {"old", "new"}
+
+
 def _check_same_layers(a: Mapping[str, Any], b: Mapping[str, Any], what: str):
   if set(a) != set(b):
     missing = sorted(set(a) ^ set(b))
@@ -458,12 +462,14 @@ def merge(params: PyTree, stack_tree: PyTree, scaling: float = 1.0) -> PyTree:
   Args:
     params: base params (below 'params'); kernels raw or boxed (`nn.Partitioned`, kept boxed).
     stack_tree: nested or flat stack tree (e.g. `adapters['old']` or `stacked(adapters)`);
-      single-task ('new'-shaped) leaves work too.
+      single-task ('new'-shaped) leaves and a full `{'old', 'new'}` state work too.
     scaling: the static adapter scaling.
 
   Returns:
     params with the same structure and kernel dtypes (the sum is done in f32).
   """
+  if _is_state(stack_tree):
+    stack_tree = stacked(stack_tree)
   for path, leaf in flatten_layers(stack_tree).items():
     d = delta(leaf, scaling)
 
@@ -480,7 +486,7 @@ def _layer_terms(tree: Mapping[str, PyTree]) -> dict[str, list[tuple]]:
   A full state gives two stacks per layer, old and new, kept apart (not concatenated) so
   that back-propagation to the new factors never forms the cotangent of the frozen old ones.
   """
-  if isinstance(tree, Mapping) and set(tree) == {"old", "new"}:
+  if _is_state(tree):
     old = flatten_layers(tree["old"])
     new = flatten_layers(tree["new"])
     out = {}
@@ -572,12 +578,8 @@ def apply(model_apply: Callable, adapters: PyTree, scaling: float = 1.0, *,
 
   def wrapped(variables, *args, **kwargs):
     if mode == "merged":
-      if isinstance(adapters, Mapping) and set(adapters) == {"old", "new"}:
-        stack = stacked(adapters)
-      else:
-        stack = adapters
       variables = dict(variables)
-      variables["params"] = merge(variables["params"], stack, scaling)
+      variables["params"] = merge(variables["params"], adapters, scaling)
       return model_apply(variables, *args, **kwargs)
     with intercept(adapters, scaling):
       return model_apply(variables, *args, **kwargs)

@@ -43,7 +43,9 @@ class Backbone:
   family: str
   model: nn.Module
   tokenizer: Any
-  params: Any            # host copy of the base params (the driver shards and then drops it)
+  params: Any            # host copy of loaded base params (the driver shards, then drops it);
+                         # None for random init, which `init_params` creates already sharded
+  init_params: Callable[[jax.Array], Any] | None
   param_specs: Any       # logical PartitionSpec per param
   module: Any            # lbcl_jax.models.t5 or .bert
   config: ml_collections.ConfigDict
@@ -89,8 +91,24 @@ class Backbone:
         rng=None if deterministic else rng)
     return self.module.scoring_loss(scores, batch["label_index"], batch["weight"])
 
+  def seq_logprob(self, params: Any, input_ids, attention_mask, labels, label_mask) -> jax.Array:
+    """T5: summed log-probability of each label sequence, [B]."""
+    decoder_input_ids = self.module.shift_right(
+        labels, self.model.config.decoder_start_token_id, self.model.config.pad_token_id)
+    logits = self.model.apply({"params": params}, input_ids, attention_mask, decoder_input_ids,
+                              label_mask)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    safe = jnp.where(label_mask.astype(bool), labels, 0)
+    token = jnp.take_along_axis(logp, safe[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return jnp.sum(token * label_mask.astype(jnp.float32), axis=-1)
+
   def predict(self, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
-    """T5: generated token ids [B, max_new_tokens]; BERT: option index [B]."""
+    """T5 "generate": generated token ids [B, max_new_tokens]; T5 "rank" and BERT: the
+    predicted option index [B]."""
+    if self.family == "t5" and self.config.eval.mode == "rank":
+      return evaluation.rank_classify(
+          functools.partial(self.seq_logprob, params), batch["input_ids"],
+          batch["attention_mask"], batch["option_ids"], batch["option_mask"])
     if self.family == "t5":
       return self.module.greedy_generate(self.model, params, batch["input_ids"],
                                          batch["attention_mask"], self.config.eval.max_new_tokens)
@@ -145,23 +163,24 @@ def build(config: ml_collections.ConfigDict) -> Backbone:
       raise ValueError(f"{cfg_path}: model_type {model_type!r} is not supported "
                        f"(supported: {', '.join(hf.registered_model_types())})") from e
     model = family.make_model(family.config_from_hf(cfg, dtype=dtype, param_dtype=param_dtype))
-    rng = jax.random.fold_in(jax.random.key(config.seed), 0x5EED)
-    params = nn.meta.unbox(jax.jit(functools.partial(_init_variables, model_type, model))(rng)["params"])
+    params = None
+    init_params = lambda rng: nn.meta.unbox(_init_variables(model_type, model, rng)["params"])
   else:
     model, params = hf.from_pretrained(path, dtype=dtype, param_dtype=param_dtype)
     model_type, _ = hf.family_of_model(model)
+    init_params = None
   if model_type != config.model.family:
     raise ValueError(f"config.model.family={config.model.family!r} but {path} holds a "
                      f"{model_type!r} model")
   module = _family_module(model_type)
   boxed = jax.eval_shape(functools.partial(_init_variables, model_type, model), jax.random.key(0))
   spec_flat = traverse_util.flatten_dict(nn.get_partition_spec(boxed)["params"])
-  param_flat = traverse_util.flatten_dict(params)
+  param_flat = traverse_util.flatten_dict(params if params is not None else boxed["params"])
   # Weights the forward pass does not create (e.g. BERT's pooler) stay replicated.
   specs = traverse_util.unflatten_dict({k: spec_flat.get(k, P()) for k in param_flat})
   tokenizer = hf.load_tokenizer(config.model.tokenizer or path)
   return Backbone(family=model_type, model=model, tokenizer=tokenizer, params=params,
-                  param_specs=specs, module=module, config=config)
+                  init_params=init_params, param_specs=specs, module=module, config=config)
 
 
 def _family_module(model_type: str):
@@ -293,12 +312,18 @@ def evaluate(run, params: Any, name: str) -> float:
   predict = run._predict  # pylint: disable=protected-access
   bs = run.config.eval.batch_size
   correct = total = 0.0
+  rank = bb.family == "t5" and run.config.eval.mode == "rank"
+  if rank:
+    option_ids, option_mask = evaluation.option_targets(bb.tokenizer, task,
+                                                        run.config.data.max_target_length)
   for batch in pipeline.eval_batches(data, bs, process_index=0, process_count=1):
+    if rank:
+      batch = dict(batch, option_ids=option_ids, option_mask=option_mask)
     local = _local_rows(batch)
     pred = predict(params, sharding_lib.global_batch(local, run.mesh))
     pred = np.asarray(multihost_utils.process_allgather(pred, tiled=True))
     weight = np.asarray(batch["weight"])
-    if bb.family == "t5":
+    if bb.family == "t5" and not rank:
       texts = evaluation.decode(bb.tokenizer, pred)
       index = evaluation.match_options(texts, task.labels)
     else:

@@ -78,12 +78,20 @@ class Run:
     self.rules = tuple(config.mesh.logical_axis_rules)
     self.key = jax.random.key(config.seed)
 
-    # The frozen base, created already sharded.
-    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.backbone.params)
-    self.base_shardings = sharding.logical_to_sharding(
-        self.backbone.param_specs, shapes, self.mesh, self.rules)
-    self.base = jax.device_put(self.backbone.params, self.base_shardings)
-    self.backbone.params = None  # the host copy is no longer needed
+    # The frozen base, created already sharded: random weights by a jit whose outputs are laid
+    # out by the sharding rules, loaded weights placed shard by shard.
+    bb = self.backbone
+    init_key = jax.random.fold_in(self.key, 0x5EED)
+    if bb.params is None:
+      shapes = jax.eval_shape(bb.init_params, init_key)
+    else:
+      shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), bb.params)
+    self.base_shardings = sharding.logical_to_sharding(bb.param_specs, shapes, self.mesh, self.rules)
+    if bb.params is None:
+      self.base = jax.jit(bb.init_params, out_shardings=self.base_shardings)(init_key)
+    else:
+      self.base = jax.device_put(bb.params, self.base_shardings)
+      bb.params = None  # the host copy is no longer needed
 
     if self.method.uses_adapters:
       self.adapter_config = adapters_lib.AdapterConfig(

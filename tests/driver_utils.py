@@ -84,3 +84,55 @@ def run_main(workdir: pathlib.Path, *overrides: str, devices: int | None = None,
   if check and proc.returncode != 0:
     raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-6000:]}")
   return proc
+
+
+def make_config(*overrides: str):
+  """The embedded default config with `--config.a.b=value` overrides applied (in-process)."""
+  from lbcl_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.default_config()
+  for o in overrides:
+    key, value = o.removeprefix("--config.").split("=", 1)
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    current = node[leaf]
+    if isinstance(current, bool):
+      node[leaf] = value == "True"
+    elif isinstance(current, int):
+      node[leaf] = int(value)
+    elif isinstance(current, float):
+      node[leaf] = float(value)
+    else:
+      node[leaf] = value
+  config.lock()
+  return config
+
+
+def losses_for_meshes(workdir: str, overrides: list[str], meshes: dict[str, list[str]]) -> dict:
+  """Runs the driver once per mesh in this process; returns {mesh name: loss curves}."""
+  from lbcl_jax import train  # pylint: disable=g-import-not-at-top
+  out = {}
+  for name, mesh in meshes.items():
+    results = train.train_and_evaluate(make_config(*overrides, *mesh), f"{workdir}/{name}")
+    out[name] = results["losses"]
+  return out
+
+
+def run_losses_subprocess(workdir: pathlib.Path, overrides: list[str],
+                          meshes: dict[str, list[str]], devices: int) -> dict:
+  """`losses_for_meshes` in a fresh process with `devices` fake CPU devices."""
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests"),
+                                       env.get("PYTHONPATH", "")])
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  code = ("import json, sys, driver_utils as du; "
+          "print('LOSSES=' + json.dumps(du.losses_for_meshes(*json.loads(sys.argv[1]))))")
+  arg = json.dumps([str(workdir), list(overrides), meshes])
+  proc = subprocess.run([sys.executable, "-c", code, arg], cwd=REPO_ROOT, env=env,
+                        capture_output=True, text=True, timeout=900)
+  if proc.returncode:
+    raise AssertionError(f"sharded run failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+  line = [l for l in proc.stdout.splitlines() if l.startswith("LOSSES=")][-1]
+  return json.loads(line[len("LOSSES="):])

@@ -20,6 +20,7 @@ import importlib
 import json
 import os
 import pathlib
+import pickle
 import re
 import shutil
 import tempfile
@@ -361,7 +362,7 @@ def _load_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
     raise CheckpointError(f"{path}: reading pytorch_model.bin needs torch installed") from e
   try:
     state = torch.load(str(path), map_location="cpu", weights_only=True)
-  except (RuntimeError, OSError, ValueError, EOFError) as e:
+  except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as e:
     raise CheckpointError(f"{path}: cannot read torch checkpoint ({e})") from e
   if not isinstance(state, Mapping):
     raise CheckpointError(f"{path}: expected a state dict, got {type(state).__name__}")
@@ -502,6 +503,7 @@ def save_pretrained(model: nn.Module, params: Mapping[str, Any],
                                    encoding="utf-8")
     # transformers refuses safetensors files without a 'format' entry.
     safetensors.numpy.save_file(tensors, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
+    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is an ordinary directory.
     if target.exists():
       old = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
       os.replace(target, old / target.name)
