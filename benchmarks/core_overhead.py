@@ -87,37 +87,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 class _StandinAttention(nn.Module):
+  """q and v of the flan-t5-small shape (d_model -> inner) and an output projection."""
+
   d_model: int
   inner: int
 
   @nn.compact
   def __call__(self, x):
-    dense = lambda f, n: nn.Dense(f, use_bias=False, name=n)
-    return dense(self.d_model, "o")(jnp.tanh(dense(self.inner, "q")(x)) * dense(self.inner,
-                                                                                "v")(x))
-
-
-class _Standin(nn.Module):
-  """Dense stack with T5's q/v paths and shapes: encoder/block_i/layer_0/SelfAttention/q."""
-
-  num_layers: int
-  d_model: int
-  inner: int
-
-  @nn.compact
-  def __call__(self, x):
-    for i in range(self.num_layers):
-      x = x + _StandinBlock(self.d_model, self.inner, name=f"block_{i}")(x)
-    return x
-
-
-class _StandinBlock(nn.Module):
-  d_model: int
-  inner: int
-
-  @nn.compact
-  def __call__(self, x):
-    return _StandinLayer(self.d_model, self.inner, name="layer_0")(x)
+    dense = lambda features, name: nn.Dense(features, use_bias=False, name=name)
+    q = dense(self.inner, "q")(x)
+    v = dense(self.inner, "v")(x)
+    return dense(self.d_model, "o")(jnp.tanh(q) * v)
 
 
 class _StandinLayer(nn.Module):
@@ -129,14 +109,37 @@ class _StandinLayer(nn.Module):
     return _StandinAttention(self.d_model, self.inner, name="SelfAttention")(x)
 
 
-class _StandinRoot(nn.Module):
+class _StandinBlock(nn.Module):
+  d_model: int
+  inner: int
+
+  @nn.compact
+  def __call__(self, x):
+    return x + _StandinLayer(self.d_model, self.inner, name="layer_0")(x)
+
+
+class _StandinEncoder(nn.Module):
   num_layers: int
   d_model: int
   inner: int
 
   @nn.compact
   def __call__(self, x):
-    return _Standin(self.num_layers, self.d_model, self.inner, name="encoder")(x)
+    for i in range(self.num_layers):
+      x = _StandinBlock(self.d_model, self.inner, name=f"block_{i}")(x)
+    return x
+
+
+class _Standin(nn.Module):
+  """Dense stack with T5's q/v paths and shapes: encoder/block_i/layer_0/SelfAttention/q."""
+
+  num_layers: int
+  d_model: int
+  inner: int
+
+  @nn.compact
+  def __call__(self, x):
+    return _StandinEncoder(self.num_layers, self.d_model, self.inner, name="encoder")(x)
 
 
 def build_model(args) -> tuple[str, Any, Callable, dict]:
@@ -176,7 +179,7 @@ def build_model(args) -> tuple[str, Any, Callable, dict]:
     return desc, params, loss_fn, batch
 
   inner = args.num_heads * args.d_kv
-  model = _StandinRoot(args.num_layers, args.d_model, inner)
+  model = _Standin(args.num_layers, args.d_model, inner)
   x = jnp.asarray(rng.normal(size=(args.batch, args.src_len, args.d_model)), jnp.float32)
   params = jax.jit(model.init)(jax.random.key(0), x[:1])["params"]
 
@@ -433,7 +436,9 @@ def main(argv=None):
 
   result = {
       "benchmark": "core_overhead", "model": desc, "adapted_layers": len(paths),
-      "rank": args.rank, "args": vars(args), "jax": jax.__version__,
+      "rank": args.rank,
+      "args": {**vars(args), "out": os.path.relpath(args.out, RESULTS.parents[1])},
+      "jax": jax.__version__,
       "device": str(jax.devices()[0]), "platform": platform.platform(),
       "cpu_count": os.cpu_count(), "steps": rows,
   }
@@ -457,8 +462,9 @@ def main(argv=None):
                             "merged_vs_lowrank_flops": merged["overhead_flops"],
                             "faster": faster}
     print(f"\napply_mode: lowrank {ref_s['median_ms']:.1f} ms vs merged "
-          f"{merged['step']['median_ms']:.1f} ms (paired {100 * merged['overhead_wall_paired']:+.1f}%,"
-          f" flops {100 * merged['overhead_flops']:+.1f}%) -> {faster} is faster")
+          f"{merged['step']['median_ms']:.1f} ms "
+          f"(paired {100 * merged['overhead_wall_paired']:+.1f}%, "
+          f"flops {100 * merged['overhead_flops']:+.1f}%) -> {faster} is faster")
   if sens is not None:
     s = stats(sens.pop("times"))
     sens.update(s)

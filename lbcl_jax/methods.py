@@ -71,6 +71,15 @@ class Method:
   train_sigma: bool = True
   description: str = ""
 
+  def __post_init__(self):
+    if self.init not in ("adalora", "lora"):
+      raise ValueError(f"init must be 'adalora' or 'lora', got {self.init!r}")
+    if self.score_aggregation not in ("mean", "adalora", "fisher"):
+      raise ValueError(f"unknown score_aggregation {self.score_aggregation!r}")
+    if isinstance(self.inject_layers, list):
+      # Keep the dataclass hashable (usable as a static jit argument).
+      object.__setattr__(self, "inject_layers", tuple(self.inject_layers))
+
 
 METHODS: dict[str, Method] = {
     m.name: m

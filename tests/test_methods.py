@@ -183,6 +183,10 @@ def test_registry_and_labels():
   lbcl = methods.get_method("lbcl")
   assert lbcl.inject and lbcl.project and lbcl.uses_adapters and lbcl.init == "adalora"
   assert methods.get_method("lbcl", inject_sigma=False).inject_sigma is False
+  listed = methods.get_method("lcl", inject_layers=["a/q", "a/v"])
+  assert listed.inject_layers == ("a/q", "a/v") and hash(listed)
+  with pytest.raises(ValueError):
+    methods.get_method("lcl", score_aggregation="max")
   tree = {"old": {"q": {"U": 0, "sigma": 0}}, "new": {"q": {"U": 0, "sigma": 0}}}
   labels = methods.param_labels(methods.get_method("inclora"), tree)
   assert labels == {"old": {"q": {"U": "frozen", "sigma": "frozen"}},

@@ -20,7 +20,7 @@ def test_sharded_losses_equal_single_device(tmp_path, family):
   # Two tasks of lbcl: the second exercises injection, projection and the sharded old stack.
   args = [*du.FAST, *model, "--config.optim.max_steps_per_task=3", "--config.plots=False",
           "--config.checkpoint.every_steps=0", "--config.eval.mode=rank",
-          "--config.data.max_source_length=16"]
+          "--config.data.max_source_length=16", "--config.optim.num_epochs=2"]
   ref = du.run_losses_subprocess(tmp_path / "one", args, {"one": ["--config.mesh.data=1"]}, 1)["one"]
   assert sum(len(v) for v in ref.values()) == 6
   got = du.run_losses_subprocess(tmp_path / "eight", args, MESHES, 8)
