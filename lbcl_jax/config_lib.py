@@ -70,6 +70,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.projection = ml_collections.ConfigDict()
   # Relative singular-value tolerance below which old directions are treated as absent.
   config.projection.rtol = 1e-6
+  # Project Adam's update instead of the gradient (the paper projects gradients; Adam's
+  # per-coordinate scaling then leaks a little into the old subspaces).
+  config.projection.after_adam = False
 
   config.olora = ml_collections.ConfigDict()
   # Weight of O-LoRA's orthogonality loss sum |A_old A_new^T|.

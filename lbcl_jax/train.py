@@ -230,7 +230,8 @@ def _build_optimizer(run: Run, old: Any) -> optax.GradientTransformation:
         [o.warmup_steps])
   tx = methods_lib.build_optimizer(
       run.method, old or None, learning_rate=lr, weight_decay=o.weight_decay,
-      max_grad_norm=o.grad_clip or None, projection_rtol=run.config.projection.rtol)
+      max_grad_norm=o.grad_clip or None, projection_rtol=run.config.projection.rtol,
+      project_after_adam=run.config.projection.after_adam)
   if o.grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=o.grad_accum_steps)
   return tx

@@ -27,5 +27,7 @@ def test_sharded_losses_equal_single_device(tmp_path, family):
   for name in MESHES:
     assert got[name].keys() == ref.keys()
     for task in ref:
+      # Sharded reductions sum in another order: equal up to f32 rounding (losses are
+      # token sums of ~40, so a relative tolerance).
       np.testing.assert_allclose(np.asarray(got[name][task])[:, 1], np.asarray(ref[task])[:, 1],
-                                 rtol=0, atol=1e-5, err_msg=f"{name} mesh, task {task}")
+                                 rtol=2e-6, atol=1e-6, err_msg=f"{name} mesh, task {task}")
