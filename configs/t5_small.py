@@ -11,22 +11,4 @@ from lbcl_jax import config_lib
 
 
 def get_config():
-  config = config_lib.base_config()
-  config.method = "lbcl"
-  config.order = "1"
-  config.model.family = "t5"
-  # HF hub id or a local directory holding config.json + model.safetensors.
-  config.model.path = "t5-small"
-  config.adapters.rank = 8
-  config.adapters.targets = "qv"
-  config.data.source = "local"
-  # O-LoRA's CL_Benchmark directory (or set data.source="hf" to sample from the hub).
-  config.data.data_dir = "CL_Benchmark"
-  config.data.max_source_length = 512
-  config.data.max_target_length = 50
-  config.optim.learning_rate = 1e-3
-  config.optim.num_epochs = 1
-  config.optim.global_batch_size = 64
-  config.eval.mode = "generate"
-  config.eval.max_new_tokens = 50
-  return config
+  return config_lib.t5_benchmark_config("t5-small")

@@ -200,6 +200,15 @@ def default_test_size(task: tasks_lib.Task) -> int | None:
   return None if spec is None else spec.test_size
 
 
+def map_labels(spec, source_ids: np.ndarray, where: str) -> np.ndarray:
+  """The source's label ids -> our label indices; names the first row whose label is unknown."""
+  bad = [i for i, v in enumerate(source_ids.tolist()) if v not in spec.label_map]
+  if bad:
+    raise DataError(f"{where}: row {bad[0]}: label {int(source_ids[bad[0]])} is not one of "
+                    f"{sorted(spec.label_map)} ({len(bad)} such rows)")
+  return np.asarray([spec.label_map[v] for v in source_ids.tolist()], dtype=np.int64)
+
+
 def split_indices(task: tasks_lib.Task, split: str, label_ids: Sequence[int], *,
                   train_per_class: int | None, test_per_class: int | None,
                   test_size: int | None, per_class: int | None, max_examples: int | None,
@@ -306,11 +315,7 @@ def load(task: str | tasks_lib.Task, split: str, *, train_per_class: int | None 
   _check_names(spec, getattr(ds, "features", None), where)
 
   source_ids = np.asarray(ds[spec.label_column], dtype=np.int64)
-  bad = [i for i, v in enumerate(source_ids.tolist()) if v not in spec.label_map]
-  if bad:
-    raise DataError(f"{where}: row {bad[0]}: label {int(source_ids[bad[0]])} is not one of "
-                    f"{sorted(spec.label_map)} ({len(bad)} such rows)")
-  label_ids = np.asarray([spec.label_map[v] for v in source_ids.tolist()], dtype=np.int64)
+  label_ids = map_labels(spec, source_ids, where)
   if test_size == "default":
     test_size = spec.test_size
   idx = split_indices(task, split, label_ids, train_per_class=train_per_class,

@@ -114,11 +114,7 @@ def load(task: str | tasks_lib.Task, split: str, *,
       [np.asarray(b, dtype=np.int64).reshape(-1)
        for b in tfds.as_numpy(ds.map(lambda x: x[label_col]).batch(8192))] or
       [np.zeros((0,), np.int64)])
-  bad = [i for i, v in enumerate(source_ids.tolist()) if v not in spec.label_map]
-  if bad:
-    raise DataError(f"{where}: row {bad[0]}: label {int(source_ids[bad[0]])} is not one of "
-                    f"{sorted(spec.label_map)} ({len(bad)} such rows)")
-  label_ids = np.asarray([spec.label_map[v] for v in source_ids.tolist()], dtype=np.int64)
+  label_ids = hf_hub.map_labels(spec, source_ids, where)
   if test_size == "default":
     test_size = spec.test_size
   idx = hf_hub.split_indices(task, split, label_ids, train_per_class=train_per_class,

@@ -1,0 +1,51 @@
+"""Every shipped config file loads, sets only fields `base_config` declares, and validates."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from conftest import REPO_ROOT
+from lbcl_jax import config_lib
+
+CONFIGS = sorted((REPO_ROOT / "configs").glob("*.py"))
+
+
+def _load(path):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _keys(config, prefix=""):
+  out = set()
+  for key, value in config.items():
+    name = prefix + key
+    out |= _keys(value, name + ".") if hasattr(value, "items") else {name}
+  return out
+
+
+def test_every_config_is_found():
+  assert {p.stem for p in CONFIGS} >= {"default", "t5_small", "t5_base", "t5_large",
+                                       "flan_t5_small", "minilm_cl_benchmark"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_sets_only_declared_fields_and_validates(path, tmp_path):
+  config = _load(path)
+  # A misspelt field in a config file would add a key here instead of setting the real one.
+  assert _keys(config) == _keys(config_lib.base_config()), path.name
+  # Directories are the user's; point them at ones that exist and check everything else.
+  config.data.data_dir = str(tmp_path)
+  if config_lib.looks_local(config.model.path):
+    config.model.path = str(tmp_path)
+  config_lib.validate(config)
+
+
+def test_t5_configs_differ_only_in_model_and_sharding():
+  small, base, large = (_load(REPO_ROOT / "configs" / f"{n}.py") for n in ("t5_small", "t5_base", "t5_large"))
+  assert (small.model.path, base.model.path, large.model.path) == ("t5-small", "t5-base", "t5-large")
+  assert small.method == base.method == large.method == "lbcl" and large.order == "1"
+  assert large.model.dtype == "bfloat16" and large.mesh.fsdp == -1 and small.model.dtype == "float32"
