@@ -37,7 +37,7 @@ Memory, per step (see the JSON's `memory_note`):
     optimizer state; torch: parameters + buffers + AdamW state).
   * est_peak = state + batch bytes + step_rss_delta, comparable across the stacks.
 
-  python benchmarks/peer_step.py --steps 10 --warmup 2    # ~2 min on 2 idle cores
+  python benchmarks/peer_step.py    # 10 timed rounds after 2 warm-up: ~2 min on 2 idle cores
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ MiB = 2**20
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--steps", type=int, default=3, help="timed rounds (one step per stack)")
-  p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+  p.add_argument("--steps", type=int, default=10, help="timed rounds (one step per stack)")
+  p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
   p.add_argument("--models", default="t5,minilm", help="comma-separated: t5, minilm")
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--src-len", type=int, default=256, help="t5 source tokens")
@@ -359,7 +359,6 @@ def bench_model(name, args) -> dict:
 def main(argv=None) -> dict:
   args = parse_args(argv)
   t_start = time.perf_counter()
-  import accelerate  # pylint: disable=g-import-not-at-top,unused-import
   import peft  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top

@@ -1,7 +1,8 @@
 """T5-base with the paper's and O-LoRA's settings (LB-CL, order 1 of the standard benchmark).
 
 q and v adapters of rank 8, AdamW at a constant 1e-3, one epoch per task, global batch 64,
-source 512 / target 50 tokens, greedy decoding scored by exact match; bf16 compute, parameters sharded over fsdp.
+source 512 / target 50 tokens, greedy decoding scored by exact match; bf16 compute,
+parameters sharded over fsdp.
 
   python -m lbcl_jax.main --config=configs/t5_base.py --workdir=$WORKDIR \
       --config.data.data_dir=/path/to/CL_Benchmark

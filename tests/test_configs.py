@@ -19,11 +19,12 @@ def _load(path):
   return module.get_config()
 
 
-def _keys(config, prefix=""):
-  out = set()
+def _flat(config, prefix=""):
+  """{'model.path': ..., ...}: every leaf field by its dotted name."""
+  out = {}
   for key, value in config.items():
     name = prefix + key
-    out |= _keys(value, name + ".") if hasattr(value, "items") else {name}
+    out.update(_flat(value, name + ".") if hasattr(value, "items") else {name: value})
   return out
 
 
@@ -36,7 +37,7 @@ def test_every_config_is_found():
 def test_config_sets_only_declared_fields_and_validates(path, tmp_path):
   config = _load(path)
   # A misspelt field in a config file would add a key here instead of setting the real one.
-  assert _keys(config) == _keys(config_lib.base_config()), path.name
+  assert _flat(config).keys() == _flat(config_lib.base_config()).keys(), path.name
   # Directories are the user's; point them at ones that exist and check everything else.
   config.data.data_dir = str(tmp_path)
   if config_lib.looks_local(config.model.path):
@@ -45,7 +46,14 @@ def test_config_sets_only_declared_fields_and_validates(path, tmp_path):
 
 
 def test_t5_configs_differ_only_in_model_and_sharding():
-  small, base, large = (_load(REPO_ROOT / "configs" / f"{n}.py") for n in ("t5_small", "t5_base", "t5_large"))
-  assert (small.model.path, base.model.path, large.model.path) == ("t5-small", "t5-base", "t5-large")
-  assert small.method == base.method == large.method == "lbcl" and large.order == "1"
-  assert large.model.dtype == "bfloat16" and large.mesh.fsdp == -1 and small.model.dtype == "float32"
+  small, base, large = (_flat(_load(REPO_ROOT / "configs" / f"{n}.py"))
+                        for n in ("t5_small", "t5_base", "t5_large"))
+  assert (small["model.path"], base["model.path"], large["model.path"]) == (
+      "t5-small", "t5-base", "t5-large")
+  assert small["method"] == "lbcl" and small["order"] == "1"
+  assert large["model.dtype"] == "bfloat16" and large["mesh.fsdp"] == -1
+  assert small["model.dtype"] == "float32"
+  sharding = {"model.path", "model.dtype", "mesh.data", "mesh.fsdp"}
+  for other in (base, large):
+    assert {k for k in small if small[k] != other[k]} <= sharding
+  assert {k for k in base if base[k] != large[k]} == {"model.path"}
