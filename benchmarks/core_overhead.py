@@ -39,7 +39,6 @@ import os
 import pathlib
 import platform
 import sys
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -51,6 +50,7 @@ import optax
 
 from lbcl_jax import adapters
 from lbcl_jax import methods
+from lbcl_jax import metrics
 from lbcl_jax import sensitivity
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "core_overhead.json"
@@ -325,19 +325,6 @@ def stats(times) -> dict:
           "all_ms": [round(float(x), 2) for x in t]}
 
 
-def write_json_atomic(path: pathlib.Path, payload: dict):
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(payload, f, indent=2)
-      f.write("\n")
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -485,7 +472,7 @@ def main(argv=None):
       " ratios are reported alongside. Sensitivity judged on min times.")
   result["wall_s"] = time.perf_counter() - t_start
   print(f"targets: {result.get('targets')}\nwall {result['wall_s']:.0f}s")
-  write_json_atomic(pathlib.Path(args.out), result)
+  metrics.atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
   print(f"wrote {args.out}")
   return result
 

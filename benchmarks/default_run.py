@@ -18,6 +18,8 @@ import sys
 import tempfile
 import time
 
+from lbcl_jax import metrics
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -53,11 +55,7 @@ def main():
   print(f"{'wall (s)':>10} {'train (s)':>10} {'peak RSS (MiB)':>15} {'steps':>6} {'avg acc':>8} {'BWT':>7}")
   print(f"{row['wall_seconds']:>10} {row['train_seconds']:>10} {row['peak_rss_mib']:>15} "
         f"{row['global_steps']:>6} {100 * row['average_accuracy']:>8.1f} {100 * (row['bwt'] or 0):>7.1f}")
-  out = pathlib.Path(args.output)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(row, indent=2) + "\n")
-  os.replace(tmp, out)
+  metrics.atomic_write_text(args.output, json.dumps(row, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ import argparse
 import ctypes
 import datetime
 import gc
+import json
 import os
 import pathlib
 import platform
@@ -62,6 +63,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import core_overhead  # pylint: disable=g-import-not-at-top,wrong-import-position
 import t5_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from lbcl_jax import metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
 from lbcl_jax import adapters  # pylint: disable=g-import-not-at-top,wrong-import-position
 from lbcl_jax import minilm  # pylint: disable=g-import-not-at-top,wrong-import-position
 from lbcl_jax.models import bert  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -398,7 +400,7 @@ def main(argv=None) -> dict:
       platform=platform.platform(), processor=platform.processor() or platform.machine(),
       timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
   payload["wall_s"] = time.perf_counter() - t_start
-  t5_step.write_json_atomically(args.output, payload)
+  metrics.atomic_write_text(args.output, json.dumps(payload, indent=2, sort_keys=True) + "\n")
   print(f"\ntotal wall {payload['wall_s']:.0f}s; wrote {args.output}")
   return payload
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lbcl_jax import metrics
 from lbcl_jax.models import hf
 from lbcl_jax.models import t5
 
@@ -146,20 +147,6 @@ def summarize(result: dict) -> dict:
               steps_per_s=float(1.0 / np.median(times)), timed_steps=len(times))
 
 
-def write_json_atomically(path: pathlib.Path, payload: dict) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      json.dump(payload, f, indent=2, sort_keys=True)
-      f.write("\n")
-    os.chmod(tmp, 0o644)  # mkstemp creates it private.
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def main(argv=None) -> dict:
   args = parse_args(argv)
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -203,7 +190,7 @@ def main(argv=None) -> dict:
                     torch=torch.__version__, transformers=transformers.__version__),
       platform=platform.platform(), processor=platform.processor() or platform.machine(),
       timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-  write_json_atomically(args.output, payload)
+  metrics.atomic_write_text(args.output, json.dumps(payload, indent=2, sort_keys=True) + "\n")
   print(f"wrote {args.output}")
   return payload
 

@@ -13,31 +13,17 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import tempfile
 from typing import Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from lbcl_jax.metrics import atomic_write_text
+
 CONFIG_FILE = "config.json"
 # Run-control fields that may differ between a run and its resumption.
 _RESUMABLE_DIFFERENCES = ("debug",)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-  """Writes `text` to `path` through a temporary file and a rename, never half a file."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
 
 
 def _comparable(config_dict: dict[str, Any]) -> dict[str, Any]:

@@ -130,6 +130,10 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
       f.write(text)
       f.flush()
       os.fsync(f.fileno())
+    # mkstemp makes the file private; give it the mode a plain open() would have.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
   finally:
     # After a successful replace the temporary name is gone; after a failure, remove it.

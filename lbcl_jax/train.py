@@ -13,7 +13,6 @@ Everything a run needs to continue is checkpointed, and every random draw is a p
 from __future__ import annotations
 
 import json
-import math
 import os
 import pathlib
 import signal
@@ -256,7 +255,6 @@ def _init_opt_state(run: Run, optimizer, trainable, old):
 
 
 def _begin_stage(run: Run, old: Any, base: Any, stage_key: jax.Array, names: list[str]):
-  cfg = run.config
   scores = None
   if run.method.full_finetune:
     trainable = base
@@ -310,7 +308,6 @@ def _score_old(run: Run, base: Any, old: Any, seeds: dict[str, jax.Array]) -> An
 def _make_step(run: Run, optimizer: optax.GradientTransformation, trainable_shardings, opt_shardings):
   m = run.method
   bb = run.backbone
-  cfg = run.config
 
   def loss_fn(trainable, base_eff, old, batch, rng):
     if m.full_finetune:
@@ -481,13 +478,13 @@ def _write_results(run: Run, workdir: str, progress: dict[str, Any]) -> dict[str
   if jax.process_index() != 0:
     return results
   wd = pathlib.Path(workdir)
-  checkpointing.atomic_write_text(wd / "results.json", json.dumps(results, indent=2))
+  metrics_lib.atomic_write_text(wd / "results.json", json.dumps(results, indent=2))
   header = "after," + ",".join(run.tasks)
   lines = [header] + [
       f"{progress['stages'][i]}," + ",".join("" if v is None else f"{v:.6f}" for v in row)
       for i, row in enumerate(matrix)]
-  checkpointing.atomic_write_text(wd / "accuracy_matrix.csv", "\n".join(lines) + "\n")
-  checkpointing.atomic_write_text(wd / "report.md", _report_md(run, results))
+  metrics_lib.atomic_write_text(wd / "accuracy_matrix.csv", "\n".join(lines) + "\n")
+  metrics_lib.atomic_write_text(wd / "report.md", _report_md(run, results))
   if run.config.plots:
     plots.accuracy_heatmap(matrix, run.tasks, progress["stages"], wd / "accuracy_matrix.png",
                            title=f"{run.config.method}: average accuracy {100 * results['average_accuracy']:.1f}")

@@ -111,3 +111,28 @@ def test_inject_dtype_and_errors():
     injection.inject(old_j, {**scores, "nope": scores["dec/block_1/q"]}, fresh=fresh_j)
   with pytest.raises(ValueError, match="shape"):
     injection.inject(old_j, {"dec/block_1/q": np.ones((K, R + 1))}, fresh=fresh_j)
+
+
+def test_injection_with_sigma_adds_a_copy_of_the_old_update_without_sigma_adds_nothing():
+  """What the new task starts from (the cause of the forgetting in BENCHMARKS.md).
+
+  With one old task alpha = 1, so "with sigma" injects an exact copy of the old adapter: the
+  layer starts the task at W0 + 2 dW_old. "Without sigma" keeps the fresh AdaLoRA sigma = 0,
+  so the layer starts unchanged at W0 + dW_old, with U and V already spanning the old
+  directions.
+  """
+  rng = np.random.default_rng(1)
+  d_in, d_out, r = 5, 6, 3
+  old = {"q": {"U": jnp.asarray(rng.normal(size=(1, d_out, r)), jnp.float32),
+               "sigma": jnp.asarray(rng.uniform(0.5, 1.0, size=(1, r)), jnp.float32),
+               "V": jnp.asarray(rng.normal(size=(1, r, d_in)), jnp.float32)}}
+  fresh = adapters.unflatten_layers({"q": adapters.init_layer(
+      jax.random.PRNGKey(0), d_in, d_out, adapters.AdapterConfig(rank=r))})
+  scores = {"q": rng.uniform(0.1, 1.0, size=(1, r))}
+  old_delta = adapters.delta(old["q"])
+  layer = lambda t: adapters.flatten_layers(t)["q"]
+  with_sigma = injection.inject(old, scores, with_sigma=True, fresh=fresh)
+  np.testing.assert_allclose(adapters.delta(layer(with_sigma)), old_delta, rtol=1e-6)
+  without = injection.inject(old, scores, with_sigma=False, fresh=fresh)
+  np.testing.assert_array_equal(adapters.delta(layer(without)), 0.0)
+  np.testing.assert_allclose(adapters.flatten_layers(without)["q"]["U"], old["q"]["U"][0])
