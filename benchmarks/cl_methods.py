@@ -90,7 +90,6 @@ def cells(grid: str) -> dict[str, list[str]]:
       for variant, (method, flags) in VARIANTS.items():
         out[f"o{order}_{variant}"] = [f"--config.method={method}", f"--config.order={tasks}",
                                       *flags]
-  if grid in ("main", "all"):
     # The pre-trained encoder untouched (learning rate 0, new adapters start at sigma = 0): how
     # much of each task the label-name scoring gets before any training.
     out["zeroshot"] = ["--config.method=inclora", f"--config.order={ORDERS[1]}",
