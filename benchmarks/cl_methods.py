@@ -112,13 +112,13 @@ def cells(grid: str) -> dict[str, list[str]]:
   return out
 
 
-def run_cell(name: str, flags: list[str], workdir: pathlib.Path, data_dir: str, env) -> dict:
-  """Runs one cell unless its results exist; returns its bench record."""
+def run_cell(name: str, flags: list[str], workdir: pathlib.Path, data_dir: str, env) -> None:
+  """Runs one cell unless its results exist; records its wall time in bench.json."""
   cell_dir = workdir / name
   bench_file = cell_dir / "bench.json"
   if (cell_dir / "results.json").exists() and bench_file.exists():
     print(f"[{name}] done already", flush=True)
-    return json.loads(bench_file.read_text())
+    return
   cmd = [sys.executable, "-m", "lbcl_jax.main", f"--config={CONFIG}", f"--workdir={cell_dir}",
          f"--config.data.data_dir={data_dir}",
          *([] if any(f.startswith("--config.seed=") for f in flags) else ["--config.seed=0"]),
@@ -136,7 +136,6 @@ def run_cell(name: str, flags: list[str], workdir: pathlib.Path, data_dir: str, 
   metrics.atomic_write_text(bench_file, json.dumps(record, indent=2))
   acc = json.loads((cell_dir / "results.json").read_text())["average_accuracy"]
   print(f"[{name}] {wall:.0f} s, average accuracy {100 * acc:.1f}", flush=True)
-  return record
 
 
 def _pct(v):
@@ -147,8 +146,14 @@ def _f(v):
   return "--" if v is None else f"{v:.1f}"
 
 
-def _test_se(final_row, n_test: int) -> float:
-  """Standard error of the average accuracy from the finite test sets alone (binomial)."""
+def _test_se(final_row, n_test: int) -> float | None:
+  """Standard error of the average accuracy from the finite test sets alone (binomial).
+
+  Assumes every test set has `n_test` examples (`data.max_test_examples`, smaller than each
+  local test split); None when the whole splits were used (`n_test` = 0).
+  """
+  if not n_test:
+    return None
   p = np.array([v for v in final_row if v is not None])
   return float(np.sqrt(np.sum(p * (1 - p) / n_test)) / len(p))
 
@@ -181,8 +186,8 @@ def table1(runs: dict[str, dict]) -> dict[str, dict]:
     ses = [None if p is None else p["test_se"] for p in per]
     rows[method] = {"orders": acc,
                     "average": round(float(np.mean(done)), 1) if len(done) == len(acc) else None,
-                    "average_test_se": (round(float(np.sqrt(np.sum(np.square(ses)))) / len(ses), 1)
-                                        if len(done) == len(acc) else None),
+                    "average_test_se": (round(float(np.sqrt(np.sum(np.square(ses))) / len(ses)), 1)
+                                        if all(e is not None for e in ses) else None),
                     "bwt": bwt,
                     "bwt_average": (round(float(np.mean(bwt)), 1)
                                     if all(b is not None for b in bwt) else None)}
@@ -234,6 +239,11 @@ def _short(path: str) -> str:
   return f"L{nums[0]} {path.rsplit('/', 1)[-1]}" if nums else path
 
 
+def _bars(errors):
+  """Error bars for matplotlib, or none when some test SE is unknown."""
+  return None if any(e is None for e in errors) else list(errors)
+
+
 def write_plots(report: dict, out_dir: pathlib.Path) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top  (Agg set by plots)
   an = report["analyses"]
@@ -243,7 +253,7 @@ def write_plots(report: dict, out_dir: pathlib.Path) -> None:
     pts = [(int(k), v["average_accuracy"], v["test_se"]) for k, v in an[key].items() if v]
     if pts:
       xs, ys, es = zip(*pts)
-      ax.errorbar(xs, ys, yerr=es, fmt="o-", capsize=3, label="lbcl (error bar: test SE)")
+      ax.errorbar(xs, ys, yerr=_bars(es), fmt="o-", capsize=3, label="lbcl (error bar: test SE)")
       ax.set_xscale("log", base=2)
       ax.set_xticks(xs, [str(x) for x in xs])
     if an.get("reference_bcl") and key == "seed_samples":
@@ -255,11 +265,12 @@ def write_plots(report: dict, out_dir: pathlib.Path) -> None:
     ax.grid(alpha=0.3)
   pts = [(k, v["average_accuracy"], v["test_se"]) for k, v in an["sigma"].items() if v]
   if pts:
-    axes[2].bar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], capsize=3)
+    axes[2].bar([p[0] for p in pts], [p[1] for p in pts], yerr=_bars([p[2] for p in pts]),
+                capsize=3)
   axes[2].set_ylabel("average accuracy (%)")
   axes[2].set_title("injection")
   fig.suptitle("LB-CL on order 1 (dbpedia, amazon, yelp, agnews), all-MiniLM-L6-v2")
-  plots._save(fig, out_dir / "cl_analyses.png")  # pylint: disable=protected-access
+  plots.save_figure(fig, out_dir / "cl_analyses.png")
 
   shares = report["layer_sensitivity"]
   fig, ax = plt.subplots(figsize=(9, 3.8))
@@ -275,7 +286,7 @@ def write_plots(report: dict, out_dir: pathlib.Path) -> None:
     ax.legend(fontsize=6, ncol=2)
   ax.set_ylabel("share of old-triplet sensitivity (%)")
   ax.set_title("Which layers matter: sensitivity S of old triplets per adapted layer (lbcl)")
-  plots._save(fig, out_dir / "cl_sensitivity.png")  # pylint: disable=protected-access
+  plots.save_figure(fig, out_dir / "cl_sensitivity.png")
 
 
 def markdown(report: dict) -> str:

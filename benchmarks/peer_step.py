@@ -63,8 +63,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import core_overhead  # pylint: disable=g-import-not-at-top,wrong-import-position
 import t5_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from lbcl_jax import metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
 from lbcl_jax import adapters  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lbcl_jax import metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
 from lbcl_jax import minilm  # pylint: disable=g-import-not-at-top,wrong-import-position
 from lbcl_jax.models import bert  # pylint: disable=g-import-not-at-top,wrong-import-position
 from lbcl_jax.models import hf  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -117,6 +117,12 @@ def summarize(matrix: Matrix | np.ndarray, reference: Sequence[float | None] | N
   return out
 
 
+# The process umask, read once at import: os.umask can only be read by setting it, and doing
+# that per write would race with threads (orbax's) creating files meanwhile.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
   """Writes `text` to a temporary file beside `path`, then renames it over `path`.
 
@@ -131,9 +137,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
       f.flush()
       os.fsync(f.fileno())
     # mkstemp makes the file private; give it the mode a plain open() would have.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    os.chmod(tmp, 0o666 & ~_UMASK)
     os.replace(tmp, path)
   finally:
     # After a successful replace the temporary name is gone; after a failure, remove it.

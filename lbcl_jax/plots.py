@@ -17,7 +17,8 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 
-def _save(fig, path: str | os.PathLike) -> None:
+def save_figure(fig, path: str | os.PathLike) -> None:
+  """Writes `fig` to the PNG `path` atomically and closes it."""
   path = pathlib.Path(path)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
   os.close(fd)
@@ -45,7 +46,7 @@ def accuracy_heatmap(matrix: Sequence[Sequence[float | None]], tasks: Sequence[s
                 color="white" if r[i, j] < 60 else "black", fontsize=8)
   fig.colorbar(im, ax=ax, label="accuracy (%)")
   ax.set_title(title or "accuracy matrix")
-  _save(fig, path)
+  save_figure(fig, path)
 
 
 def sensitivity_plot(records: Mapping[str, Mapping[str, Sequence[Sequence[float]]]],
@@ -62,7 +63,7 @@ def sensitivity_plot(records: Mapping[str, Mapping[str, Sequence[Sequence[float]
     ax.text(0.5, 0.5, "no sensitivity scored in this run\n(no injection method, or one task)",
             ha="center", va="center")
     ax.axis("off")
-    _save(fig, path)
+    save_figure(fig, path)
     return
   fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 0.25 * max(
       len(records[n]) for n in names) + 2.0), squeeze=False)
@@ -74,7 +75,7 @@ def sensitivity_plot(records: Mapping[str, Mapping[str, Sequence[Sequence[float]
     ax.set_xticks(range(m.shape[1]), [f"task {k}" for k in range(m.shape[1])], fontsize=7)
     ax.set_title(f"sensitivity of old triplets\non seeds of {name}", fontsize=9)
     fig.colorbar(im, ax=ax)
-  _save(fig, path)
+  save_figure(fig, path)
 
 
 def loss_curves(curves: Mapping[str, Sequence[tuple[int, float]]], path: str | os.PathLike) -> None:
@@ -89,4 +90,4 @@ def loss_curves(curves: Mapping[str, Sequence[tuple[int, float]]], path: str | o
   ax.set_yscale("log")
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
-  _save(fig, path)
+  save_figure(fig, path)
