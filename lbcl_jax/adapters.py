@@ -61,6 +61,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lbcl_jax.errors import InputError
+
 PyTree = Any
 
 # Default target regexes for T5 (the family module's ADAPTER_TARGETS / ALL_LINEAR_TARGETS
@@ -252,7 +254,7 @@ def find_targets(params: PyTree, targets: str, *, family: Any = None) -> list[st
     hint = ""
     if isinstance(params, Mapping) and set(params) == {"params"}:
       hint = " (params has a top-level 'params' key: pass variables['params'])"
-    raise ValueError(
+    raise InputError(
         f"adapter targets {regex!r} match no Dense module{hint}; candidates are e.g. "
         f"{candidates[:6]}"
     )
@@ -272,11 +274,11 @@ def select_layers(paths: Sequence[str], layers: Union[None, str, Sequence[str]])
     pattern = re.compile(layers)
     chosen = [p for p in paths if pattern.fullmatch(p)]
     if not chosen:
-      raise ValueError(f"layers regex {layers!r} matches none of {paths[:6]}...")
+      raise InputError(f"layers regex {layers!r} matches none of {paths[:6]}...")
     return chosen
   unknown = [p for p in layers if p not in paths]
   if unknown:
-    raise ValueError(f"unknown adapter layers {unknown}; known: {paths[:6]}...")
+    raise InputError(f"unknown adapter layers {unknown}; known: {paths[:6]}...")
   wanted = set(layers)
   return [p for p in paths if p in wanted]
 

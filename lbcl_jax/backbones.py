@@ -29,6 +29,7 @@ import numpy as np
 
 from lbcl_jax import config_lib
 from lbcl_jax import evaluation
+from lbcl_jax.errors import InputError
 from lbcl_jax import sharding as sharding_lib
 from lbcl_jax import tasks as tasks_lib
 from lbcl_jax.data import load_split
@@ -139,7 +140,7 @@ def _model_dir(config: ml_collections.ConfigDict) -> str:
     from lbcl_jax import minilm  # pylint: disable=g-import-not-at-top
     return str(minilm.minilm_dir())
   if not path:
-    raise ValueError(f"config.model.path is empty: name a checkpoint directory or hub id for "
+    raise InputError(f"config.model.path is empty: name a checkpoint directory or hub id for "
                      f"family {config.model.family!r}")
   return os.path.expanduser(path)
 
@@ -153,14 +154,14 @@ def build(config: ml_collections.ConfigDict) -> Backbone:
     try:
       cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
-      raise ValueError(f"config.model.path={path!r}: {cfg_path} is missing") from e
+      raise InputError(f"config.model.path={path!r}: {cfg_path} is missing") from e
     except json.JSONDecodeError as e:
-      raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
+      raise InputError(f"{cfg_path}: not valid JSON ({e})") from e
     model_type = cfg.get("model_type")
     try:
       family = hf.get_family(model_type)
     except KeyError as e:
-      raise ValueError(f"{cfg_path}: model_type {model_type!r} is not supported "
+      raise InputError(f"{cfg_path}: model_type {model_type!r} is not supported "
                        f"(supported: {', '.join(hf.registered_model_types())})") from e
     model = family.make_model(family.config_from_hf(cfg, dtype=dtype, param_dtype=param_dtype))
     params = None
@@ -170,7 +171,7 @@ def build(config: ml_collections.ConfigDict) -> Backbone:
     model_type, _ = hf.family_of_model(model)
     init_params = None
   if model_type != config.model.family:
-    raise ValueError(f"config.model.family={config.model.family!r} but {path} holds a "
+    raise InputError(f"config.model.family={config.model.family!r} but {path} holds a "
                      f"{model_type!r} model")
   module = _family_module(model_type)
   boxed = jax.eval_shape(functools.partial(_init_variables, model_type, model), jax.random.key(0))
@@ -199,11 +200,11 @@ def resolve_tasks(config: ml_collections.ConfigDict) -> list[str]:
   names = [t.name for t in order]
   if config.num_tasks:
     if config.num_tasks > len(names):
-      raise ValueError(f"config.num_tasks={config.num_tasks} but order {config.order!r} has "
+      raise InputError(f"config.num_tasks={config.num_tasks} but order {config.order!r} has "
                        f"{len(names)} tasks")
     names = names[:config.num_tasks]
   if len(set(names)) != len(names):
-    raise ValueError(f"config.order={config.order!r} names a task twice")
+    raise InputError(f"config.order={config.order!r} names a task twice")
   return names
 
 
@@ -284,7 +285,8 @@ class MixedStream:
 def train_stream(run, names: Sequence[str], seed: int):
   """The training batches of a stage: one task's stream, or a mixture of several (MTL)."""
   gbs = run.config.optim.global_batch_size // run.config.optim.grad_accum_steps
-  streams = [pipeline.TrainStream(run.data[n].train, gbs, seed + 7919 * i)
+  pad = run.config.data.train_padding == "task"
+  streams = [pipeline.TrainStream(run.data[n].train, gbs, seed + 7919 * i, pad_to_longest=pad)
              for i, n in enumerate(names)]
   return streams[0] if len(streams) == 1 else MixedStream(streams, seed)
 

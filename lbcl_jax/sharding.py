@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lbcl_jax.errors import InputError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 # Batch dimension of every input array is split over both data-parallel axes.
 BATCH_AXES = ("data", "fsdp")
@@ -26,13 +28,13 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, int, in
   dims = [int(sizes[a]) for a in MESH_AXES]
   unknown = [i for i, d in enumerate(dims) if d == -1]
   if len(unknown) > 1:
-    raise ValueError(f"config.mesh: at most one of {MESH_AXES} may be -1, got {dict(zip(MESH_AXES, dims))}")
+    raise InputError(f"config.mesh: at most one of {MESH_AXES} may be -1, got {dict(zip(MESH_AXES, dims))}")
   if any(d == 0 or d < -1 for d in dims):
-    raise ValueError(f"config.mesh: sizes must be positive or -1, got {dict(zip(MESH_AXES, dims))}")
+    raise InputError(f"config.mesh: sizes must be positive or -1, got {dict(zip(MESH_AXES, dims))}")
   known = math.prod(d for d in dims if d != -1)
   if unknown:
     if num_devices % known:
-      raise ValueError(f"config.mesh: {dict(zip(MESH_AXES, dims))} does not divide {num_devices} devices")
+      raise InputError(f"config.mesh: {dict(zip(MESH_AXES, dims))} does not divide {num_devices} devices")
     dims[unknown[0]] = num_devices // known
   if math.prod(dims) != num_devices:
     raise ValueError(

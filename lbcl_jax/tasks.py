@@ -27,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping, Sequence
 
+from lbcl_jax.errors import InputError
+
 # O-LoRA's `configs/instruction_config.json`, keyed by category. COPA has none (see above).
 INSTRUCTIONS: Mapping[str, str] = {
     "NLI": ('What is the logical relationship between the "sentence 1" and the "sentence 2"? '
@@ -182,7 +184,7 @@ def get_task(name: str | Task) -> Task:
   try:
     return TASKS[name]
   except (KeyError, TypeError):
-    raise ValueError(f"unknown task {name!r}; registered tasks: {', '.join(TASKS)}") from None
+    raise InputError(f"unknown task {name!r}; registered tasks: {', '.join(TASKS)}") from None
 
 
 def resolve_order(order: int | str | Sequence[str]) -> tuple[Task, ...]:
@@ -197,10 +199,10 @@ def resolve_order(order: int | str | Sequence[str]) -> tuple[Task, ...]:
     ValueError: naming the unknown order or task and listing the valid ones.
   """
   if isinstance(order, bool):  # bool is an int; True is not an order.
-    raise ValueError(f"unknown order {order!r}; {_valid_orders()}")
+    raise InputError(f"unknown order {order!r}; {_valid_orders()}")
   if isinstance(order, int):
     if order not in ORDERS:
-      raise ValueError(f"unknown order {order}; {_valid_orders()}")
+      raise InputError(f"unknown order {order}; {_valid_orders()}")
     names: Sequence[str] = ORDERS[order]
   elif isinstance(order, str):
     text = order.strip()
@@ -213,13 +215,13 @@ def resolve_order(order: int | str | Sequence[str]) -> tuple[Task, ...]:
   else:
     names = list(order)
   if not names:
-    raise ValueError(f"order {order!r} names no task; {_valid_orders()}")
+    raise InputError(f"order {order!r} names no task; {_valid_orders()}")
   unknown = [n for n in names if not isinstance(n, str) or n not in TASKS]
   if unknown:
-    raise ValueError(f"order {order!r} names unknown task(s) {unknown}; registered tasks: "
+    raise InputError(f"order {order!r} names unknown task(s) {unknown}; registered tasks: "
                      f"{', '.join(TASKS)}; {_valid_orders()}")
   if len(set(names)) != len(names):
-    raise ValueError(f"order {order!r} names a task twice")
+    raise InputError(f"order {order!r} names a task twice")
   return tuple(TASKS[n] for n in names)
 
 

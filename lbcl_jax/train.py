@@ -12,15 +12,16 @@ Everything a run needs to continue is checkpointed, and every random draw is a p
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import os
 import pathlib
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
-from clu import metric_writers
 import flax
 import jax
 import jax.numpy as jnp
@@ -33,8 +34,10 @@ from lbcl_jax import adapters as adapters_lib
 from lbcl_jax import backbones
 from lbcl_jax import checkpointing
 from lbcl_jax import config_lib
+from lbcl_jax.errors import InputError
 from lbcl_jax import injection
 from lbcl_jax import methods as methods_lib
+from lbcl_jax import metric_writer
 from lbcl_jax import metrics as metrics_lib
 from lbcl_jax import olora
 from lbcl_jax import plots
@@ -42,14 +45,63 @@ from lbcl_jax import sensitivity
 from lbcl_jax import sharding
 
 
-def _tree_dtype(tree: Any, dtype) -> Any:
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+class Timings:
+  """Wall seconds of this invocation per phase, and how much of them JAX spent compiling.
+
+  A phase entered inside another pauses the outer one, so the phases add up to the time spent
+  inside them. `compile` (tracing, lowering and XLA compilation, from JAX's own monitoring
+  events) overlaps the phases it happened in.
+  """
+
+  _compile_seconds = 0.0
+  _listening = False
+
+  def __init__(self):
+    self.seconds: dict[str, float] = collections.defaultdict(float)
+    if not Timings._listening:
+      # One process-wide listener (JAX cannot scope one to a run); runs read deltas of it.
+      jax.monitoring.register_event_duration_secs_listener(Timings._on_event)
+      Timings._listening = True
+    self._compile_start = Timings._compile_seconds
+    self._stack: list[list] = []  # [name, start] of the open phases, innermost last
+
+  @staticmethod
+  def _on_event(name: str, seconds: float, **_) -> None:
+    if name.startswith("/jax/core/compile/"):
+      Timings._compile_seconds += seconds
+
+  @contextlib.contextmanager
+  def phase(self, name: str):
+    now = time.perf_counter()
+    if self._stack:
+      outer = self._stack[-1]
+      self.seconds[outer[0]] += now - outer[1]
+    self._stack.append([name, now])
+    try:
+      yield
+    finally:
+      now = time.perf_counter()
+      self.seconds[name] += now - self._stack.pop()[1]
+      if self._stack:
+        self._stack[-1][1] = now
+
+  def as_dict(self) -> dict[str, float]:
+    """Seconds per phase so far, the open phases up to now included."""
+    seconds = dict(self.seconds)
+    now = time.perf_counter()
+    for name, start in self._stack:
+      seconds[name] = seconds.get(name, 0.0) + now - start
+    out = {k: round(v, 3) for k, v in seconds.items()}
+    out["compile"] = round(Timings._compile_seconds - self._compile_start, 3)
+    return out
 
 
 class Run:
   """Everything fixed for the whole sequence: model, data, mesh, method."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str,
+               timings: Timings | None = None):
+    timings = timings or Timings()
     self.config = config
     self.workdir = pathlib.Path(workdir)
     self.method = methods_lib.get_method(
@@ -63,17 +115,23 @@ class Run:
     self.mesh = sharding.make_mesh(config.mesh)
     dp = sharding.data_parallel_size(self.mesh)
     if config.optim.global_batch_size % dp:
-      raise ValueError(
+      raise InputError(
           f"config.optim.global_batch_size={config.optim.global_batch_size} is not divisible by the "
           f"data-parallel size {dp} (mesh data x fsdp = {self.mesh.shape['data']} x {self.mesh.shape['fsdp']})")
     if config.optim.global_batch_size % (dp * config.optim.grad_accum_steps):
-      raise ValueError("config.optim.global_batch_size must be divisible by data-parallel size x "
+      raise InputError("config.optim.global_batch_size must be divisible by data-parallel size x "
                        f"grad_accum_steps ({dp} x {config.optim.grad_accum_steps})")
     if config.eval.batch_size % dp:
-      raise ValueError(f"config.eval.batch_size={config.eval.batch_size} is not divisible by the "
+      raise InputError(f"config.eval.batch_size={config.eval.batch_size} is not divisible by the "
                        f"data-parallel size {dp}")
-    self.backbone = backbones.build(config)
     self.tasks = backbones.resolve_tasks(config)
+    with timings.phase("model_load"):
+      self._load_model(config)
+    with timings.phase("data"):
+      self.data = backbones.load_task_data(config, self.tasks, self.backbone)
+
+  def _load_model(self, config: ml_collections.ConfigDict) -> None:
+    self.backbone = backbones.build(config)
     self.rules = tuple(config.mesh.logical_axis_rules)
     self.key = jax.random.key(config.seed)
 
@@ -104,23 +162,34 @@ class Run:
       for path in self.paths:
         d_in, d_out = adapters_lib.get_kernel(self.base, path).shape
         if config.adapters.rank > min(d_in, d_out):
-          raise ValueError(f"config.adapters.rank={config.adapters.rank} exceeds min(d_in, d_out) = "
+          raise InputError(f"config.adapters.rank={config.adapters.rank} exceeds min(d_in, d_out) = "
                            f"{min(d_in, d_out)} of layer {path} ({d_in} -> {d_out})")
       self.kernel_specs = self.backbone.kernel_specs(self.paths)
       self.apply_mode = self.adapter_config.apply_mode
-    self.data = backbones.load_task_data(config, self.tasks, self.backbone)
+    # Jitted functions kept across stages, so that a shape seen before is never compiled
+    # again (a fresh `jax.jit` of a fresh closure compiles anew every time).
+    self._kept: dict[str, tuple[Any, Any]] = {}
+
+  def keep(self, name: str, make: Callable[[], Any], depends_on: Any = None) -> Any:
+    """`make()`'s result, made again only when `depends_on` is not the object it was made for
+    (one slot per name, so what a finished stage needed is not held)."""
+    slot = self._kept.get(name)
+    if slot is None or slot[0] is not depends_on:
+      slot = self._kept[name] = (depends_on, make())
+    return slot[1]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the task sequence of `config` in `workdir`; returns results.json's dict."""
   config_lib.validate(config)
   workdir = os.fspath(workdir)
+  timings = Timings()
   # Building the run checks the model, data and mesh against the config, before the workdir
   # is touched.
-  run = Run(config, workdir)
+  run = Run(config, workdir, timings)
   os.makedirs(workdir, exist_ok=True)
   checkpointing.check_workdir_config(workdir, config)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = metric_writer.MetricWriter(workdir, just_logging=jax.process_index() > 0)
   writer.write_hparams(_flat_hparams(config))
   ckpt = checkpointing.RunCheckpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.max_to_keep)
 
@@ -131,6 +200,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
               "stages": [", ".join(s) if len(s) > 1 else s[0] for s in stages]}
   old = None  # stacked frozen adapters of finished tasks (None before the first)
   base = run.base
+  # The base with every old adapter merged in: what the next stage's forward pass starts from.
+  # Evaluation computes it at the end of a stage; a resumed run computes it afresh.
+  base_eff = None
   resume_step = ckpt.latest_step()
   if resume_step is not None:
     progress = ckpt.restore_progress(resume_step)
@@ -143,32 +215,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       names = stages[stage]
       label = progress["stages"][stage]
       stage_key = jax.random.fold_in(run.key, stage)
-      if resume_step is not None:
-        old, base, trainable, optimizer, opt_state = _restore(
-            run, ckpt, resume_step, progress, stage_key)
-        resume_step = None
-      else:
-        trainable, optimizer, opt_state, scores = _begin_stage(run, old, base, stage_key, names)
-        if scores is not None:
-          progress["sensitivity"][label] = scores
-        progress["phase"], progress["step"] = "train", 0
+      with timings.phase("stage_setup"):
+        if resume_step is not None:
+          old, base, trainable, optimizer, opt_state = _restore(
+              run, ckpt, resume_step, progress, stage_key)
+          resume_step = None
+        else:
+          trainable, optimizer, opt_state, scores = _begin_stage(run, old, base, stage_key, names)
+          if scores is not None:
+            progress["sensitivity"][label] = scores
+          progress["phase"], progress["step"] = "train", 0
+        if base_eff is None:
+          base_eff = base if run.method.full_finetune else _merge(run, base, old)
 
-      trainable, opt_state = _train_stage(run, ckpt, writer, progress, old, base, trainable,
-                                          optimizer, opt_state, stage_key, names, label)
-      del opt_state
+      with timings.phase("train"):
+        trainable, opt_state = _train_stage(run, ckpt, writer, progress, old, base, base_eff,
+                                            trainable, optimizer, opt_state, stage_key, names,
+                                            label, timings)
+      del opt_state, base_eff
 
       # Evaluate every task seen so far with all adapters folded in (no task id).
-      if run.method.full_finetune:
-        base = trainable
-        eval_params = base
-      else:
-        old = adapters_lib.append_task({"old": old or {}, "new": trainable})["old"]
-        eval_params = _merge(run, base, old)
-      row = [None] * len(run.tasks)
-      for s in stages[:stage + 1]:
-        for name in s:
-          row[run.tasks.index(name)] = float(backbones.evaluate(run, eval_params, name))
-      del eval_params
+      with timings.phase("eval"):
+        if run.method.full_finetune:
+          base = trainable
+          eval_params = base
+        else:
+          old = adapters_lib.append_task({"old": old or {}, "new": trainable})["old"]
+          eval_params = _merge(run, base, old)
+        row = [None] * len(run.tasks)
+        for s in stages[:stage + 1]:
+          for name in s:
+            row[run.tasks.index(name)] = float(backbones.evaluate(run, eval_params, name))
+        base_eff = eval_params
+        del eval_params
       progress["accuracy_matrix"].append(row)
       seen = {n: row[run.tasks.index(n)] for s in stages[:stage + 1] for n in s}
       logging.info("Accuracy after %s: %s", label, seen)
@@ -177,12 +256,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       progress["stage"] += 1
       progress["step"] = 0
       progress["phase"] = "stage_start"
-      _save(run, ckpt, progress, old, base, None, None)
+      with timings.phase("checkpoint"):
+        _save(run, ckpt, progress, old, base, None, None)
 
   ckpt.close()
-  results = _write_results(run, workdir, progress)
-  writer.flush()
-  writer.close()
+  with timings.phase("results"):
+    results = _write_results(run, workdir, progress, timings)
+    writer.flush()
+    writer.close()
   return results
 
 
@@ -199,8 +280,9 @@ def _merge(run: Run, base: Any, stack: Any) -> Any:
   """base + all adapters in `stack`, computed sharded like the base."""
   if not stack:
     return base
-  fn = jax.jit(lambda b, s: adapters_lib.merge(b, s, run.adapter_config.scaling),
-               out_shardings=run.base_shardings)
+  fn = run.keep("merge", lambda: jax.jit(
+      lambda b, s: adapters_lib.merge(b, s, run.adapter_config.scaling),
+      out_shardings=run.base_shardings))
   return fn(base, stack)
 
 
@@ -213,14 +295,22 @@ def _trainable_shardings(run: Run, trainable: Any) -> Any:
 
 
 def _fresh_adapter(run: Run, stage_key: jax.Array) -> Any:
-  shapes = jax.eval_shape(
-      lambda k: adapters_lib.init_new(k, run.base, run.adapter_config, run.paths), stage_key)
-  shardings = _trainable_shardings(run, shapes)
-  return jax.jit(lambda k: adapters_lib.init_new(k, run.base, run.adapter_config, run.paths),
-                 out_shardings=shardings)(stage_key)
+  def make():
+    init = lambda k: adapters_lib.init_new(k, run.base, run.adapter_config, run.paths)
+    shardings = _trainable_shardings(run, jax.eval_shape(init, stage_key))
+    return jax.jit(init, out_shardings=shardings)
+  return run.keep("fresh_adapter", make)(stage_key)
 
 
 def _build_optimizer(run: Run, old: Any) -> optax.GradientTransformation:
+  """The stage's optimizer. Only the projection depends on the old adapters; every other
+  stage shares one optimizer object, and so one compiled train step per shape."""
+  if run.method.project and old:
+    return _new_optimizer(run, old)
+  return run.keep("optimizer", lambda: _new_optimizer(run, None))
+
+
+def _new_optimizer(run: Run, old: Any) -> optax.GradientTransformation:
   o = run.config.optim
   lr = o.learning_rate
   if o.warmup_steps:
@@ -241,7 +331,7 @@ def _init_opt_state(run: Run, optimizer, trainable, old):
   leaves' shardings to what `init` derives from them); counts and projection bases, which
   derive from no parameter, are replicated over the mesh."""
   del old
-  state = jax.jit(optimizer.init)(trainable)
+  state = run.keep("opt_init", lambda: jax.jit(optimizer.init), depends_on=optimizer)(trainable)
   rep = sharding.replicated(run.mesh)
 
   def on_mesh(x):
@@ -332,18 +422,19 @@ def _make_step(run: Run, optimizer: optax.GradientTransformation, trainable_shar
                  out_shardings=(trainable_shardings, opt_shardings, sharding.replicated(run.mesh)))
 
 
-def _train_stage(run, ckpt, writer, progress, old, base, trainable, optimizer, opt_state,
-                 stage_key, names, label):
+def _train_stage(run, ckpt, writer, progress, old, base, base_eff, trainable, optimizer,
+                 opt_state, stage_key, names, label, timings):
+  """Trains the stage's trainable tree from `progress["step"]` on. `base_eff` is what the
+  forward pass starts from: the base with every old adapter merged in (or the base itself)."""
   cfg = run.config
   stream = backbones.train_stream(run, names, seed=int(jax.random.randint(
       jax.random.fold_in(stage_key, 2), (), 0, 2**31 - 1)))
   num_steps = stream.num_steps_per_epoch * cfg.optim.num_epochs * cfg.optim.grad_accum_steps
   if cfg.optim.max_steps_per_task:
     num_steps = min(num_steps, cfg.optim.max_steps_per_task)
-  base_eff = base if run.method.full_finetune else _merge(run, base, old)
   tsh = jax.tree.map(lambda x: x.sharding, trainable)
   osh = jax.tree.map(lambda x: x.sharding, opt_state)
-  step_fn = _make_step(run, optimizer, tsh, osh)
+  step_fn = run.keep("step", lambda: _make_step(run, optimizer, tsh, osh), depends_on=optimizer)
   train_key = jax.random.fold_in(stage_key, 3)
   curve = progress["losses"].setdefault(label, [])
   start = progress["step"]
@@ -368,8 +459,9 @@ def _train_stage(run, ckpt, writer, progress, old, base, trainable, optimizer, o
       writer.write_scalars(progress["global_step"], {f"train_loss/{label}": loss_v, "steps_per_second": rate})
     if cfg.checkpoint.every_steps and progress["step"] % cfg.checkpoint.every_steps == 0 and not last:
       progress["train_seconds"] += time.time() - t0
+      with timings.phase("checkpoint"):
+        _save(run, ckpt, progress, old, base, trainable, opt_state)
       t0 = time.time()
-      _save(run, ckpt, progress, old, base, trainable, opt_state)
     if cfg.debug.kill_at_step >= 0 and progress["global_step"] == cfg.debug.kill_at_step:
       logging.warning("debug.kill_at_step=%d: killing this process with SIGKILL", cfg.debug.kill_at_step)
       os.kill(os.getpid(), signal.SIGKILL)
@@ -418,7 +510,7 @@ def _restore(run, ckpt, step, progress, stage_key):
   saved = ckpt.items(step)
   restored = ckpt.restore(step, {"rng": {"key": jax.eval_shape(lambda: jax.random.key_data(run.key))}})
   if not np.array_equal(np.asarray(restored["rng"]["key"]), np.asarray(jax.random.key_data(run.key))):
-    raise ValueError(f"checkpoint {step} was written with another seed")
+    raise InputError(f"checkpoint {step} was written with another seed")
   old = None
   if "old" in saved:
     old = ckpt.restore(step, {"old": _abstract_adapter(run, stage_key, num_tasks=stage)})["old"]
@@ -460,7 +552,8 @@ def _zeros_like(abstract):
 # Results.
 
 
-def _write_results(run: Run, workdir: str, progress: dict[str, Any]) -> dict[str, Any]:
+def _write_results(run: Run, workdir: str, progress: dict[str, Any],
+                   timings: Timings) -> dict[str, Any]:
   matrix = progress["accuracy_matrix"]
   summary = metrics_lib.summarize(matrix, joint=run.method.joint)
   results = {
@@ -476,9 +569,8 @@ def _write_results(run: Run, workdir: str, progress: dict[str, Any]) -> dict[str
       "config": checkpointing.config_to_dict(run.config),
   }
   if jax.process_index() != 0:
-    return results
+    return dict(results, timings=timings.as_dict())
   wd = pathlib.Path(workdir)
-  metrics_lib.atomic_write_text(wd / "results.json", json.dumps(results, indent=2))
   header = "after," + ",".join(run.tasks)
   lines = [header] + [
       f"{progress['stages'][i]}," + ",".join("" if v is None else f"{v:.6f}" for v in row)
@@ -490,6 +582,10 @@ def _write_results(run: Run, workdir: str, progress: dict[str, Any]) -> dict[str
                            title=f"{run.config.method}: average accuracy {100 * results['average_accuracy']:.1f}")
     plots.sensitivity_plot(progress["sensitivity"], wd / "sensitivity.png")
     plots.loss_curves(progress["losses"], wd / "loss_curves.png")
+  # Last, so that a results.json in a workdir means every other output is there too.
+  # This invocation's wall seconds by phase (a resumed run counts only its own part).
+  results["timings"] = timings.as_dict()
+  metrics_lib.atomic_write_text(wd / "results.json", json.dumps(results, indent=2))
   return results
 
 

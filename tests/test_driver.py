@@ -6,6 +6,9 @@ import csv
 import json
 import math
 
+import subprocess
+import sys
+
 import numpy as np
 from PIL import Image
 import pytest
@@ -42,8 +45,29 @@ def test_default_config_two_tasks_writes_every_output(tmp_path):
   for png in ("accuracy_matrix.png", "sensitivity.png", "loss_curves.png"):
     with Image.open(wd / png) as im:
       assert im.format == "PNG" and im.size[0] > 100
-  assert list(wd.glob("events.out.tfevents*")), "no TensorBoard event file"
+  _check_event_file(wd, r)
   assert (wd / "checkpoints").is_dir() and (wd / "config.json").is_file()
+
+
+def _check_event_file(wd, results):
+  """The TensorBoard event file holds the logged losses, the accuracies and the hparams."""
+  from tensorboard.backend.event_processing import event_file_loader  # pylint: disable=g-import-not-at-top
+  (path,) = wd.glob("events.out.tfevents*")
+  scalars, plugins = {}, set()
+  for event in event_file_loader.EventFileLoader(str(path)).Load():
+    for value in event.summary.value:
+      plugin = value.metadata.plugin_data.plugin_name
+      plugins.add(plugin)
+      if plugin == "scalars":
+        scalars.setdefault(value.tag, []).append((event.step, value.tensor.float_val[0]))
+  assert "hparams" in plugins
+  for label, curve in results["losses"].items():
+    logged = scalars[f"train_loss/{label}"]
+    assert [s for s, _ in logged] == [s for s, _ in curve]
+    np.testing.assert_allclose([v for _, v in logged], [v for _, v in curve], rtol=1e-6)
+  last = results["accuracy_matrix"][-1]
+  for j, task in enumerate(results["tasks"]):
+    assert scalars[f"accuracy/{task}"][-1][1] == pytest.approx(last[j])
 
 
 @pytest.mark.parametrize("method", ["lbcl", "seqft"])
@@ -82,6 +106,9 @@ def test_refuses_workdir_of_another_config(tmp_path):
     ("--config.order=9", "9"),
     ("--config.order=agnews,nosuchtask", "nosuchtask"),
     ("--config.no_such_key=1", "no_such_key"),
+    ("--config.optim.lr=1", "closest valid keys: optim.learning_rate"),
+    ("--config.adapters.rank=abc", "--config.adapters.rank=abc"),
+    ("--config=nowhere/config.py", "no such config file"),
     ("--config.adapters.rank=65", "exceeds min(d_in, d_out)"),
     ("--config.optim.global_batch_size=12", "not divisible by the data-parallel size 8"),
     ("--config.model.path=/nonexistent/model", "/nonexistent/model"),
@@ -91,14 +118,54 @@ def test_bad_input_fails_before_any_work(tmp_path, override, message):
   wd = tmp_path / "wd"
   args = [*du.FAST, *du.tiny_bert(tmp_path), override]
   proc = du.run_main(wd, *args, devices=8, check=False, timeout=300)
-  assert proc.returncode != 0
-  assert message in proc.stderr, proc.stderr[-3000:]
+  _assert_one_line_error(proc, message)
   assert not (wd / "checkpoints").exists() or not any((wd / "checkpoints").iterdir())
   assert not (wd / "results.json").exists()
+
+
+def _assert_one_line_error(proc, message):
+  """Bad input: exit status 2, no traceback, and a last line `error: ...` holding `message`."""
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and message in last, proc.stderr[-3000:]
 
 
 def test_missing_data_dir_names_it(tmp_path):
   proc = du.run_main(tmp_path / "wd", *du.FAST, *du.tiny_bert(tmp_path), "--config.data.source=local",
                      "--config.order=agnews", f"--config.data.data_dir={tmp_path}/nowhere",
                      check=False)
-  assert proc.returncode != 0 and f"{tmp_path}/nowhere" in proc.stderr
+  _assert_one_line_error(proc, f"{tmp_path}/nowhere")
+
+
+def test_corrupt_checkpoint_is_named_in_one_line(tmp_path):
+  """A checkpoint whose array files were cut short: the rerun names it, without a traceback."""
+  args = [*du.FAST, *du.tiny_bert(tmp_path), "--config.checkpoint.every_steps=2",
+          "--config.optim.max_steps_per_task=4", "--config.plots=False"]
+  wd = tmp_path / "wd"
+  proc = du.run_main(wd, *args, "--config.debug.kill_at_step=3", check=False)
+  assert proc.returncode == -9, proc.stderr[-3000:]
+  (latest,) = [d for d in (wd / "checkpoints").iterdir() if d.name == "2"]
+  damaged = 0
+  for f in (latest / "trainable").rglob("*"):
+    if f.is_file() and f.stat().st_size > 16 and "ocdbt" not in f.name and f.suffix != ".json":
+      f.write_bytes(f.read_bytes()[:8])
+      damaged += 1
+  assert damaged
+  proc = du.run_main(wd, *args, check=False)
+  _assert_one_line_error(proc, f"checkpoint {latest} could not be restored")
+  assert not (wd / "results.json").exists()
+
+
+def test_a_bug_keeps_its_traceback(tmp_path):
+  """Only bad input is shortened to one line: any other exception is a bug and shows in full."""
+  code = ("import sys; from lbcl_jax import main, train\n"
+          "def boom(config, workdir): raise RuntimeError('a bug in the driver')\n"
+          "train.train_and_evaluate = boom\n"
+          "sys.argv = ['lbcl_jax.main', '--workdir=' + sys.argv[1]]\n"
+          "main.run()\n")
+  proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "wd")], cwd=du.REPO_ROOT,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1
+  assert "Traceback" in proc.stderr and "RuntimeError: a bug in the driver" in proc.stderr
+  assert "error: " not in proc.stderr

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from lbcl_jax import tasks as tasks_lib
+from lbcl_jax.errors import InputError
 
 SOURCES = ("local", "hf", "tfds", "synthetic")
 _SOURCE_MODULES = {
@@ -49,7 +50,7 @@ class Example:
   label_index: int
 
 
-class DataError(ValueError):
+class DataError(InputError):
   """Bad input data; the message names the file (or source) and the row."""
 
 
@@ -140,7 +141,7 @@ def load_split(task: str | tasks_lib.Task, split: str, source: str, **opts: Any)
   """
   task = tasks_lib.get_task(task)
   if source not in _SOURCE_MODULES:
-    raise ValueError(f"unknown data source {source!r}; valid sources: {', '.join(SOURCES)}")
+    raise InputError(f"unknown data source {source!r}; valid sources: {', '.join(SOURCES)}")
   if source != "local":
     # A driver may pass its (empty) data directory to every source; a set one is a mistake.
     for key in ("root", "data_dir"):

@@ -310,6 +310,15 @@ def _local_rows(global_batch_size: int, process_index: int, process_count: int) 
 class TrainStream:
   """Deterministic, resumable training batches: `batch(step)` is a pure function of (seed, step).
 
+  Args:
+    data: the tokenised examples.
+    global_batch_size: rows per step over all processes.
+    seed: the seed of the epoch permutations.
+    process_index, process_count: this process and how many (default: JAX's).
+    pad_to_longest: pad every batch to the bucket of the longest example in `data`, so the
+      whole stream has one shape (one compilation of the train step) instead of one per
+      bucket its batches happen to need.
+
   Attributes:
     num_steps_per_epoch: ceil(len(data) / global_batch_size); the last batch of an epoch is
       completed with padding rows (weight 0).
@@ -317,7 +326,8 @@ class TrainStream:
   """
 
   def __init__(self, data: BatchSource, global_batch_size: int, seed: int, *,
-               process_index: int | None = None, process_count: int | None = None):
+               process_index: int | None = None, process_count: int | None = None,
+               pad_to_longest: bool = False):
     if len(data) == 0:
       raise ValueError("cannot stream batches from no examples")
     if global_batch_size < 1:
@@ -330,6 +340,7 @@ class TrainStream:
     self.local_batch_size = self.global_batch_size // self.process_count
     self.num_steps_per_epoch = math.ceil(len(data) / self.global_batch_size)
     self._perm_epoch, self._perm = -1, None
+    self._lengths = data.lengths(np.arange(len(data))) if pad_to_longest else None
 
   def permutation(self, epoch: int) -> np.ndarray:
     """The order of epoch `epoch` (cached: consecutive steps share it)."""
@@ -348,7 +359,7 @@ class TrainStream:
   def batch(self, step: int) -> Batch:
     """This process's rows of global step `step`."""
     idx = self.global_indices(step)
-    lengths = self.data.lengths(idx)
+    lengths = self._lengths or self.data.lengths(idx)
     padded = np.full((self.global_batch_size,), -1, dtype=np.int64)
     padded[:idx.size] = idx
     local = padded[self._rows]

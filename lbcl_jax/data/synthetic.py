@@ -43,6 +43,7 @@ from lbcl_jax import tasks as tasks_lib
 from lbcl_jax.data import Example
 from lbcl_jax.data import make_example
 from lbcl_jax.data import sample_examples
+from lbcl_jax.errors import InputError
 
 TRAIN_PER_CLASS = 200
 TEST_PER_CLASS = 50
@@ -120,7 +121,7 @@ def _combinations(slots: Sequence[Sequence[str]], count: int, rng: np.random.Gen
   sizes = [len(s) for s in slots]
   total = math.prod(sizes)
   if count > total:
-    raise ValueError(f"{where}: asked for {count} sentences but the class has only {total} "
+    raise InputError(f"{where}: asked for {count} sentences but the class has only {total} "
                      "distinct ones")
   flat = rng.permutation(total)[:count]
   out = []

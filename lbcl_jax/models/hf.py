@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lbcl_jax.errors import InputError
 from lbcl_jax.models import t5 as t5_lib
 
 CONFIG_NAME = "config.json"
@@ -41,7 +42,7 @@ TORCH_NAME = "pytorch_model.bin"
 TORCH_INDEX_NAME = "pytorch_model.bin.index.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
   """A checkpoint directory, config or tensor is unusable; the message says which and why."""
 
 
@@ -82,7 +83,7 @@ class Family:
 _FAMILIES: dict[str, Family] = {}
 # Modules that register a family when imported; imported lazily so hf.py does not depend on
 # them (and they may import hf.py to register).
-_FAMILY_MODULES = {"bert": "lbcl_jax.models.bert"}
+_FAMILY_MODULES = {"bert": "lbcl_jax.models.bert", "llama": "lbcl_jax.models.llama"}
 
 
 def register_family(model_type: str, family: Family) -> None:
@@ -449,13 +450,20 @@ def _resolve(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
   raise CheckpointNotFoundError(f"{path}: checkpoint directory not found")
 
 
+def _is_gguf(path: str | os.PathLike) -> bool:
+  """Whether `path` names a single GGUF file (read by `lbcl_jax.models.gguf`)."""
+  path = pathlib.Path(path).expanduser()
+  return path.suffix.lower() == ".gguf" and not path.is_dir()
+
+
 def from_pretrained(path_or_hub_id: str | os.PathLike, dtype: Any = jnp.float32,
                     param_dtype: Any = None) -> tuple[nn.Module, dict]:
   """Loads a HF checkpoint: `(model, params)` with `params` the nested dict below 'params'.
 
   Args:
     path_or_hub_id: a directory with config.json and weights, or a hub repo id (fetched
-      with `huggingface_hub.snapshot_download`; safetensors preferred over .bin).
+      with `huggingface_hub.snapshot_download`; safetensors preferred over .bin), or a
+      `.gguf` file (read by `lbcl_jax.models.gguf`).
     dtype: compute dtype of the model.
     param_dtype: dtype of the returned params; None means float32 (f32 master weights even
       when the checkpoint or the compute is bf16).
@@ -466,6 +474,9 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, dtype: Any = jnp.float32,
       missing/unexpected/misshaped tensor (the message names the file and the key).
   """
   param_dtype = jnp.float32 if param_dtype is None else param_dtype
+  if _is_gguf(path_or_hub_id):
+    from lbcl_jax.models import gguf  # pylint: disable=g-import-not-at-top
+    return gguf.from_pretrained(path_or_hub_id, dtype=dtype, param_dtype=param_dtype)
   directory = _resolve(path_or_hub_id)
   cfg = _read_config(directory)
   config_path = directory / CONFIG_NAME
@@ -527,6 +538,9 @@ def load_tokenizer(path_or_hub_id: str | os.PathLike):
   loaded with `T5Tokenizer.from_pretrained`, which AutoTokenizer cannot do without a config
   naming the tokenizer class.
   """
+  if _is_gguf(path_or_hub_id):
+    from lbcl_jax.models import gguf  # pylint: disable=g-import-not-at-top
+    return gguf.load_tokenizer(path_or_hub_id)
   import transformers  # pylint: disable=g-import-not-at-top
   path = pathlib.Path(path_or_hub_id).expanduser()
   if path.is_dir():

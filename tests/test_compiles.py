@@ -1,0 +1,74 @@
+"""The driver compiles its train step and its evaluation once per distinct input shape.
+
+JAX logs every lowering it compiles ("Compiling jit(step) with global shapes and types ...")
+when `jax_log_compiles` is on; the records carry the abstract inputs, so a second compile of
+the same shapes (a new jit per stage, an input that differs only in sharding or weak type)
+shows as a count above one.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+import jax
+import pytest
+
+import driver_utils as du
+
+_PXLA_LOGGER = "jax._src.interpreters.pxla"
+_WATCHED = ("jit(step)", "jit(predict)")
+
+
+class _CompileCounter(logging.Handler):
+  """Counts compilations of the watched functions by their (shape, dtype) signature."""
+
+  def __init__(self):
+    super().__init__(level=logging.DEBUG)
+    self.counts: collections.Counter = collections.Counter()
+
+  def emit(self, record):
+    if not str(record.msg).startswith("Compiling ") or not record.args:
+      return
+    name, avals = record.args[0], record.args[1]
+    if name in _WATCHED:
+      signature = tuple((tuple(a.shape), str(a.dtype)) for a in avals)
+      self.counts[(name, signature)] += 1
+
+
+def _compiles_of_run(tmp_path, *overrides):
+  from lbcl_jax import train  # pylint: disable=g-import-not-at-top
+  counter = _CompileCounter()
+  logger = logging.getLogger(_PXLA_LOGGER)
+  logger.addHandler(counter)
+  previous = jax.config.jax_log_compiles
+  jax.config.update("jax_log_compiles", True)
+  try:
+    results = train.train_and_evaluate(
+        du.make_config(*du.FAST, *du.tiny_bert(tmp_path), "--config.plots=False", *overrides),
+        str(tmp_path / "wd"))
+  finally:
+    jax.config.update("jax_log_compiles", previous)
+    logger.removeHandler(counter)
+  return counter.counts, results
+
+
+@pytest.mark.parametrize("method", ["lbcl", "seqft", "olora"])
+def test_two_task_run_compiles_each_shape_once(tmp_path, method):
+  # Two tasks with the same options, cut to the smallest length bucket (16 tokens): both
+  # stages' batches have the same shapes, so a stage that compiles anew what the stage before
+  # compiled shows up.
+  counts, results = _compiles_of_run(tmp_path, f"--config.method={method}",
+                                     "--config.order=syn_sentiment,syn_sentiment_flip",
+                                     "--config.optim.max_steps_per_task=4",
+                                     "--config.data.max_source_length=16")
+  assert len(results["accuracy_matrix"]) == 2
+  steps = {sig: n for (name, sig), n in counts.items() if name == "jit(step)"}
+  evals = {sig: n for (name, sig), n in counts.items() if name == "jit(predict)"}
+  assert steps and evals, f"no compilation was seen: {counts}"
+  repeated = {k: n for k, n in counts.items() if n > 1}
+  assert not repeated, f"compiled more than once for the same shapes: {repeated}"
+  # Evaluation sees one shape in both stages; the step sees one per stage at most (the old
+  # adapters lbcl and olora carry into the second stage change its inputs), one for seqft.
+  assert len(evals) == 1
+  assert len(steps) == (1 if method == "seqft" else 2)
