@@ -1,0 +1,784 @@
+"""Flax (linen) Llama decoder that computes what Hugging Face's PyTorch `LlamaForCausalLM` does.
+
+Covers the Llama architecture as HF's `LlamaConfig` describes it: RMSNorm (statistics in f32),
+rotary position embeddings with `rope_theta` (HF's "default" rope type, the rotate-half
+layout), grouped-query attention (`num_key_value_heads` <= `num_attention_heads`, each key/value
+head shared by consecutive query heads as HF's `repeat_kv`), a SwiGLU feed-forward
+(`down(silu(gate(x)) * up(x))`) and an lm_head that is either its own matrix or the token
+embedding (`tie_word_embeddings`). SmolLM2, TinyLlama and Llama 2 checkpoints are of this kind.
+
+Module paths mirror Hugging Face's parameter names so that adapter regexes read the same in both
+(adapters intercept `nn.Dense` calls by module path)::
+
+  model/embed_tokens                                  nn.Embed, param `embedding` (vocab, hidden)
+  model/layers_{i}/input_layernorm                    param `scale`
+  model/layers_{i}/self_attn/{q_proj,k_proj,v_proj,o_proj}   nn.Dense (bias iff attention_bias)
+  model/layers_{i}/post_attention_layernorm           param `scale`
+  model/layers_{i}/mlp/{gate_proj,up_proj,down_proj}  nn.Dense (bias iff mlp_bias)
+  model/norm                                          param `scale`
+  lm_head                                             untied only, kernel (hidden, vocab)
+
+Dense kernels use Flax's `(d_in, d_out)` layout, i.e. the transpose of HF's `weight`.
+
+Logical axis names (the names the other families use, see `config_lib.logical_axis_rules`).
+  Parameters: 'vocab' (embedding rows, lm_head columns), 'embed' (hidden size, norm scales),
+  'joined_kv' (heads * head_dim of q/k/v/o), 'mlp' (intermediate size).
+  Activations: 'activation_batch', 'activation_length', 'activation_embed' for hidden states,
+  'activation_heads', 'activation_kv' for per-head queries/keys/values, 'activation_mlp' for
+  the feed-forward hidden layer, 'activation_vocab' for logits.
+
+Positions. Like HF's `generate`, positions are counted over real tokens only:
+`cumsum(attention_mask) - 1` (0 at padding), so a left-padded row computes what the same row
+unpadded does. (HF's plain forward uses `0..L-1` unless given `position_ids`; pass those to HF
+to compare padded batches.)
+
+Decoding uses a fixed-size KV cache in the flax 'cache' collection. `decode=True` appends the
+given tokens to the cache (creating it on the first call, with `max_decode_length` slots), with
+their own attention mask; positions continue from the number of real tokens cached so far. See
+`prefill`, `decode_step` and `greedy_generate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, Union
+
+import flax.linen as nn
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from lbcl_jax.models import hf
+
+Array = jax.Array
+DType = Any
+
+# q and v of every self-attention, the LoRA/O-LoRA default.
+ADAPTER_TARGETS = r"(^|.*/)self_attn/(q_proj|v_proj)$"
+# Every linear of the decoder layers (the lm_head excluded): attention q/k/v/o and the SwiGLU.
+ALL_LINEAR_TARGETS = (
+    r"(^|.*/)(self_attn/(q_proj|k_proj|v_proj|o_proj)|mlp/(gate_proj|up_proj|down_proj))$"
+)
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+
+# HF `ACT2FN` names -> functions (HF's "gelu" is the exact erf form).
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+_HIDDEN = ("activation_batch", "activation_length", "activation_embed")
+_HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Llama hyper-parameters; names and defaults follow HF's `LlamaConfig`.
+
+  Attributes:
+    num_key_value_heads: None means `num_attention_heads` (plain multi-head attention).
+    head_dim: None means `hidden_size // num_attention_heads`.
+    eos_token_id: one id or a tuple of ids (any of them ends a generation).
+    dtype: compute dtype (activations, matmuls); softmax and RMSNorm statistics run in f32
+      and logits are returned in f32.
+    param_dtype: dtype the parameters are created/stored in.
+  """
+
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_hidden_layers: int = 32
+  num_attention_heads: int = 32
+  num_key_value_heads: Optional[int] = None
+  head_dim: Optional[int] = None
+  hidden_act: str = "silu"
+  max_position_embeddings: int = 2048
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  attention_bias: bool = False
+  attention_dropout: float = 0.0
+  mlp_bias: bool = False
+  tie_word_embeddings: bool = False
+  initializer_range: float = 0.02  # std of the normal init, as HF (random-weight models only)
+  bos_token_id: Optional[int] = 1
+  eos_token_id: Union[int, tuple[int, ...], None] = 2
+  pad_token_id: Optional[int] = None
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  def __post_init__(self):
+    if self.num_key_value_heads is None:
+      object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+    if self.head_dim is None:
+      if self.hidden_size % self.num_attention_heads:
+        raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of "
+                         f"num_attention_heads {self.num_attention_heads}")
+      object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+    if isinstance(self.eos_token_id, list):  # keep the config hashable (jit static argument)
+      object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                       f"num_key_value_heads {self.num_key_value_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+    if self.hidden_act not in _ACTIVATIONS:
+      raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; use one of "
+                       f"{sorted(_ACTIVATIONS)}")
+
+  @property
+  def num_groups(self) -> int:
+    """Query heads per key/value head."""
+    return self.num_attention_heads // self.num_key_value_heads
+
+  @property
+  def eos_token_ids(self) -> tuple[int, ...]:
+    if self.eos_token_id is None:
+      return ()
+    if isinstance(self.eos_token_id, int):
+      return (self.eos_token_id,)
+    return tuple(self.eos_token_id)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def _normal(config: LlamaConfig, names: tuple[Optional[str], ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), names)
+
+
+def _dense(config: LlamaConfig, features: int, names: tuple[str, str], use_bias: bool,
+           name: str) -> nn.Dense:
+  """A plain Dense (adapters intercept it by path) with logical axis names."""
+  return nn.Dense(features, use_bias=use_bias, dtype=config.dtype,
+                  param_dtype=config.param_dtype, kernel_init=_normal(config, names),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                         names[1:]),
+                  name=name)
+
+
+class LlamaRMSNorm(nn.Module):
+  """`scale * x / sqrt(mean(x^2) + eps)`, statistics in f32 as HF's `LlamaRMSNorm`."""
+
+  epsilon: float = 1e-6
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+    # HF casts the normalised states back to the input dtype before scaling.
+    return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> Array:
+  """HF's default inverse frequencies `1 / theta^(2i / head_dim)`, f32 `[head_dim // 2]`."""
+  exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+  return 1.0 / (jnp.float32(theta) ** exponents)
+
+
+def rotary_cos_sin(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+  """cos and sin `[B, L, head_dim]` (f32) of integer positions `[B, L]`, halves repeated."""
+  freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(head_dim, theta)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
+  """Rotates `x [B, L, H, D]` by the position angles (HF's rotate-half layout)."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  cos = cos[:, :, None, :].astype(x.dtype)
+  sin = sin[:, :, None, :].astype(x.dtype)
+  return x * cos + rotated * sin
+
+
+class LlamaAttention(nn.Module):
+  """Grouped-query self-attention with rotary positions and an optional KV cache.
+
+  `mask` is boolean `[B, 1, Lq, Lk]` (True = may attend). In decode mode keys and values are
+  written into fixed-size buffers at `cache_index` and the queries attend over the whole
+  buffer (the mask hides unwritten and padded slots).
+  """
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
+               deterministic: bool = True, decode: bool = False,
+               cache_index: Optional[Array] = None) -> Array:
+    cfg = self.config
+    batch, length = x.shape[:2]
+    n_heads, n_kv, d_head = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+
+    def project(n, name):
+      y = _dense(cfg, n * d_head, ("embed", "joined_kv"), cfg.attention_bias, name)(x)
+      return nn.with_logical_constraint(y.reshape(batch, length, n, d_head), _HEADS)
+
+    query = apply_rotary(project(n_heads, "q_proj"), cos, sin)
+    key = apply_rotary(project(n_kv, "k_proj"), cos, sin)
+    value = project(n_kv, "v_proj")
+
+    if decode:
+      cache_len = mask.shape[-1]
+      shape = (batch, cache_len, n_kv, d_head)
+      cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, cfg.dtype)
+      cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, cfg.dtype)
+      start = (0, cache_index, 0, 0)
+      cached_key.value = lax.dynamic_update_slice(cached_key.value,
+                                                  key.astype(cached_key.value.dtype), start)
+      cached_value.value = lax.dynamic_update_slice(
+          cached_value.value, value.astype(cached_value.value.dtype), start)
+      key, value = cached_key.value, cached_value.value
+
+    # Query head h uses key/value head h // num_groups, as HF's repeat_kv.
+    query = query.reshape(batch, length, n_kv, cfg.num_groups, d_head)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", query, key.astype(cfg.dtype))
+    scores = scores.astype(jnp.float32) * (d_head ** -0.5)
+    # Masked keys get the lowest finite score (HF adds finfo.min): a padding query with no
+    # visible key then attends uniformly instead of producing NaNs.
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
+    probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, value.astype(cfg.dtype))
+    out = nn.with_logical_constraint(out.reshape(batch, length, n_heads, d_head), _HEADS)
+    out = out.reshape(batch, length, n_heads * d_head)
+    return _dense(cfg, cfg.hidden_size, ("joined_kv", "embed"), cfg.attention_bias,
+                  "o_proj")(out)
+
+
+class LlamaMLP(nn.Module):
+  """SwiGLU feed-forward: `down_proj(act(gate_proj(x)) * up_proj(x))`."""
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    gate = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, "gate_proj")(x)
+    up = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, "up_proj")(x)
+    h = nn.with_logical_constraint(_ACTIVATIONS[cfg.hidden_act](gate) * up,
+                                   ("activation_batch", "activation_length", "activation_mlp"))
+    return _dense(cfg, cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, "down_proj")(h)
+
+
+class LlamaDecoderLayer(nn.Module):
+  """Pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x, cos, sin, mask, deterministic=True, decode=False, cache_index=None):
+    cfg = self.config
+
+    def norm(name):
+      return LlamaRMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)
+
+    h = LlamaAttention(cfg, name="self_attn")(norm("input_layernorm")(x), cos, sin, mask,
+                                              deterministic, decode, cache_index)
+    x = nn.with_logical_constraint(x + h, _HIDDEN)
+    h = LlamaMLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
+    return nn.with_logical_constraint(x + h, _HIDDEN)
+
+
+class LlamaModel(nn.Module):
+  """Token embedding, the decoder layers and the final norm (HF's `LlamaModel`).
+
+  Built in `setup` so that the parent can reuse `embed_tokens` as a tied lm_head; flax names
+  the layer list `layers_0`, `layers_1`, ... as HF's `layers.{i}`.
+  """
+
+  config: LlamaConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
+                                 param_dtype=cfg.param_dtype,
+                                 embedding_init=_normal(cfg, ("vocab", "embed")))
+    self.layers = [LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
+    self.norm = LlamaRMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
+
+  def __call__(self, input_ids: Array, positions: Array, mask: Array, deterministic: bool = True,
+               decode: bool = False, cache_index: Optional[Array] = None) -> Array:
+    cfg = self.config
+    x = nn.with_logical_constraint(self.embed_tokens(input_ids), _HIDDEN)
+    cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+    for layer in self.layers:
+      x = layer(x, cos, sin, mask, deterministic, decode, cache_index)
+    return self.norm(x)
+
+
+def _positions_from_mask(mask: Array, offset: Optional[Array] = None) -> Array:
+  """Positions counted over real tokens (HF's `cumsum(mask) - 1`, 0 at padding)."""
+  positions = jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1
+  if offset is not None:
+    positions = positions + offset[:, None]
+  return jnp.where(mask, positions, 0)
+
+
+class LlamaForCausalLM(nn.Module):
+  """Llama with its language-modelling head; `__call__` returns f32 logits `[B, L, vocab]`.
+
+  Call with `input_ids [B, L]`, optional `attention_mask [B, L]` (1 = real token; default all
+  ones) and optional `position_ids [B, L]` (default: counted over real tokens, see the module
+  docstring). Attention is causal and ignores padded keys.
+
+  With `decode=True` (apply with `mutable=['cache']`) the tokens are appended to the KV cache:
+  the first such call creates a cache of `max_decode_length` slots; `attention_mask` then
+  covers only the new tokens, and default positions continue after the real tokens already
+  cached. Appending more than `max_decode_length` tokens in total is not checked (the writes
+  would be clamped by `dynamic_update_slice`).
+  """
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
+               position_ids: Optional[Array] = None, *, deterministic: bool = True,
+               decode: bool = False, max_decode_length: Optional[int] = None) -> Array:
+    cfg = self.config
+    input_ids = jnp.asarray(input_ids)
+    batch, length = input_ids.shape
+    mask = (jnp.ones((batch, length), jnp.bool_) if attention_mask is None
+            else jnp.asarray(attention_mask).astype(jnp.bool_))
+    cache_index = None
+    if decode:
+      if not self.has_variable("cache", "cache_index") and max_decode_length is None:
+        raise ValueError("the first decode=True call creates the cache and needs "
+                         "max_decode_length")
+      # Bookkeeping shared by all layers: next free slot, which slots hold real tokens, and
+      # how many real tokens each row has cached (the next position).
+      index_var = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+      key_mask_var = self.variable("cache", "key_mask", jnp.zeros,
+                                   (batch, max_decode_length or 0), jnp.bool_)
+      count_var = self.variable("cache", "num_tokens", jnp.zeros, (batch,), jnp.int32)
+      cache_index = index_var.value
+      if position_ids is None:
+        position_ids = _positions_from_mask(mask, count_var.value)
+      key_mask = lax.dynamic_update_slice(key_mask_var.value, mask, (0, cache_index))
+      cache_len = key_mask.shape[1]
+      query_slots = cache_index + jnp.arange(length)
+      causal = jnp.arange(cache_len)[None, :] <= query_slots[:, None]  # [Lq, T]
+      attn_mask = key_mask[:, None, None, :] & causal[None, None]
+      index_var.value = cache_index + length
+      key_mask_var.value = key_mask
+      count_var.value = count_var.value + jnp.sum(mask, axis=-1, dtype=jnp.int32)
+    else:
+      if position_ids is None:
+        position_ids = _positions_from_mask(mask)
+      causal = jnp.tril(jnp.ones((length, length), jnp.bool_))
+      attn_mask = mask[:, None, None, :] & causal[None, None]
+
+    model = LlamaModel(cfg, name="model")
+    hidden = model(input_ids, jnp.asarray(position_ids), attn_mask, deterministic, decode,
+                   cache_index)
+    if cfg.tie_word_embeddings:
+      logits = model.embed_tokens.attend(hidden)
+    else:
+      logits = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), False, "lm_head")(hidden)
+    logits = logits.astype(jnp.float32)
+    return nn.with_logical_constraint(
+        logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+
+def make_model(config: LlamaConfig) -> LlamaForCausalLM:
+  return LlamaForCausalLM(config)
+
+
+# ----------------------------------------------------------------------------- functions
+
+
+def _dummy_inputs(batch: int = 1, length: int = 2):
+  return jnp.ones((batch, length), jnp.int32), jnp.ones((batch, length), jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _init_variables(model: LlamaForCausalLM, rng: Array) -> dict:
+  # Module-level so repeated calls reuse the compiled init.
+  return model.init(rng, *_dummy_inputs())
+
+
+def init_params(model: LlamaForCausalLM, rng: Array) -> dict:
+  """Random (HF-style init) parameters, unboxed: the nested dict below 'params'."""
+  return nn.meta.unbox(_init_variables(model, rng)["params"])
+
+
+def abstract_params(model: LlamaForCausalLM) -> dict:
+  """Unboxed `jax.ShapeDtypeStruct` tree of the parameters, without allocating them."""
+  boxed = jax.eval_shape(model.init, jax.random.key(0), *_dummy_inputs())
+  return nn.meta.unbox(boxed["params"])
+
+
+def param_logical_specs(model: LlamaForCausalLM) -> dict:
+  """Logical `PartitionSpec` per parameter (same tree as the params)."""
+  boxed = jax.eval_shape(model.init, jax.random.key(0), *_dummy_inputs())
+  return nn.get_partition_spec(boxed)["params"]
+
+
+def prefill(model: LlamaForCausalLM, params: Any, input_ids: Array, attention_mask: Array,
+            max_decode_length: int) -> tuple[Array, dict]:
+  """Logits `[B, L, vocab]` of the prompt and a new cache of `max_decode_length` slots."""
+  logits, mutated = model.apply({"params": params}, input_ids, attention_mask, decode=True,
+                                max_decode_length=max_decode_length, mutable=["cache"])
+  return logits, mutated["cache"]
+
+
+def decode_step(model: LlamaForCausalLM, params: Any, cache: dict, input_ids: Array,
+                attention_mask: Optional[Array] = None) -> tuple[Array, dict]:
+  """Logits of `input_ids [B, T]` appended after the cached tokens, and the new cache."""
+  logits, mutated = model.apply({"params": params, "cache": cache}, input_ids, attention_mask,
+                                decode=True, mutable=["cache"])
+  return logits, mutated["cache"]
+
+
+def _as_ids(ids: Union[None, int, Sequence[int]]) -> tuple[int, ...]:
+  if ids is None:
+    return ()
+  if isinstance(ids, (int, np.integer)):
+    return (int(ids),)
+  return tuple(int(i) for i in ids)
+
+
+def _greedy_generate_impl(model: LlamaForCausalLM, params: Any, input_ids: Array,
+                          attention_mask: Optional[Array], max_new_tokens: int,
+                          eos_ids: tuple[int, ...], pad_token_id: int) -> Array:
+  batch, length = input_ids.shape
+  if attention_mask is None:
+    attention_mask = jnp.ones((batch, length), jnp.int32)
+  attention_mask = jnp.asarray(attention_mask).astype(jnp.int32)
+  if max_new_tokens == 0:
+    return jnp.zeros((batch, 0), jnp.int32)
+  logits, cache = prefill(model, params, input_ids, attention_mask, length + max_new_tokens)
+  # The next token follows each row's last real token (the last column under left padding).
+  last = jnp.max(jnp.where(attention_mask > 0, jnp.arange(length), 0), axis=-1)
+  first_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+  eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+
+  def is_eos(token):
+    return jnp.any(token[:, None] == eos[None, :], axis=-1)
+
+  token = jnp.argmax(first_logits, axis=-1).astype(jnp.int32)
+  out = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(token)
+
+  def cond(state):
+    step, _, _, _, done = state
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  def body(state):
+    step, token, cache, out, done = state
+    logits, cache = decode_step(model, params, cache, token[:, None])
+    next_token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    # Finished rows emit padding, as HF's generate does.
+    next_token = jnp.where(done, pad_token_id, next_token)
+    out = lax.dynamic_update_slice(out, next_token[:, None], (0, step))
+    return step + 1, next_token, cache, out, done | is_eos(next_token)
+
+  state = (jnp.array(1, jnp.int32), token, cache, out, is_eos(token))
+  return lax.while_loop(cond, body, state)[3]
+
+
+# Compiled once per (model, max_new_tokens, eos, pad, shapes). Only used when no flax
+# interceptor is active: jit's trace cache does not see interceptors and would silently drop
+# adapters.
+_greedy_generate_jit = jax.jit(_greedy_generate_impl, static_argnums=(0, 4, 5, 6))
+
+
+def _is_tracing(*trees) -> bool:
+  return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(trees))
+
+
+def _interceptors_active() -> bool:
+  # Private flax state; if it moves, assume interceptors may be active (always correct).
+  from flax.linen import module as flax_module  # pylint: disable=g-import-not-at-top
+  stack = getattr(flax_module, "_global_interceptor_stack", None)
+  return True if stack is None else bool(stack)
+
+
+def greedy_generate(model: LlamaForCausalLM, params: Any, input_ids: Array,
+                    attention_mask: Optional[Array], max_new_tokens: int,
+                    eos_token_id: Union[None, int, Sequence[int]] = None,
+                    pad_token_id: Optional[int] = None) -> Array:
+  """Greedy decoding with the KV cache: the new tokens, int32 `[B, max_new_tokens]`.
+
+  Matches `hf_model.generate(input_ids, attention_mask=..., do_sample=False,
+  max_new_tokens=N)[:, L:]` padded to N with `pad_token_id`: the prompt is run once
+  (prefill), then one token per step in a `lax.while_loop` that stops early when every row
+  has produced an EOS; after its EOS a row holds `pad_token_id`. Prompts are usually
+  left-padded (as HF requires); other padding works too since each row continues from its
+  last real token and padded slots are masked out.
+
+  Args:
+    model: the Flax model.
+    params: its params (plain argument; merged adapter params work).
+    input_ids: `[B, L]` prompt ids.
+    attention_mask: `[B, L]` 1 for real tokens; None means no padding.
+    max_new_tokens: number of tokens to generate (static).
+    eos_token_id: id or ids that end a row; None means the config's `eos_token_id`.
+    pad_token_id: filler after EOS; None means the config's `pad_token_id`, else the first
+      EOS id, else 0 (HF's fallback is the EOS id too).
+
+  Shapes are fixed, so this can be called inside an outer `jax.jit`, `nn.intercept_methods`
+  context or both. Called eagerly it compiles itself (cached per model / max_new_tokens /
+  shape) unless a flax interceptor is active, in which case it is compiled afresh for that call
+  so the interceptor is traced in.
+  """
+  cfg = model.config
+  eos_ids = _as_ids(cfg.eos_token_id if eos_token_id is None else eos_token_id)
+  if pad_token_id is None:
+    pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (
+        eos_ids[0] if eos_ids else 0)
+  input_ids = jnp.asarray(input_ids)
+  args = (model, params, input_ids, attention_mask, int(max_new_tokens), eos_ids,
+          int(pad_token_id))
+  if _is_tracing(params, input_ids, attention_mask):
+    return _greedy_generate_impl(*args)
+  if _interceptors_active():
+    fn = functools.partial(_greedy_generate_impl, model, max_new_tokens=int(max_new_tokens),
+                           eos_ids=eos_ids, pad_token_id=int(pad_token_id))
+    return jax.jit(fn)(params, input_ids, attention_mask)
+  return _greedy_generate_jit(*args)
+
+
+def causal_lm_loss(logits: Array, labels: Array, label_mask: Array) -> Array:
+  """Mean next-token cross-entropy: position t predicts `labels[:, t]` where `label_mask` is set.
+
+  `logits [B, L, V]` and `labels [B, L]` are aligned (shift them before calling, e.g.
+  `logits[:, :-1]` with `input_ids[:, 1:]`). A batch with no real label gives 0, not NaN.
+  """
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  mask = label_mask.astype(jnp.float32)
+  safe = jnp.where(label_mask.astype(bool), labels, 0).astype(jnp.int32)
+  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+  return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+# ----------------------------------------------------------------------------- HF conversion
+
+_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "max_position_embeddings")
+_OPTIONAL_INT_FIELDS = ("num_key_value_heads", "head_dim", "bos_token_id", "pad_token_id")
+
+
+def _rope_theta(cfg: Mapping[str, Any]) -> float:
+  """rope_theta from a transformers 5 (`rope_parameters`) or 4 (`rope_theta`) config."""
+  params = cfg.get("rope_parameters")
+  if isinstance(params, Mapping):
+    rope_type = params.get("rope_type", params.get("type"))
+    theta, field = params.get("rope_theta", cfg.get("rope_theta")), "rope_parameters"
+  else:
+    scaling = cfg.get("rope_scaling")
+    rope_type = None if scaling is None else scaling.get("rope_type", scaling.get("type"))
+    theta, field = cfg.get("rope_theta"), "rope_scaling"
+  if rope_type not in (None, "default"):
+    raise ValueError(f"field {field!r}: rope type {rope_type!r} is not supported (only the "
+                     "default rotary embedding)")
+  return 10000.0 if theta is None else float(theta)
+
+
+def config_from_hf(cfg: Mapping[str, Any], *, dtype: DType = jnp.float32,
+                   param_dtype: DType = jnp.float32) -> LlamaConfig:
+  """`LlamaConfig` from a HF `config.json` dict (missing keys take HF's defaults)."""
+  model_type = cfg.get("model_type", "llama")
+  if model_type != "llama":
+    raise ValueError(f"field 'model_type' is {model_type!r}, expected 'llama'")
+  defaults = LlamaConfig()
+  kwargs: dict[str, Any] = {}
+  for name in _INT_FIELDS + _OPTIONAL_INT_FIELDS:
+    value = cfg.get(name, getattr(defaults, name))
+    if value is None and name in _OPTIONAL_INT_FIELDS:
+      kwargs[name] = None
+      continue
+    if not isinstance(value, int) or isinstance(value, bool):
+      raise ValueError(f"field {name!r} must be an integer, got {value!r}")
+    kwargs[name] = value
+  if "num_key_value_heads" not in cfg:
+    kwargs["num_key_value_heads"] = None  # HF: same as num_attention_heads
+  eos = cfg.get("eos_token_id", defaults.eos_token_id)
+  if isinstance(eos, (list, tuple)):
+    eos = tuple(int(e) for e in eos)
+  elif eos is not None:
+    eos = int(eos)
+  kwargs["eos_token_id"] = eos
+  for name in ("rms_norm_eps", "attention_dropout", "initializer_range"):
+    kwargs[name] = float(cfg.get(name, getattr(defaults, name)))
+  for name in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+    kwargs[name] = bool(cfg.get(name, getattr(defaults, name)))
+  kwargs["hidden_act"] = str(cfg.get("hidden_act", defaults.hidden_act))
+  kwargs["rope_theta"] = _rope_theta(cfg)
+  if cfg.get("pretraining_tp", 1) not in (1, None):
+    raise ValueError(f"field 'pretraining_tp' is {cfg['pretraining_tp']!r}; only 1 is "
+                     "supported")
+  return LlamaConfig(dtype=dtype, param_dtype=param_dtype, **kwargs)
+
+
+def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
+  """A `config.json` dict that transformers 4 and 5 load as `LlamaForCausalLM`."""
+  eos = config.eos_token_id
+  return {
+      "architectures": ["LlamaForCausalLM"],
+      "model_type": "llama",
+      "vocab_size": config.vocab_size,
+      "hidden_size": config.hidden_size,
+      "intermediate_size": config.intermediate_size,
+      "num_hidden_layers": config.num_hidden_layers,
+      "num_attention_heads": config.num_attention_heads,
+      "num_key_value_heads": config.num_key_value_heads,
+      "head_dim": config.head_dim,
+      "hidden_act": config.hidden_act,
+      "max_position_embeddings": config.max_position_embeddings,
+      "rms_norm_eps": config.rms_norm_eps,
+      # transformers 4 reads rope_theta/rope_scaling, transformers 5 rope_parameters.
+      "rope_theta": config.rope_theta,
+      "rope_scaling": None,
+      "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+      "attention_bias": config.attention_bias,
+      "attention_dropout": config.attention_dropout,
+      "mlp_bias": config.mlp_bias,
+      "tie_word_embeddings": config.tie_word_embeddings,
+      "initializer_range": config.initializer_range,
+      "pretraining_tp": 1,
+      "bos_token_id": config.bos_token_id,
+      "eos_token_id": list(eos) if isinstance(eos, tuple) else eos,
+      "pad_token_id": config.pad_token_id,
+      "use_cache": True,
+      "dtype": jnp.dtype(config.param_dtype).name,
+  }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+  """One HF tensor: its name, our param path, HF shape, whether it is a transposed kernel."""
+
+  hf_name: str
+  path: tuple[str, ...]
+  shape: tuple[int, ...]
+  transpose: bool = False
+
+
+def _layout(config: LlamaConfig) -> list[_Tensor]:
+  """Every tensor of a LlamaForCausalLM state dict and where it lives in our params."""
+  h, d_q = config.hidden_size, config.num_attention_heads * config.head_dim
+  d_kv, ff = config.num_key_value_heads * config.head_dim, config.intermediate_size
+  out = [_Tensor("model.embed_tokens.weight", ("model", "embed_tokens", "embedding"),
+                 (config.vocab_size, h))]
+
+  def linear(hf_name, path, d_in, d_out, bias):
+    out.append(_Tensor(f"{hf_name}.weight", (*path, "kernel"), (d_out, d_in), transpose=True))
+    if bias:
+      out.append(_Tensor(f"{hf_name}.bias", (*path, "bias"), (d_out,)))
+
+  for i in range(config.num_hidden_layers):
+    hf_layer, ours = f"model.layers.{i}", ("model", f"layers_{i}")
+    for name, d_in, d_out in (("q_proj", h, d_q), ("k_proj", h, d_kv), ("v_proj", h, d_kv),
+                              ("o_proj", d_q, h)):
+      linear(f"{hf_layer}.self_attn.{name}", (*ours, "self_attn", name), d_in, d_out,
+             config.attention_bias)
+    for name, d_in, d_out in (("gate_proj", h, ff), ("up_proj", h, ff), ("down_proj", ff, h)):
+      linear(f"{hf_layer}.mlp.{name}", (*ours, "mlp", name), d_in, d_out, config.mlp_bias)
+    for name in ("input_layernorm", "post_attention_layernorm"):
+      out.append(_Tensor(f"{hf_layer}.{name}.weight", (*ours, name, "scale"), (h,)))
+  out.append(_Tensor("model.norm.weight", ("model", "norm", "scale"), (h,)))
+  if not config.tie_word_embeddings:
+    linear("lm_head", ("lm_head",), h, config.vocab_size, False)
+  return out
+
+
+def _is_ignored(key: str) -> bool:
+  # Rotary inverse-frequency buffers some older checkpoints saved; they are recomputed.
+  return key.endswith("rotary_emb.inv_freq")
+
+
+def params_from_hf(tensors: Mapping[str, np.ndarray], config: LlamaConfig, *,
+                   source: str) -> dict[str, Any]:
+  """Our params from a HF `LlamaForCausalLM` state dict (HF names, `(out, in)` weights).
+
+  A tied config accepts an `lm_head.weight` only if it equals the embedding (our model has one
+  table). Raises `hf.CheckpointError` naming `source` and the key for a missing, unexpected,
+  misshaped or non-float tensor.
+  """
+  params: dict[str, Any] = {}
+  used = set()
+  for t in _layout(config):
+    expected = tuple(reversed(t.shape)) if t.transpose else t.shape
+    array = hf.convert_tensor(tensors, t.hf_name, expected, config.param_dtype, source=source,
+                              transpose=t.transpose)
+    used.add(t.hf_name)
+    node = params
+    for part in t.path[:-1]:
+      node = node.setdefault(part, {})
+    node[t.path[-1]] = jnp.asarray(array)
+  if config.tie_word_embeddings and "lm_head.weight" in tensors:
+    head, embed = np.asarray(tensors["lm_head.weight"]), np.asarray(
+        tensors["model.embed_tokens.weight"])
+    if head.shape != embed.shape or not np.array_equal(head, embed):
+      raise hf.CheckpointError(
+          f"{source}: tensor 'lm_head.weight' differs from 'model.embed_tokens.weight'; this "
+          "config ties them (tie_word_embeddings) so they must be equal")
+    used.add("lm_head.weight")
+  unexpected = sorted(k for k in set(tensors) - used if not _is_ignored(k))
+  if unexpected:
+    raise hf.CheckpointError(
+        f"{source}: unexpected tensor {unexpected[0]!r} for this Llama config"
+        + (f" (and {len(unexpected) - 1} more: {unexpected[1:6]})" if len(unexpected) > 1
+           else ""))
+  return params
+
+
+def params_to_hf(params: Mapping[str, Any], config: LlamaConfig) -> dict[str, np.ndarray]:
+  """HF `LlamaForCausalLM` state dict (`(out, in)` weights) from our params.
+
+  A tied config writes no `lm_head.weight` (as transformers saves tied models). Arrays keep
+  their dtype and are C-contiguous (as safetensors needs).
+  """
+  params = nn.meta.unbox(params)
+  if set(params) == {"params"}:
+    params = params["params"]
+  flat = dict(flax.traverse_util.flatten_dict(params))
+  out: dict[str, np.ndarray] = {}
+  for t in _layout(config):
+    if t.path not in flat:
+      raise KeyError(f"params lack {'/'.join(t.path)} (needed for HF tensor {t.hf_name!r})")
+    array = np.asarray(jax.device_get(flat.pop(t.path)))
+    if t.transpose:
+      array = array.T
+    if tuple(array.shape) != t.shape:
+      raise ValueError(f"param {'/'.join(t.path)} has HF shape {array.shape}, expected {t.shape}")
+    out[t.hf_name] = np.ascontiguousarray(array)
+  if flat:
+    # Refuse to drop weights silently: an unknown leaf means the tree is not this config's.
+    raise ValueError(f"params have leaves with no HF name: {sorted('/'.join(p) for p in flat)}")
+  return out
+
+
+# ----------------------------------------------------------------------------- registry
+
+# `hf.from_pretrained` imports this module on demand for model_type 'llama'.
+FAMILY = hf.Family(
+    name="llama",
+    config_from_hf=config_from_hf,
+    config_to_hf=config_to_hf,
+    make_model=make_model,
+    params_from_hf=params_from_hf,
+    params_to_hf=params_to_hf,
+    supported_architectures=SUPPORTED_ARCHITECTURES,
+    model_class=LlamaForCausalLM,
+)
+hf.register_family("llama", FAMILY)
+
+__all__ = [
+    "ADAPTER_TARGETS", "ALL_LINEAR_TARGETS", "FAMILY", "LlamaConfig", "LlamaForCausalLM",
+    "abstract_params", "causal_lm_loss", "config_from_hf", "config_to_hf", "decode_step",
+    "greedy_generate", "init_params", "param_logical_specs", "params_from_hf", "params_to_hf",
+    "prefill",
+]
