@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from lbcl_jax import metrics
+from lbcl_jax import files
 from lbcl_jax import plots
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -129,11 +129,11 @@ def run_cell(name: str, flags: list[str], workdir: pathlib.Path, data_dir: str, 
   wall = time.perf_counter() - t0
   if proc.returncode:
     cell_dir.mkdir(parents=True, exist_ok=True)
-    metrics.atomic_write_text(cell_dir / "bench_error.txt", proc.stderr[-20000:])
+    files.atomic_write_text(cell_dir / "bench_error.txt", proc.stderr[-20000:])
     raise RuntimeError(f"cell {name} failed ({proc.returncode}); see {cell_dir}/bench_error.txt:\n"
                        f"{proc.stderr[-2000:]}")
   record = {"cell": name, "flags": flags, "wall_seconds": round(wall, 1)}
-  metrics.atomic_write_text(bench_file, json.dumps(record, indent=2))
+  files.atomic_write_text(bench_file, json.dumps(record, indent=2))
   acc = json.loads((cell_dir / "results.json").read_text())["average_accuracy"]
   print(f"[{name}] {wall:.0f} s, average accuracy {100 * acc:.1f}", flush=True)
 
@@ -245,9 +245,10 @@ def _bars(errors):
 
 
 def write_plots(report: dict, out_dir: pathlib.Path) -> None:
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top  (Agg set by plots)
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   an = report["analyses"]
-  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+  fig = Figure(figsize=(13, 3.6))
+  axes = fig.subplots(1, 3)
   for ax, key, xlabel, logx in ((axes[0], "rank", "adapter rank r", True),
                                 (axes[1], "seed_samples", "seed samples", True)):
     pts = [(int(k), v["average_accuracy"], v["test_se"]) for k, v in an[key].items() if v]
@@ -273,7 +274,8 @@ def write_plots(report: dict, out_dir: pathlib.Path) -> None:
   plots.save_figure(fig, out_dir / "cl_analyses.png")
 
   shares = report["layer_sensitivity"]
-  fig, ax = plt.subplots(figsize=(9, 3.8))
+  fig = Figure(figsize=(9, 3.8))
+  ax = fig.subplots()
   if shares:
     layers = sorted({p for s in shares.values() for p in s},
                     key=lambda p: (int((re.findall(r"\d+", p) or ["0"])[0]), p))
@@ -392,8 +394,8 @@ def main():
   out_dir = pathlib.Path(args.output_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   md = markdown(report)
-  metrics.atomic_write_text(out_dir / "cl_methods.json", json.dumps(report, indent=2) + "\n")
-  metrics.atomic_write_text(out_dir / "cl_methods.md", md)
+  files.atomic_write_text(out_dir / "cl_methods.json", json.dumps(report, indent=2) + "\n")
+  files.atomic_write_text(out_dir / "cl_methods.md", md)
   write_plots(report, out_dir)
   print(md)
   print(f"{len(runs)} cells, {report['total_wall_seconds'] / 60:.1f} min of runs; "

@@ -15,7 +15,7 @@ so a shared machine's load drifts over all of them alike):
 
 The step is the driver's: the frozen old adapters are folded into the base kernels once per
 task (so the forward cost does not grow with the number of tasks for either method) and the
-new adapter is trained with `methods.build_optimizer` (AdamW; lbcl chains the projection in
+new adapter is trained by the driver's `train.make_train_step` with `methods.build_optimizer` (AdamW; lbcl chains the projection in
 front). The model is `lbcl_jax.models.t5.T5` with flan-t5-small's dimensions (d_model 512,
 6 heads x 64 = 384 for q/v, d_ff 1024 gated-GELU, 8 + 8 blocks, vocab 32128), adapters on
 q and v of every attention (48 layers), rank 8, batch 8 x 256 source tokens with 16 target
@@ -49,9 +49,10 @@ import numpy as np
 import optax
 
 from lbcl_jax import adapters
+from lbcl_jax import files
 from lbcl_jax import methods
-from lbcl_jax import metrics
 from lbcl_jax import sensitivity
+from lbcl_jax import train
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "core_overhead.json"
 
@@ -219,6 +220,9 @@ def tree_bytes(tree) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
 
 
+RNG = jax.random.key(0)
+
+
 @dataclasses.dataclass
 class Config:
   """One compiled train step (and its optimizer update alone) with its running state."""
@@ -237,23 +241,20 @@ class Config:
   state_bytes: int = 0
   times: list = dataclasses.field(default_factory=list)
   update_times: list = dataclasses.field(default_factory=list)
+  old: Any = None
 
 
-def make_step(loss_fn, tx, scaling: float, apply_mode: str):
-  """The driver's train step on the new adapter (old ones already folded into `base`)."""
+class LossOnly:
+  """A backbone for `train.make_train_step` from a plain `loss_fn(params, batch)`."""
 
-  def loss(new, base, batch):
-    if apply_mode == "merged":
-      return loss_fn(adapters.merge(base, new, scaling), batch)
-    with adapters.intercept(new, scaling):
-      return loss_fn(base, batch)
+  replicated_keys = ()
 
-  def step(new, opt_state, base, batch):
-    value, grads = jax.value_and_grad(loss)(new, base, batch)
-    updates, opt_state = tx.update(grads, opt_state, new)
-    return optax.apply_updates(new, updates), opt_state, value
+  def __init__(self, loss_fn):
+    self._loss_fn = loss_fn
 
-  return jax.jit(step, donate_argnums=(0, 1))
+  def loss(self, params, batch, rng):
+    del rng
+    return self._loss_fn(params, batch)
 
 
 def make_update(tx):
@@ -275,16 +276,20 @@ def _flops(compiled) -> float:
 
 def build_config(label, method_name, k, apply_mode, params, paths, loss_fn, batch, args):
   method = methods.get_method(method_name)
-  acfg = adapters.AdapterConfig(targets=args.targets, rank=args.rank, init=method.init,
+  acfg = adapters.AdapterConfig(targets=args.targets, rank=args.rank, init=method.adapter_init,
                                 apply_mode=apply_mode)
   new = adapters.init_new(jax.random.key(2), params, acfg, paths)
   old = random_old_stack(params, paths, k, args.rank) if k else {}
-  tx = methods.build_optimizer(method, old, learning_rate=1e-4, weight_decay=0.01)
+  tx = methods.build_optimizer(method, old, methods.OptimizerSettings(learning_rate=1e-4,
+                                                                     weight_decay=0.01))
   opt_state = jax.jit(tx.init)(new)
   cfg = Config(label, method_name, k, apply_mode)
   t0 = time.perf_counter()
-  step = make_step(loss_fn, tx, acfg.scaling, apply_mode)
-  cfg.compiled = step.lower(new, opt_state, params, batch).compile()
+  # The driver's own step; `params` stands for the base with the old adapters merged in.
+  step = train.make_train_step(LossOnly(loss_fn), method, tx, scaling=acfg.scaling,
+                               apply_mode=apply_mode)
+  cfg.old = old
+  cfg.compiled = step.lower(new, opt_state, params, old, batch, jax.random.key(0)).compile()
   cfg.compile_s = time.perf_counter() - t0
   cfg.peak = peak_bytes(cfg.compiled)
   cfg.flops = _flops(cfg.compiled)
@@ -300,7 +305,7 @@ def build_config(label, method_name, k, apply_mode, params, paths, loss_fn, batc
 def run_once(cfg, params, batch) -> float:
   new, opt_state = cfg.args
   t0 = time.perf_counter()
-  new, opt_state, loss = cfg.compiled(new, opt_state, params, batch)
+  new, opt_state, loss = cfg.compiled(new, opt_state, params, cfg.old, batch, RNG)
   loss.block_until_ready()
   dt = time.perf_counter() - t0
   cfg.args = (new, opt_state)
@@ -472,7 +477,7 @@ def main(argv=None):
       " ratios are reported alongside. Sensitivity judged on min times.")
   result["wall_s"] = time.perf_counter() - t_start
   print(f"targets: {result.get('targets')}\nwall {result['wall_s']:.0f}s")
-  metrics.atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+  files.atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
   print(f"wrote {args.out}")
   return result
 

@@ -120,8 +120,8 @@ def main():
       "runs": runs,
   }
   sys.path.insert(0, str(ROOT))
-  from lbcl_jax import metrics  # pylint: disable=g-import-not-at-top
-  metrics.atomic_write_text(args.output, json.dumps(out, indent=2) + "\n")
+  from lbcl_jax import files  # pylint: disable=g-import-not-at-top
+  files.atomic_write_text(args.output, json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

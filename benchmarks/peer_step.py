@@ -64,7 +64,7 @@ import core_overhead  # pylint: disable=g-import-not-at-top,wrong-import-positio
 import t5_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from lbcl_jax import adapters  # pylint: disable=g-import-not-at-top,wrong-import-position
-from lbcl_jax import metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lbcl_jax import files  # pylint: disable=g-import-not-at-top,wrong-import-position
 from lbcl_jax import minilm  # pylint: disable=g-import-not-at-top,wrong-import-position
 from lbcl_jax.models import bert  # pylint: disable=g-import-not-at-top,wrong-import-position
 from lbcl_jax.models import hf  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -133,7 +133,7 @@ def step_rss_delta(step) -> int | None:
 def t5_setup(args, tmp: pathlib.Path) -> dict:
   cfg_dict, cfg_source = t5_step.hf_config_dict()
   cfg_dict = dict(cfg_dict, dropout_rate=0.0)
-  config = hf.T5_FAMILY.config_from_hf(cfg_dict, dtype=jnp.float32, param_dtype=jnp.float32)
+  config = t5.config_from_hf(cfg_dict, dtype=jnp.float32, param_dtype=jnp.float32)
   model = t5.T5(config)
   params = t5.init_params(model, jax.random.key(0), src_len=8, tgt_len=8)
   batch = t5_step.make_batch(types.SimpleNamespace(batch=args.batch, src_len=args.src_len,
@@ -244,7 +244,8 @@ class JaxStack:
   def step(self):
     new, opt_state = self.cfg.args
     new, opt_state, loss = self.cfg.compiled(new, opt_state, self.setup["params"],
-                                             self.setup["batch"])
+                                             self.cfg.old, self.setup["batch"],
+                                             core_overhead.RNG)
     loss.block_until_ready()
     self.cfg.args = (new, opt_state)
     self.loss = float(loss)
@@ -400,7 +401,7 @@ def main(argv=None) -> dict:
       platform=platform.platform(), processor=platform.processor() or platform.machine(),
       timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
   payload["wall_s"] = time.perf_counter() - t_start
-  metrics.atomic_write_text(args.output, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+  files.atomic_write_text(args.output, json.dumps(payload, indent=2, sort_keys=True) + "\n")
   print(f"\ntotal wall {payload['wall_s']:.0f}s; wrote {args.output}")
   return payload
 

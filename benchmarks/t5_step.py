@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lbcl_jax import metrics
+from lbcl_jax import files
 from lbcl_jax.models import hf
 from lbcl_jax.models import t5
 
@@ -152,7 +152,7 @@ def main(argv=None) -> dict:
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   args.threads = args.threads or cores
   cfg_dict, cfg_source = hf_config_dict()
-  config = hf.T5_FAMILY.config_from_hf(cfg_dict, dtype=jnp.float32, param_dtype=jnp.float32)
+  config = t5.config_from_hf(cfg_dict, dtype=jnp.float32, param_dtype=jnp.float32)
   model = t5.T5(config)
   # Same random weights for both: init ours (HF-style scales), export for torch.
   params = t5.init_params(model, jax.random.key(0), src_len=8, tgt_len=8)
@@ -190,7 +190,7 @@ def main(argv=None) -> dict:
                     torch=torch.__version__, transformers=transformers.__version__),
       platform=platform.platform(), processor=platform.processor() or platform.machine(),
       timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-  metrics.atomic_write_text(args.output, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+  files.atomic_write_text(args.output, json.dumps(payload, indent=2, sort_keys=True) + "\n")
   print(f"wrote {args.output}")
   return payload
 

@@ -18,7 +18,7 @@ old + new. All functions here are pure functions over these pytrees.
 
 Scaling. `AdapterConfig.scaling` is a static multiplier, not a leaf. The default 1.0 is
 AdaLoRA's choice for SVD adapters (its `lora_alpha / r` with `lora_alpha == r`); for LoRA-style
-runs use `lora_scaling(alpha, rank)` (= alpha / r) as PEFT and O-LoRA do.
+runs set it to `alpha / r` as PEFT and O-LoRA do.
 
 Applying adapters. Two equivalent ways, chosen by `AdapterConfig.apply_mode`:
 
@@ -78,11 +78,6 @@ APPLY_MODES = ("lowrank", "merged")
 INITS = ("adalora", "lora")
 
 
-def lora_scaling(alpha: float, rank: int) -> float:
-  """LoRA's static scaling `alpha / r` (PEFT, O-LoRA), for `AdapterConfig.scaling`."""
-  return float(alpha) / float(rank)
-
-
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig:
   """Static description of the adapters of a run.
@@ -91,8 +86,8 @@ class AdapterConfig:
     targets: regex over '/'-joined Dense module paths (matched with `re.fullmatch`), or a
       preset name: 'qv' (q and v of every attention) or 'all_linear'.
     rank: rank r of each task's adapter.
-    scaling: static multiplier of the adapter term (1.0 = AdaLoRA; `lora_scaling(a, r)` for
-      LoRA-style alpha / r).
+    scaling: static multiplier of the adapter term (1.0 = AdaLoRA; `alpha / r` for
+      LoRA-style scaling).
     init: 'adalora' (sigma = 0, U, V ~ N(0, init_std^2); delta starts at 0 while U and V get
       gradients) or 'lora' (U = 0, V ~ kaiming-uniform bound 1/sqrt(d_in) as PEFT, sigma = 1).
     init_std: std of the 'adalora' normal init (AdaLoRA uses 0.02).
@@ -340,16 +335,22 @@ def init_new(
   """
   if paths is None:
     paths = find_targets(params, config.targets, family=family)
+  check_rank(params, paths, config.rank)
   flat = {}
   for path in paths:
     d_in, d_out = get_kernel(params, path).shape
-    if config.rank > min(d_in, d_out):
-      raise ValueError(
-          f"adapter rank {config.rank} exceeds min(d_in, d_out) = {min(d_in, d_out)} "
-          f"of layer {path!r} (kernel {d_in}x{d_out})"
-      )
     flat[path] = init_layer(jax.random.fold_in(rng, _path_seed(path)), d_in, d_out, config)
   return unflatten_layers(flat)
+
+
+def check_rank(params: PyTree, paths: Sequence[str], rank: int) -> None:
+  """Raises `InputError` naming the first layer whose min(d_in, d_out) is below `rank`."""
+  for path in paths:
+    d_in, d_out = get_kernel(params, path).shape
+    if rank > min(d_in, d_out):
+      raise InputError(
+          f"adapter rank {rank} exceeds min(d_in, d_out) = {min(d_in, d_out)} "
+          f"of layer {path!r} (kernel {d_in}x{d_out})")
 
 
 def empty_state() -> dict:
@@ -357,9 +358,17 @@ def empty_state() -> dict:
   return {"old": {}, "new": {}}
 
 
-def _is_state(tree) -> bool:
+def is_full_state(tree) -> bool:
   """A full adapter state `{'old', 'new'}` (as opposed to a stack or 'new' tree)."""
   return isinstance(tree, Mapping) and set(tree) == {"old", "new"}
+
+
+def key_name(entry) -> str:
+  """The name of one step of a pytree key path (dict key, attribute or sequence index)."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
 
 
 def _check_same_layers(a: Mapping[str, Any], b: Mapping[str, Any], what: str):
@@ -475,7 +484,7 @@ def merge(params: PyTree, stack_tree: PyTree, scaling: float = 1.0) -> PyTree:
   Returns:
     params with the same structure and kernel dtypes (the sum is done in f32).
   """
-  if _is_state(stack_tree):
+  if is_full_state(stack_tree):
     stack_tree = stacked(stack_tree)
   for path, leaf in flatten_layers(stack_tree).items():
     d = delta(leaf, scaling)
@@ -493,7 +502,7 @@ def _layer_terms(tree: Mapping[str, PyTree]) -> dict[str, list[tuple]]:
   A full state gives two stacks per layer, old and new, kept apart (not concatenated) so
   that back-propagation to the new factors never forms the cotangent of the frozen old ones.
   """
-  if _is_state(tree):
+  if is_full_state(tree):
     old = flatten_layers(tree["old"])
     new = flatten_layers(tree["new"])
     out = {}

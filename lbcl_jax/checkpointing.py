@@ -21,7 +21,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from lbcl_jax.errors import InputError
-from lbcl_jax.metrics import atomic_write_text
+from lbcl_jax.files import atomic_write_text
 
 CONFIG_FILE = "config.json"
 # Run-control fields that may differ between a run and its resumption.

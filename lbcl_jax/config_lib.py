@@ -243,16 +243,15 @@ def get_config() -> ml_collections.ConfigDict:
   return default_config()
 
 
-_DATA_SOURCES = ("synthetic", "local", "hf", "tfds")
 _EVAL_MODES = ("generate", "rank")
 _TRAIN_PADDINGS = ("task", "batch")
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
 def looks_local(path: str) -> bool:
-  """A path (rather than a hub id) when it exists or is spelled like one."""
-  return bool(path) and (os.path.exists(path) or path.startswith(("/", "./", "../", "~"))
-                         or path.count("/") > 1)
+  """A path (rather than a hub id): it exists, or is not spelled like a hub id."""
+  from lbcl_jax.models import hf  # pylint: disable=g-import-not-at-top
+  return bool(path) and (os.path.exists(path) or not hf.looks_like_hub_id(path))
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -262,12 +261,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   the model and mesh are built, still before any training.
   """
   # Imported here: the registries pull in more than a config file should.
-  from lbcl_jax import methods, tasks  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from lbcl_jax import adapters, data, methods, sensitivity, tasks
+  # pylint: enable=g-import-not-at-top
 
   methods.get_method(config.method)
-  if config.data.source not in _DATA_SOURCES:
-    raise InputError(f"config.data.source={config.data.source!r}: expected one of {_DATA_SOURCES}")
-  tasks.resolve_order(parse_order(config.order))
+  if config.data.source not in data.SOURCES:
+    raise InputError(f"config.data.source={config.data.source!r}: expected one of {data.SOURCES}")
+  tasks.resolve_order(config.order)
   if config.data.train_padding not in _TRAIN_PADDINGS:
     raise InputError(f"config.data.train_padding={config.data.train_padding!r}: expected one of "
                      f"{_TRAIN_PADDINGS}")
@@ -278,7 +279,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise InputError(f"config.model.{field}={config.model[field]!r}: expected one of {_DTYPES}")
   if config.adapters.rank < 1:
     raise InputError(f"config.adapters.rank={config.adapters.rank}: must be >= 1")
-  if config.adapters.apply_mode not in ("", "lowrank", "merged"):
+  if config.injection.aggregation not in sensitivity.AGGREGATIONS:
+    raise InputError(f"config.injection.aggregation={config.injection.aggregation!r}: "
+                     f"expected one of {sensitivity.AGGREGATIONS}")
+  if config.adapters.apply_mode not in ("",) + adapters.APPLY_MODES:
     raise InputError(f"config.adapters.apply_mode={config.adapters.apply_mode!r}: "
                      "expected 'lowrank', 'merged' or '' (the measured default)")
   if config.optim.global_batch_size < 1 or config.optim.grad_accum_steps < 1:
@@ -296,13 +300,3 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise InputError("config.data.data_dir is empty: data.source='local' needs a CL_Benchmark directory")
     if not os.path.isdir(os.path.expanduser(config.data.data_dir)):
       raise InputError(f"config.data.data_dir={config.data.data_dir!r}: no such directory")
-
-
-def parse_order(order) -> int | str | list[str]:
-  """'4' -> 4; 'dbpedia,amazon' -> ['dbpedia', 'amazon']; other names pass through."""
-  text = str(order).strip()
-  if text.isdigit():
-    return int(text)
-  if "," in text:
-    return [t.strip() for t in text.split(",") if t.strip()]
-  return text

@@ -16,11 +16,14 @@ arg-max: no decoding, so no malformed answers. Inputs are tiled over options in 
 from __future__ import annotations
 
 import string
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
+from lbcl_jax import sharding
 from lbcl_jax import tasks as tasks_lib
 from lbcl_jax.data import pipeline
 
@@ -64,46 +67,6 @@ def match_options(predictions: Sequence[str], labels: Sequence[str]) -> np.ndarr
   for i, label in enumerate(labels):
     normalized.setdefault(normalize_answer(label), i)
   return np.asarray([normalized.get(normalize_answer(p), -1) for p in predictions], np.int32)
-
-
-def _weight(batch: Mapping[str, Any], n: int) -> np.ndarray:
-  if "weight" in batch:
-    return np.asarray(batch["weight"], dtype=np.float64).reshape(-1)
-  return np.ones((n,), np.float64)
-
-
-def evaluate_generation(generate_fn: Callable[[Mapping[str, Any]], Any],
-                        batches: Iterable[Mapping[str, Any]], tokenizer: Any,
-                        task: str | tasks_lib.Task, *,
-                        return_predictions: bool = False) -> float | tuple[float, list[str]]:
-  """Exact-match accuracy of generated answers.
-
-  Args:
-    generate_fn: batch -> generated token ids [B, L] (e.g. a jit-compiled greedy decoder).
-    batches: batches with `label_index` and `weight` (see `lbcl_jax.data.pipeline`).
-    tokenizer: the model's tokenizer.
-    task: the task; the gold answer of a row is `task.labels[label_index]`.
-    return_predictions: also return the decoded predictions of the real rows.
-
-  Returns:
-    The weighted accuracy in [0, 1] (and the predictions).
-  """
-  task = tasks_lib.get_task(task)
-  correct, total, predictions = 0.0, 0.0, []
-  for batch in batches:
-    texts = decode(tokenizer, generate_fn(batch))
-    label_index = np.asarray(batch["label_index"]).reshape(-1)
-    weight = _weight(batch, len(texts))
-    if not len(texts) == label_index.size == weight.size:
-      raise ValueError(f"generate_fn returned {len(texts)} rows for a batch of "
-                       f"{label_index.size}")
-    for text, y, w in zip(texts, label_index.tolist(), weight.tolist()):
-      if w > 0:
-        correct += w * exact_match(text, task.labels[y])
-        total += w
-        predictions.append(text)
-  accuracy = correct / total if total else float("nan")
-  return (accuracy, predictions) if return_predictions else accuracy
 
 
 def option_targets(tokenizer: Any, task: str | tasks_lib.Task, max_target_length: int = 50,
@@ -159,27 +122,56 @@ def rank_classify(seq_logprob_fn: Callable[..., Any], input_ids: Any, attention_
   return jnp.argmax(scores, axis=1).astype(jnp.int32)
 
 
-def evaluate_rank_classification(seq_logprob_fn: Callable[..., Any],
-                                 batches: Iterable[Mapping[str, Any]], option_ids: Any,
-                                 option_mask: Any, *, option_chunk: int | None = None,
-                                 length_normalize: bool = False) -> float:
-  """Weighted accuracy of `rank_classify` over batches (with `label_index`, `weight`)."""
-  correct, total = 0.0, 0.0
-  for batch in batches:
-    pred = np.asarray(rank_classify(seq_logprob_fn, batch["input_ids"], batch["attention_mask"],
-                                    option_ids, option_mask, option_chunk=option_chunk,
-                                    length_normalize=length_normalize))
-    label_index = np.asarray(batch["label_index"]).reshape(-1)
-    weight = _weight(batch, label_index.size)
-    correct += float(np.sum(weight * (pred == label_index)))
-    total += float(np.sum(weight))
-  return correct / total if total else float("nan")
+# ---------------------------------------------------------------------------------------------
+# The evaluation loop: one for every family, used by the driver, the tests and the benchmarks.
 
 
-def accuracy_from_predictions(predicted_index: Any,
-                              batch: Mapping[str, Any]) -> tuple[float, float]:
-  """(weighted correct, weighted total) of predicted option indices for one batch."""
-  pred = np.asarray(predicted_index).reshape(-1)
-  label_index = np.asarray(batch["label_index"]).reshape(-1)
-  weight = _weight(batch, label_index.size)
-  return float(np.sum(weight * (pred == label_index))), float(np.sum(weight))
+def local_rows(batch: Mapping[str, Any], replicated: Sequence[str] = ()) -> dict[str, np.ndarray]:
+  """This process's rows of a global batch (every process holds the whole eval batch);
+  arrays in `replicated` with no batch axis (a task's options) are kept whole."""
+  n, i = jax.process_count(), jax.process_index()
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    if k in replicated and v.ndim == 2:
+      out[k] = v
+      continue
+    rows = v.shape[0] // n
+    out[k] = v[i * rows:(i + 1) * rows]
+  return out
+
+
+def evaluate(backbone: Any, predict_fn: Callable[[Any, Mapping[str, Any]], Any], params: Any,
+             data: pipeline.BatchSource, task: str | tasks_lib.Task, *, batch_size: int,
+             mesh: Any) -> float:
+  """Accuracy on `data` (a task's test split) with `params` (every adapter already merged).
+
+  Args:
+    backbone: the model family (`lbcl_jax.backbones.Backbone`): its `eval_extras`,
+      `replicated_keys` and `to_options`.
+    predict_fn: `(params, batch) -> predictions`, the backbone's `predict`, jit-compiled once
+      by the caller so every task and stage shares the compilations.
+    params: the parameters to evaluate.
+    data: the tokenised test split.
+    task: the task (its labels score the predictions; no task id reaches the model).
+    batch_size: the global evaluation batch size (divisible by the data-parallel size).
+    mesh: the device mesh; every process evaluates its rows, predictions are gathered.
+
+  Returns:
+    The weighted fraction of rows whose prediction names their label.
+  """
+  task = tasks_lib.get_task(task)
+  extras = backbone.eval_extras(task)
+  replicated = backbone.replicated_keys
+  correct = total = 0.0
+  for batch in pipeline.eval_batches(data, batch_size, process_index=0, process_count=1):
+    batch = dict(batch, **extras)
+    pred = predict_fn(params, sharding.global_batch(local_rows(batch, replicated), mesh,
+                                                    replicated_keys=replicated))
+    pred = np.asarray(multihost_utils.process_allgather(pred, tiled=True))
+    index = backbone.to_options(pred, task)
+    weight = np.asarray(batch["weight"])
+    hit = (np.asarray(index) == np.asarray(batch["label_index"])).astype(np.float64)
+    correct += float((hit * weight).sum())
+    total += float(weight.sum())
+  return correct / max(total, 1.0)

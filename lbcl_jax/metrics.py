@@ -1,4 +1,4 @@
-"""Continual-learning metrics from the accuracy matrix, and atomic result files.
+"""Continual-learning metrics from the accuracy matrix (written by `lbcl_jax.results`).
 
 `R[i][j]` is the accuracy on task j after training task i (0-indexed, T tasks). Entries not
 evaluated (e.g. j > i when future tasks are not tested) are None or NaN. Definitions:
@@ -19,16 +19,11 @@ run): JSON-friendly.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
-import os
-import pathlib
-import tempfile
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
+
 
 Matrix = Sequence[Sequence[float | None]]
 
@@ -115,85 +110,3 @@ def summarize(matrix: Matrix | np.ndarray, reference: Sequence[float | None] | N
   out["fwt"] = forward_transfer(r, reference)
   out["forgetting"] = forgetting(r)
   return out
-
-
-# The process umask, read once at import: os.umask can only be read by setting it, and doing
-# that per write would race with threads (orbax's) creating files meanwhile.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-  """Writes `text` to a temporary file beside `path`, then renames it over `path`.
-
-  A reader (or a crash) sees the old file or the new one, never half of one.
-  """
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    # mkstemp makes the file private; give it the mode a plain open() would have.
-    os.chmod(tmp, 0o666 & ~_UMASK)
-    os.replace(tmp, path)
-  finally:
-    # After a successful replace the temporary name is gone; after a failure, remove it.
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-
-
-def _json_safe(x: Any) -> Any:
-  """NaN/inf -> None and numpy -> Python, recursively (strict JSON has no NaN)."""
-  if isinstance(x, Mapping):
-    return {str(k): _json_safe(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_json_safe(v) for v in x]
-  if isinstance(x, np.ndarray):
-    return _json_safe(x.tolist())
-  if isinstance(x, (np.floating, float)):
-    return _float(float(x))
-  if isinstance(x, np.integer):
-    return int(x)
-  return x
-
-
-def write_results(path_json: str | os.PathLike[str], path_csv: str | os.PathLike[str],
-                  matrix: Matrix | np.ndarray, task_names: Sequence[str], *,
-                  row_names: Sequence[str] | None = None,
-                  reference: Sequence[float | None] | None = None, joint: bool = False,
-                  extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-  """Writes the matrix and its metrics as JSON and the matrix as CSV, each atomically.
-
-  Args:
-    path_json: {"tasks", "stages", "accuracy_matrix", metrics..., "reference", **extra}.
-    path_csv: header "after,<tasks>", then one row per stage; missing entries are empty.
-    matrix: the accuracy matrix.
-    task_names: the column names.
-    row_names: the stage names (default: the task names, one stage per task).
-    reference: per-task reference accuracies for FWT.
-    joint: a multi-task run (see `summarize`).
-    extra: more JSON fields (method, config, timings, ...).
-
-  Returns:
-    The JSON document written.
-  """
-  r = as_matrix(matrix)
-  if r.shape[1] != len(task_names):
-    raise ValueError(f"{len(task_names)} task names for {r.shape[1]} matrix columns")
-  row_names = list(row_names) if row_names is not None else list(task_names)[:r.shape[0]]
-  if len(row_names) != r.shape[0]:
-    raise ValueError(f"{len(row_names)} row names for {r.shape[0]} matrix rows")
-  doc = {"tasks": list(task_names), "stages": row_names, "accuracy_matrix": r,
-         **summarize(r, reference, joint=joint), "reference": reference, **(extra or {})}
-  doc = _json_safe(doc)
-  atomic_write_text(path_json, json.dumps(doc, indent=2, allow_nan=False) + "\n")
-  buf = io.StringIO()
-  writer = csv.writer(buf, lineterminator="\n")
-  writer.writerow(["after", *task_names])
-  for name, row in zip(row_names, r.tolist()):
-    writer.writerow([name, *("" if math.isnan(v) else f"{v:.6f}" for v in row)])
-  atomic_write_text(path_csv, buf.getvalue())
-  return doc

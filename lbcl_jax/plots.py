@@ -1,41 +1,36 @@
 """PNG plots of a run: the accuracy matrix, per-layer/per-task sensitivity, loss curves.
 
-Written with matplotlib's Agg backend (no display needed) and atomically, like every output.
+Figures are plain `matplotlib.figure.Figure`s (no pyplot, so no global figure registry and no
+backend switch: importing this module changes nothing in matplotlib). `Figure.savefig`
+renders PNG with Agg whatever the backend, so no display is needed; the bytes are written
+atomically, with a normal file mode, by `lbcl_jax.files`.
 """
 
 from __future__ import annotations
 
+import io
 import os
-import pathlib
-import tempfile
 from typing import Mapping, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
+from matplotlib.figure import Figure
+
+from lbcl_jax import files
 
 
-def save_figure(fig, path: str | os.PathLike) -> None:
-  """Writes `fig` to the PNG `path` atomically and closes it."""
-  path = pathlib.Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-  os.close(fd)
-  try:
-    fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    os.replace(tmp, path)
-  finally:
-    plt.close(fig)
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+def save_figure(fig: Figure, path: str | os.PathLike) -> None:
+  """Renders `fig` as PNG and writes it to `path` atomically."""
+  buf = io.BytesIO()
+  fig.savefig(buf, dpi=120, bbox_inches="tight", format="png")
+  files.atomic_write_bytes(path, buf.getvalue())
 
 
 def accuracy_heatmap(matrix: Sequence[Sequence[float | None]], tasks: Sequence[str],
                      rows: Sequence[str], path: str | os.PathLike, title: str = "") -> None:
   """R[i][j]: accuracy on task j (columns) after training stage i (rows)."""
   r = np.array([[np.nan if v is None else 100.0 * v for v in row] for row in matrix], dtype=float)
-  fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(tasks), 1.0 + 0.6 * len(rows)))
+  fig = Figure(figsize=(1.2 + 0.9 * len(tasks), 1.0 + 0.6 * len(rows)))
+  ax = fig.subplots()
   im = ax.imshow(r, vmin=0, vmax=100, cmap="viridis")
   ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
   ax.set_yticks(range(len(rows)), [f"after {x}" for x in rows])
@@ -59,14 +54,15 @@ def sensitivity_plot(records: Mapping[str, Mapping[str, Sequence[Sequence[float]
   """
   names = list(records)
   if not names:
-    fig, ax = plt.subplots(figsize=(5, 2))
+    fig = Figure(figsize=(5, 2))
+    ax = fig.subplots()
     ax.text(0.5, 0.5, "no sensitivity scored in this run\n(no injection method, or one task)",
             ha="center", va="center")
     ax.axis("off")
     save_figure(fig, path)
     return
-  fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 0.25 * max(
-      len(records[n]) for n in names) + 2.0), squeeze=False)
+  fig = Figure(figsize=(4.5 * len(names), 0.25 * max(len(records[n]) for n in names) + 2.0))
+  axes = fig.subplots(1, len(names), squeeze=False)
   for ax, name in zip(axes[0], names):
     layers = sorted(records[name])
     m = np.array([np.asarray(records[name][l], dtype=float).sum(axis=-1) for l in layers])
@@ -80,7 +76,8 @@ def sensitivity_plot(records: Mapping[str, Mapping[str, Sequence[Sequence[float]
 
 def loss_curves(curves: Mapping[str, Sequence[tuple[int, float]]], path: str | os.PathLike) -> None:
   """Training loss against the global step, one line per task."""
-  fig, ax = plt.subplots(figsize=(7, 4))
+  fig = Figure(figsize=(7, 4))
+  ax = fig.subplots()
   for name, points in curves.items():
     if points:
       steps, losses = zip(*points)

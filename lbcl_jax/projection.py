@@ -200,18 +200,11 @@ def project_rows(g: jax.Array, basis) -> jax.Array:
   return out.astype(g.dtype)
 
 
-def _key_name(entry) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(entry, attr):
-      return str(getattr(entry, attr))
-  return str(entry)
-
-
 def _project_tree(tree: PyTree, bases: Mapping[str, Any]) -> PyTree:
   """Projects every U/V leaf whose layer path has a basis; other leaves unchanged."""
 
   def fn(path, g):
-    keys = [_key_name(e) for e in path]
+    keys = [adapters_lib.key_name(e) for e in path]
     if len(keys) < 2 or keys[-1] not in ("U", "V"):
       return g
     layer = bases.get("/".join(keys[:-1]))
@@ -224,13 +217,9 @@ def _project_tree(tree: PyTree, bases: Mapping[str, Any]) -> PyTree:
   return jax.tree_util.tree_map_with_path(fn, tree)
 
 
-def _is_full_state(tree: PyTree) -> bool:
-  return isinstance(tree, Mapping) and set(tree) == {"old", "new"}
-
-
 def project_updates(updates: PyTree, bases: Mapping[str, Any]) -> PyTree:
   """Applies the projection to a 'new' tree or a full `{'old', 'new'}` state (old -> 0)."""
-  if _is_full_state(updates):
+  if adapters_lib.is_full_state(updates):
     return {
         "old": jax.tree_util.tree_map(jnp.zeros_like, updates["old"]),
         "new": _project_tree(updates["new"], bases),

@@ -88,20 +88,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-# Per-task arrays shared by every row of a batch (label-name options): replicated, not split.
-SHARED_KEYS = ("option_ids", "option_mask")
-
-
-def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh,
+                 replicated_keys: Sequence[str] = ()) -> dict[str, jax.Array]:
   """Assembles this process's slice of a batch into global arrays split over the batch axes.
 
-  Arrays named in `SHARED_KEYS` with no batch axis (2-D options) are replicated; every process
-  holds the same copy.
+  Arrays named in `replicated_keys` (the backbone's) with no batch axis (a task's
+  2-D options) are replicated; every process holds the same copy.
   """
   out = {}
   for k, v in local.items():
     v = np.asarray(v)
-    if k in SHARED_KEYS and v.ndim == 2:
+    if k in replicated_keys and v.ndim == 2:
       out[k] = jax.make_array_from_process_local_data(replicated(mesh), v, v.shape)
     else:
       out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)

@@ -225,6 +225,15 @@ def resolve_order(order: int | str | Sequence[str]) -> tuple[Task, ...]:
   return tuple(TASKS[n] for n in names)
 
 
+def run_tasks(order: int | str | Sequence[str], num_tasks: int = 0) -> list[str]:
+  """The task names of a run: `order`'s tasks (see `resolve_order`), the first `num_tasks`
+  of them (0: all)."""
+  names = [t.name for t in resolve_order(order)]
+  if num_tasks > len(names):
+    raise InputError(f"config.num_tasks={num_tasks} but order {order!r} has {len(names)} tasks")
+  return names[:num_tasks] if num_tasks else names
+
+
 def _valid_orders() -> str:
   return (f"valid orders: {', '.join(map(str, ORDERS))}, "
           f"{', '.join(SYNTHETIC_ORDERS)}, or a list of task names")

@@ -1,25 +1,29 @@
 """The continual-learning driver: `train_and_evaluate(config, workdir)`.
 
-For each task of the order:
-  1. injection methods: pick seed samples, score every old triplet, inject the new adapter;
-  2. build the optimizer (AdamW, plus the projection, the O-LoRA loss, as the method says);
-  3. train;
-  4. evaluate on every task seen so far, filling the accuracy matrix;
-  5. checkpoint.
+The run config is turned once into typed pieces: a backbone (`lbcl_jax.backbones`), a method
+(`lbcl_jax.methods`), the data (`lbcl_jax.data.task_data`) and the loop's settings. Then, for
+every stage the method asks for (one per task; one for all tasks for MTL):
+  1. the new adapter: fresh, or as the method initialises it (LB-CL injects old triplets,
+     scored on seed samples of the new task);
+  2. the optimizer: AdamW after the method's gradient transform (LB-CL's projection);
+  3. training with `make_train_step` (the backbone's loss, plus the method's regulariser);
+  4. evaluation of every task seen so far with all adapters merged (no task id), filling the
+     accuracy matrix;
+  5. a checkpoint.
 Everything a run needs to continue is checkpointed, and every random draw is a pure function of
-(seed, task, step), so a resumed run ends with the same results as an uninterrupted one.
+(seed, stage, step), so a resumed run ends with the same results as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import json
 import os
-import pathlib
 import signal
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from absl import logging
 import flax
@@ -34,15 +38,16 @@ from lbcl_jax import adapters as adapters_lib
 from lbcl_jax import backbones
 from lbcl_jax import checkpointing
 from lbcl_jax import config_lib
-from lbcl_jax.errors import InputError
-from lbcl_jax import injection
+from lbcl_jax import evaluation
 from lbcl_jax import methods as methods_lib
 from lbcl_jax import metric_writer
-from lbcl_jax import metrics as metrics_lib
-from lbcl_jax import olora
-from lbcl_jax import plots
+from lbcl_jax import results as results_lib
 from lbcl_jax import sensitivity
 from lbcl_jax import sharding
+from lbcl_jax import tasks as tasks_lib
+from lbcl_jax.data import pipeline
+from lbcl_jax.data import task_data
+from lbcl_jax.errors import InputError
 
 
 class Timings:
@@ -96,272 +101,106 @@ class Timings:
     return out
 
 
-class Run:
-  """Everything fixed for the whole sequence: model, data, mesh, method."""
-
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str,
-               timings: Timings | None = None):
-    timings = timings or Timings()
-    self.config = config
-    self.workdir = pathlib.Path(workdir)
-    self.method = methods_lib.get_method(
-        config.method,
-        inject_sigma=config.injection.with_sigma,
-        inject_layers=_injection_layers(config.injection.layers),
-        num_seed_samples=config.injection.num_seed_samples,
-        score_aggregation=config.injection.aggregation,
-        olora_lambda1=config.olora.lambda1,
-        olora_lambda2=config.olora.lambda2)
-    self.mesh = sharding.make_mesh(config.mesh)
-    dp = sharding.data_parallel_size(self.mesh)
-    if config.optim.global_batch_size % dp:
-      raise InputError(
-          f"config.optim.global_batch_size={config.optim.global_batch_size} is not divisible by the "
-          f"data-parallel size {dp} (mesh data x fsdp = {self.mesh.shape['data']} x {self.mesh.shape['fsdp']})")
-    if config.optim.global_batch_size % (dp * config.optim.grad_accum_steps):
-      raise InputError("config.optim.global_batch_size must be divisible by data-parallel size x "
-                       f"grad_accum_steps ({dp} x {config.optim.grad_accum_steps})")
-    if config.eval.batch_size % dp:
-      raise InputError(f"config.eval.batch_size={config.eval.batch_size} is not divisible by the "
-                       f"data-parallel size {dp}")
-    self.tasks = backbones.resolve_tasks(config)
-    with timings.phase("model_load"):
-      self._load_model(config)
-    with timings.phase("data"):
-      self.data = backbones.load_task_data(config, self.tasks, self.backbone)
-
-  def _load_model(self, config: ml_collections.ConfigDict) -> None:
-    self.backbone = backbones.build(config)
-    self.rules = tuple(config.mesh.logical_axis_rules)
-    self.key = jax.random.key(config.seed)
-
-    # The frozen base, created already sharded: random weights by a jit whose outputs are laid
-    # out by the sharding rules, loaded weights placed shard by shard.
-    bb = self.backbone
-    init_key = jax.random.fold_in(self.key, 0x5EED)
-    if bb.params is None:
-      shapes = jax.eval_shape(bb.init_params, init_key)
-    else:
-      shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), bb.params)
-    self.base_shardings = sharding.logical_to_sharding(bb.param_specs, shapes, self.mesh, self.rules)
-    if bb.params is None:
-      self.base = jax.jit(bb.init_params, out_shardings=self.base_shardings)(init_key)
-    else:
-      self.base = jax.device_put(bb.params, self.base_shardings)
-      bb.params = None  # the host copy is no longer needed
-
-    if self.method.uses_adapters:
-      self.adapter_config = adapters_lib.AdapterConfig(
-          targets=self.backbone.resolve_targets(config.adapters.targets),
-          rank=config.adapters.rank,
-          scaling=config.adapters.scaling,
-          init=self.method.init,
-          apply_mode=config.adapters.apply_mode or adapters_lib.AdapterConfig.apply_mode)
-      # Raises naming the layer when the rank exceeds min(d_in, d_out).
-      self.paths = adapters_lib.find_targets(self.base, self.adapter_config.targets)
-      for path in self.paths:
-        d_in, d_out = adapters_lib.get_kernel(self.base, path).shape
-        if config.adapters.rank > min(d_in, d_out):
-          raise InputError(f"config.adapters.rank={config.adapters.rank} exceeds min(d_in, d_out) = "
-                           f"{min(d_in, d_out)} of layer {path} ({d_in} -> {d_out})")
-      self.kernel_specs = self.backbone.kernel_specs(self.paths)
-      self.apply_mode = self.adapter_config.apply_mode
-    # Jitted functions kept across stages, so that a shape seen before is never compiled
-    # again (a fresh `jax.jit` of a fresh closure compiles anew every time).
-    self._kept: dict[str, tuple[Any, Any]] = {}
-
-  def keep(self, name: str, make: Callable[[], Any], depends_on: Any = None) -> Any:
-    """`make()`'s result, made again only when `depends_on` is not the object it was made for
-    (one slot per name, so what a finished stage needed is not held)."""
-    slot = self._kept.get(name)
-    if slot is None or slot[0] is not depends_on:
-      slot = self._kept[name] = (depends_on, make())
-    return slot[1]
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) the task sequence of `config` in `workdir`; returns results.json's dict."""
-  config_lib.validate(config)
-  workdir = os.fspath(workdir)
-  timings = Timings()
-  # Building the run checks the model, data and mesh against the config, before the workdir
-  # is touched.
-  run = Run(config, workdir, timings)
-  os.makedirs(workdir, exist_ok=True)
-  checkpointing.check_workdir_config(workdir, config)
-  writer = metric_writer.MetricWriter(workdir, just_logging=jax.process_index() > 0)
-  writer.write_hparams(_flat_hparams(config))
-  ckpt = checkpointing.RunCheckpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.max_to_keep)
+@dataclasses.dataclass
+class Progress:
+  """Where a run is: checkpointed as JSON with the arrays, so a resumed run carries on.
 
-  # MTL trains one adapter on every task at once: a single stage holding all tasks.
-  stages = [list(run.tasks)] if run.method.joint else [[t] for t in run.tasks]
-  progress = {"stage": 0, "step": 0, "global_step": 0, "phase": "stage_start",
-              "accuracy_matrix": [], "losses": {}, "sensitivity": {}, "train_seconds": 0.0,
-              "stages": [", ".join(s) if len(s) > 1 else s[0] for s in stages]}
-  old = None  # stacked frozen adapters of finished tasks (None before the first)
-  base = run.base
-  # The base with every old adapter merged in: what the next stage's forward pass starts from.
-  # Evaluation computes it at the end of a stage; a resumed run computes it afresh.
-  base_eff = None
-  resume_step = ckpt.latest_step()
-  if resume_step is not None:
-    progress = ckpt.restore_progress(resume_step)
-    logging.info("Resuming %s from checkpoint %d: stage %d, step %d, phase %s", workdir,
-                 resume_step, progress["stage"], progress["step"], progress["phase"])
+  Attributes:
+    stage: the stage being trained (or about to start).
+    step: the step within the stage.
+    global_step: steps over the whole run.
+    phase: "stage_start" (the stage's adapter and optimizer are still to be made) or "train".
+    accuracy_matrix: one row per finished stage.
+    losses: stage name -> [[global step, loss], ...] at the logging interval.
+    sensitivity: stage name -> {layer: [K][r] scores of the old triplets}, for methods that
+      score them.
+    train_seconds: seconds spent in training steps, over every invocation.
+    stages: the stage names.
+  """
 
-  with run.mesh:
-    while progress["stage"] < len(stages):
-      stage = progress["stage"]
-      names = stages[stage]
-      label = progress["stages"][stage]
-      stage_key = jax.random.fold_in(run.key, stage)
-      with timings.phase("stage_setup"):
-        if resume_step is not None:
-          old, base, trainable, optimizer, opt_state = _restore(
-              run, ckpt, resume_step, progress, stage_key)
-          resume_step = None
-        else:
-          trainable, optimizer, opt_state, scores = _begin_stage(run, old, base, stage_key, names)
-          if scores is not None:
-            progress["sensitivity"][label] = scores
-          progress["phase"], progress["step"] = "train", 0
-        if base_eff is None:
-          base_eff = base if run.method.full_finetune else _merge(run, base, old)
+  stage: int = 0
+  step: int = 0
+  global_step: int = 0
+  phase: str = "stage_start"
+  accuracy_matrix: list = dataclasses.field(default_factory=list)
+  losses: dict = dataclasses.field(default_factory=dict)
+  sensitivity: dict = dataclasses.field(default_factory=dict)
+  train_seconds: float = 0.0
+  stages: list = dataclasses.field(default_factory=list)
 
-      with timings.phase("train"):
-        trainable, opt_state = _train_stage(run, ckpt, writer, progress, old, base, base_eff,
-                                            trainable, optimizer, opt_state, stage_key, names,
-                                            label, timings)
-      del opt_state, base_eff
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
 
-      # Evaluate every task seen so far with all adapters folded in (no task id).
-      with timings.phase("eval"):
-        if run.method.full_finetune:
-          base = trainable
-          eval_params = base
-        else:
-          old = adapters_lib.append_task({"old": old or {}, "new": trainable})["old"]
-          eval_params = _merge(run, base, old)
-        row = [None] * len(run.tasks)
-        for s in stages[:stage + 1]:
-          for name in s:
-            row[run.tasks.index(name)] = float(backbones.evaluate(run, eval_params, name))
-        base_eff = eval_params
-        del eval_params
-      progress["accuracy_matrix"].append(row)
-      seen = {n: row[run.tasks.index(n)] for s in stages[:stage + 1] for n in s}
-      logging.info("Accuracy after %s: %s", label, seen)
-      writer.write_scalars(progress["global_step"], {f"accuracy/{n}": v for n, v in seen.items()})
-
-      progress["stage"] += 1
-      progress["step"] = 0
-      progress["phase"] = "stage_start"
-      with timings.phase("checkpoint"):
-        _save(run, ckpt, progress, old, base, None, None)
-
-  ckpt.close()
-  with timings.phase("results"):
-    results = _write_results(run, workdir, progress, timings)
-    writer.flush()
-    writer.close()
-  return results
+  @classmethod
+  def from_json(cls, d: dict[str, Any]) -> "Progress":
+    return cls(**d)
 
 
-def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  flat = flax.traverse_util.flatten_dict(checkpointing.config_to_dict(config), sep=".")
-  return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in flat.items()}
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  """The driver's own fields of the run config, typed once."""
+
+  seed: int
+  global_batch_size: int
+  grad_accum_steps: int
+  num_epochs: int
+  max_steps_per_task: int
+  eval_batch_size: int
+  train_padding: str
+  log_every_steps: int
+  checkpoint_every_steps: int
+  checkpoint_max_to_keep: int
+  kill_at_step: int
+  plots: bool
+  sensitivity_layers: Optional[str]
+  sensitivity_chunk_size: Optional[int]
+  adapter_targets: str
+  adapter_rank: int
+  adapter_scaling: float
+  apply_mode: str
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "LoopConfig":
+    return cls(
+        seed=config.seed, global_batch_size=config.optim.global_batch_size,
+        grad_accum_steps=config.optim.grad_accum_steps, num_epochs=config.optim.num_epochs,
+        max_steps_per_task=config.optim.max_steps_per_task,
+        eval_batch_size=config.eval.batch_size, train_padding=config.data.train_padding,
+        log_every_steps=config.log_every_steps,
+        checkpoint_every_steps=config.checkpoint.every_steps,
+        checkpoint_max_to_keep=config.checkpoint.max_to_keep,
+        kill_at_step=config.debug.kill_at_step, plots=config.plots,
+        sensitivity_layers=config.injection.sensitivity_layers or None,
+        sensitivity_chunk_size=config.injection.chunk_size or None,
+        adapter_targets=config.adapters.targets, adapter_rank=config.adapters.rank,
+        adapter_scaling=config.adapters.scaling,
+        apply_mode=config.adapters.apply_mode or adapters_lib.AdapterConfig.apply_mode)
 
 
-# ----------------------------------------------------------------------------------------------
-# Stage set-up: fresh or injected adapter, optimizer.
+def method_settings(config: ml_collections.ConfigDict) -> methods_lib.MethodSettings:
+  """The method-related fields of a run config."""
+  return methods_lib.MethodSettings(
+      inject_sigma=config.injection.with_sigma,
+      inject_layers=_injection_layers(config.injection.layers),
+      num_seed_samples=config.injection.num_seed_samples,
+      score_aggregation=config.injection.aggregation,
+      olora_lambda1=config.olora.lambda1, olora_lambda2=config.olora.lambda2,
+      projection_rtol=config.projection.rtol)
 
 
-def _merge(run: Run, base: Any, stack: Any) -> Any:
-  """base + all adapters in `stack`, computed sharded like the base."""
-  if not stack:
-    return base
-  fn = run.keep("merge", lambda: jax.jit(
-      lambda b, s: adapters_lib.merge(b, s, run.adapter_config.scaling),
-      out_shardings=run.base_shardings))
-  return fn(base, stack)
-
-
-def _trainable_shardings(run: Run, trainable: Any) -> Any:
-  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
-  if run.method.full_finetune:
-    return run.base_shardings
-  specs = sharding.adapter_logical_specs(shapes, run.kernel_specs)
-  return sharding.logical_to_sharding(specs, shapes, run.mesh, run.rules)
-
-
-def _fresh_adapter(run: Run, stage_key: jax.Array) -> Any:
-  def make():
-    init = lambda k: adapters_lib.init_new(k, run.base, run.adapter_config, run.paths)
-    shardings = _trainable_shardings(run, jax.eval_shape(init, stage_key))
-    return jax.jit(init, out_shardings=shardings)
-  return run.keep("fresh_adapter", make)(stage_key)
-
-
-def _build_optimizer(run: Run, old: Any) -> optax.GradientTransformation:
-  """The stage's optimizer. Only the projection depends on the old adapters; every other
-  stage shares one optimizer object, and so one compiled train step per shape."""
-  if run.method.project and old:
-    return _new_optimizer(run, old)
-  return run.keep("optimizer", lambda: _new_optimizer(run, None))
-
-
-def _new_optimizer(run: Run, old: Any) -> optax.GradientTransformation:
-  o = run.config.optim
+def optimizer_settings(config: ml_collections.ConfigDict) -> methods_lib.OptimizerSettings:
+  """AdamW's fields of a run config (a linear warm-up to the constant rate, when asked)."""
+  o = config.optim
   lr = o.learning_rate
   if o.warmup_steps:
     lr = optax.join_schedules(
-        [optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps), optax.constant_schedule(o.learning_rate)],
-        [o.warmup_steps])
-  tx = methods_lib.build_optimizer(
-      run.method, old or None, learning_rate=lr, weight_decay=o.weight_decay,
-      max_grad_norm=o.grad_clip or None, projection_rtol=run.config.projection.rtol,
-      project_after_adam=run.config.projection.after_adam)
-  if o.grad_accum_steps > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=o.grad_accum_steps)
-  return tx
-
-
-def _init_opt_state(run: Run, optimizer, trainable, old):
-  """The optimizer state, sharded: moments follow their parameter (jit propagates the trainable
-  leaves' shardings to what `init` derives from them); counts and projection bases, which
-  derive from no parameter, are replicated over the mesh."""
-  del old
-  state = run.keep("opt_init", lambda: jax.jit(optimizer.init), depends_on=optimizer)(trainable)
-  rep = sharding.replicated(run.mesh)
-
-  def on_mesh(x):
-    s = x.sharding
-    if isinstance(s, jax.sharding.NamedSharding) and s.mesh == run.mesh:
-      return s
-    return rep
-  # Pinning every leaf to a mesh sharding makes the first train step see the same input
-  # shardings as every later one (it would otherwise compile twice).
-  return jax.device_put(state, jax.tree.map(on_mesh, state))
-
-
-def _begin_stage(run: Run, old: Any, base: Any, stage_key: jax.Array, names: list[str]):
-  scores = None
-  if run.method.full_finetune:
-    trainable = base
-  else:
-    trainable = _fresh_adapter(run, stage_key)
-    if run.method.inject and old:
-      seeds = backbones.seed_batch(run, names[0], run.method.num_seed_samples,
-                                   seed=int(jax.random.randint(jax.random.fold_in(stage_key, 1), (), 0, 2**31 - 1)))
-      raw = _score_old(run, base, old, seeds)
-      scores = {path: np.asarray(v).tolist() for path, v in raw.items()}
-      trainable = jax.jit(
-          lambda o, s, f: injection.inject(o, s, fresh=f, with_sigma=run.method.inject_sigma,
-                                           layers=run.method.inject_layers),
-          out_shardings=_trainable_shardings(run, trainable))(old, raw, trainable)
-  optimizer = _build_optimizer(run, old)
-  opt_state = _init_opt_state(run, optimizer, trainable, old)
-  return trainable, optimizer, opt_state, scores
+        [optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps),
+         optax.constant_schedule(o.learning_rate)], [o.warmup_steps])
+  return methods_lib.OptimizerSettings(
+      learning_rate=lr, weight_decay=o.weight_decay, max_grad_norm=o.grad_clip or None,
+      transform_after_adam=config.projection.after_adam)
 
 
 def _injection_layers(spec: str):
@@ -373,44 +212,126 @@ def _injection_layers(spec: str):
   return [p.strip() for p in spec.split(",") if p.strip()]
 
 
-def _score_old(run: Run, base: Any, old: Any, seeds: dict[str, jax.Array]) -> Any:
-  """Triplet scores S[layer][k, i] of every old task's triplets on the new task's seeds."""
-  cfg = run.config
-  bb = run.backbone
-  scaling = run.adapter_config.scaling
+class Kept:
+  """Jitted functions kept across stages, so that a shape seen before is never compiled again
+  (a fresh `jax.jit` of a fresh closure compiles anew every time)."""
 
-  def loss_of_stack(stack, sample):
-    batch = jax.tree.map(lambda x: x[None], sample)
-    with adapters_lib.intercept(stack, scaling):
-      return bb.loss(base, batch, None)
+  def __init__(self):
+    self._slots: dict[str, tuple[Any, Any]] = {}
 
-  return sensitivity.score_old_triplets(
-      loss_of_stack, old, seeds,
-      aggregation=run.method.score_aggregation,
-      layers=cfg.injection.sensitivity_layers or None,
-      chunk_size=cfg.injection.chunk_size or None)
+  def get(self, name: str, make: Callable[[], Any], depends_on: Any = None) -> Any:
+    """`make()`'s result, made again only when `depends_on` is not the object it was made for
+    (one slot per name, so what a finished stage needed is not held)."""
+    slot = self._slots.get(name)
+    if slot is None or slot[0] is not depends_on:
+      slot = self._slots[name] = (depends_on, make())
+    return slot[1]
+
+
+@dataclasses.dataclass
+class Base:
+  """The frozen pre-trained model on the mesh, and the layers adapters attach to.
+
+  Attributes:
+    params: the weights, sharded by the logical axis rules.
+    shardings: their shardings.
+    mesh, rules: the device mesh and the logical axis rules.
+    adapter_config: the adapters' targets, rank, scaling, init (None when the base trains).
+    paths: the adapted layers' module paths.
+    kernel_specs: each adapted layer's kernel's logical spec.
+  """
+
+  params: Any
+  shardings: Any
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  adapter_config: Optional[adapters_lib.AdapterConfig]
+  paths: list
+  kernel_specs: dict
+
+
+def place_base(backbone: backbones.Backbone, method: methods_lib.Method, loop: LoopConfig,
+               key: jax.Array, mesh: jax.sharding.Mesh, rules: tuple) -> Base:
+  """The frozen base, created already sharded: random weights by a jit whose outputs are laid
+  out by the sharding rules, loaded weights placed shard by shard."""
+  init_key = jax.random.fold_in(key, 0x5EED)
+  if backbone.params is None:
+    shapes = jax.eval_shape(backbone.init_params, init_key)
+  else:
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), backbone.params)
+  shardings = sharding.logical_to_sharding(backbone.param_specs, shapes, mesh, rules)
+  if backbone.params is None:
+    params = jax.jit(backbone.init_params, out_shardings=shardings)(init_key)
+  else:
+    params = jax.device_put(backbone.params, shardings)
+    backbone.params = None  # the host copy is no longer needed
+  base = Base(params=params, shardings=shardings, mesh=mesh, rules=rules, adapter_config=None,
+              paths=[], kernel_specs={})
+  if method.trains_base:
+    return base
+  base.adapter_config = adapters_lib.AdapterConfig(
+      targets=backbone.adapter_targets(loop.adapter_targets), rank=loop.adapter_rank,
+      scaling=loop.adapter_scaling, init=method.adapter_init, apply_mode=loop.apply_mode)
+  base.paths = adapters_lib.find_targets(params, base.adapter_config.targets)
+  # Before any work: the rank must fit every adapted layer.
+  adapters_lib.check_rank(params, base.paths, loop.adapter_rank)
+  base.kernel_specs = backbone.kernel_specs(base.paths)
+  return base
+
+
+def _check_batch_sizes(loop: LoopConfig, mesh: jax.sharding.Mesh) -> None:
+  dp = sharding.data_parallel_size(mesh)
+  if loop.global_batch_size % dp:
+    raise InputError(
+        f"config.optim.global_batch_size={loop.global_batch_size} is not divisible by the "
+        f"data-parallel size {dp} (mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']})")
+  if loop.global_batch_size % (dp * loop.grad_accum_steps):
+    raise InputError("config.optim.global_batch_size must be divisible by data-parallel size x "
+                     f"grad_accum_steps ({dp} x {loop.grad_accum_steps})")
+  if loop.eval_batch_size % dp:
+    raise InputError(f"config.eval.batch_size={loop.eval_batch_size} is not divisible by the "
+                     f"data-parallel size {dp}")
 
 
 # ----------------------------------------------------------------------------------------------
-# Training.
+# The train step: one, used by the driver, the tests and the benchmarks.
 
 
-def _make_step(run: Run, optimizer: optax.GradientTransformation, trainable_shardings, opt_shardings):
-  m = run.method
-  bb = run.backbone
+def make_train_step(backbone: Any, method: methods_lib.Method,
+                    optimizer: optax.GradientTransformation, *, scaling: float = 1.0,
+                    apply_mode: str = "lowrank", mesh: Optional[jax.sharding.Mesh] = None,
+                    trainable_shardings: Any = None, opt_shardings: Any = None) -> Callable:
+  """The jitted `step(trainable, opt_state, base_eff, old, batch, rng) -> (trainable,
+  opt_state, loss)`.
+
+  `trainable` is the new adapter (or the base params, for a method that trains the base);
+  `base_eff` the base with every old adapter merged in; `old` the stacked old adapters ({}
+  before the first), which only the method's regulariser reads. The adapter joins the model
+  as low-rank products through `nn.intercept_methods` ("lowrank") or materialised kernels
+  ("merged"). `trainable` and `opt_state` are donated.
+
+  Args:
+    backbone: anything with `loss(params, batch, rng) -> scalar` (a `Backbone`).
+    method: the method (its `trains_base` and `regularizer`).
+    optimizer: the stage's optimizer (`methods.build_optimizer`).
+    scaling: the adapters' output multiplier.
+    apply_mode: "lowrank" or "merged".
+    mesh: with the shardings, pins the outputs' layout (the loss is replicated).
+    trainable_shardings, opt_shardings: the outputs' shardings (None: jit's choice).
+  """
 
   def loss_fn(trainable, base_eff, old, batch, rng):
-    if m.full_finetune:
-      return bb.loss(trainable, batch, rng)
-    stack = jax.tree.map(lambda x: x[None], trainable)
-    if run.apply_mode == "merged":
-      loss = bb.loss(adapters_lib.merge(base_eff, stack, run.adapter_config.scaling), batch, rng)
+    if method.trains_base:
+      loss = backbone.loss(trainable, batch, rng)
     else:
-      with adapters_lib.intercept(stack, run.adapter_config.scaling):
-        loss = bb.loss(base_eff, batch, rng)
-    if m.olora and old:
-      loss = loss + olora.olora_penalty({"old": old, "new": trainable}, m.olora_lambda1, m.olora_lambda2)
-    return loss
+      stack = jax.tree.map(lambda x: x[None], trainable)
+      if apply_mode == "merged":
+        loss = backbone.loss(adapters_lib.merge(base_eff, stack, scaling), batch, rng)
+      else:
+        with adapters_lib.intercept(stack, scaling):
+          loss = backbone.loss(base_eff, batch, rng)
+    penalty = method.regularizer(trainable, old or None)
+    return loss if penalty is None else loss + penalty
 
   def step(trainable, opt_state, base_eff, old, batch, rng):
     loss, grads = jax.value_and_grad(loss_fn)(trainable, base_eff, old, batch, rng)
@@ -418,126 +339,359 @@ def _make_step(run: Run, optimizer: optax.GradientTransformation, trainable_shar
     trainable = optax.apply_updates(trainable, updates)
     return trainable, opt_state, loss
 
-  return jax.jit(step, donate_argnums=(0, 1),
-                 out_shardings=(trainable_shardings, opt_shardings, sharding.replicated(run.mesh)))
-
-
-def _train_stage(run, ckpt, writer, progress, old, base, base_eff, trainable, optimizer,
-                 opt_state, stage_key, names, label, timings):
-  """Trains the stage's trainable tree from `progress["step"]` on. `base_eff` is what the
-  forward pass starts from: the base with every old adapter merged in (or the base itself)."""
-  cfg = run.config
-  stream = backbones.train_stream(run, names, seed=int(jax.random.randint(
-      jax.random.fold_in(stage_key, 2), (), 0, 2**31 - 1)))
-  num_steps = stream.num_steps_per_epoch * cfg.optim.num_epochs * cfg.optim.grad_accum_steps
-  if cfg.optim.max_steps_per_task:
-    num_steps = min(num_steps, cfg.optim.max_steps_per_task)
-  tsh = jax.tree.map(lambda x: x.sharding, trainable)
-  osh = jax.tree.map(lambda x: x.sharding, opt_state)
-  step_fn = run.keep("step", lambda: _make_step(run, optimizer, tsh, osh), depends_on=optimizer)
-  train_key = jax.random.fold_in(stage_key, 3)
-  curve = progress["losses"].setdefault(label, [])
-  start = progress["step"]
-  bar = tqdm.tqdm(total=num_steps, initial=start, desc=f"train {label}", unit="step",
-                  disable=jax.process_index() != 0, dynamic_ncols=True)
-  t0, window_t, window_n = time.time(), time.time(), 0
-  for step in range(start, num_steps):
-    batch = sharding.global_batch(stream.batch(step), run.mesh)
-    trainable, opt_state, loss = step_fn(trainable, opt_state, base_eff, old or {}, batch,
-                                         jax.random.fold_in(train_key, step))
-    progress["step"] = step + 1
-    progress["global_step"] += 1
-    window_n += 1
-    bar.update(1)
-    last = step + 1 == num_steps
-    if progress["step"] % cfg.log_every_steps == 0 or last:
-      loss_v = float(loss)
-      rate = window_n / max(time.time() - window_t, 1e-9)
-      window_t, window_n = time.time(), 0
-      curve.append([progress["global_step"], loss_v])
-      bar.set_postfix(loss=f"{loss_v:.4f}", steps_per_s=f"{rate:.2f}")
-      writer.write_scalars(progress["global_step"], {f"train_loss/{label}": loss_v, "steps_per_second": rate})
-    if cfg.checkpoint.every_steps and progress["step"] % cfg.checkpoint.every_steps == 0 and not last:
-      progress["train_seconds"] += time.time() - t0
-      with timings.phase("checkpoint"):
-        _save(run, ckpt, progress, old, base, trainable, opt_state)
-      t0 = time.time()
-    if cfg.debug.kill_at_step >= 0 and progress["global_step"] == cfg.debug.kill_at_step:
-      logging.warning("debug.kill_at_step=%d: killing this process with SIGKILL", cfg.debug.kill_at_step)
-      os.kill(os.getpid(), signal.SIGKILL)
-  bar.close()
-  progress["train_seconds"] += time.time() - t0
-  return trainable, opt_state
+  out_shardings = None
+  if trainable_shardings is not None:
+    out_shardings = (trainable_shardings, opt_shardings, sharding.replicated(mesh))
+  return jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints.
+# The run.
 
 
-def _save(run, ckpt, progress, old, base, trainable, opt_state):
-  """Checkpoints the run. Mid-stage: the trainable tree and optimizer state; at a stage
-  boundary: what later stages need (the old adapters, or the fine-tuned base for SeqFT).
-  The frozen pre-trained base is never written."""
-  trees = {"rng": {"key": jax.random.key_data(run.key)}}
-  if old:
-    trees["old"] = old
-  if trainable is not None:
-    trees["trainable"] = trainable
-    trees["opt_state"] = opt_state
-  elif run.method.full_finetune:
-    trees["trainable"] = base
-  ckpt.save(progress["global_step"], trees, progress)
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) the task sequence of `config` in `workdir`; returns results.json's dict."""
+  config_lib.validate(config)
+  workdir = os.fspath(workdir)
+  timings = Timings()
+  # Everything is built, and so checked against the config, before the workdir is touched.
+  method = methods_lib.get_method(config.method, method_settings(config))
+  loop = LoopConfig.from_config(config)
+  mesh = sharding.make_mesh(config.mesh)
+  _check_batch_sizes(loop, mesh)
+  tasks = tasks_lib.run_tasks(config.order, config.num_tasks)
+  key = jax.random.key(config.seed)
+  with timings.phase("model_load"):
+    backbone = backbones.build(backbones.BackboneConfig.from_config(config))
+    base = place_base(backbone, method, loop, key, mesh, tuple(config.mesh.logical_axis_rules))
+  with timings.phase("data"):
+    data = task_data.load_task_data(task_data.DataConfig.from_config(config), tasks,
+                                    backbone.encode)
+  opt_settings = optimizer_settings(config)
+
+  os.makedirs(workdir, exist_ok=True)
+  checkpointing.check_workdir_config(workdir, config)
+  writer = metric_writer.MetricWriter(workdir, just_logging=jax.process_index() > 0)
+  writer.write_hparams(_flat_hparams(config))
+  ckpt = checkpointing.RunCheckpointer(os.path.join(workdir, "checkpoints"),
+                                       loop.checkpoint_max_to_keep)
+  kept = Kept()
+  stage = Stage(backbone=backbone, method=method, base=base, data=data, loop=loop,
+                optimizer_settings=opt_settings, key=key, kept=kept)
+
+  stages = method.stages(tasks)
+  progress = Progress(stages=[", ".join(s) for s in stages])
+  old = None  # stacked frozen adapters of finished tasks (None before the first)
+  params = base.params  # the base model's weights: the pre-trained ones, or SeqFT's latest
+  # The base with every old adapter merged in: what the next stage's forward pass starts from.
+  # Evaluation computes it at the end of a stage; a resumed run computes it afresh.
+  base_eff = None
+  resume_step = ckpt.latest_step()
+  if resume_step is not None:
+    progress = Progress.from_json(ckpt.restore_progress(resume_step))
+    logging.info("Resuming %s from checkpoint %d: stage %d, step %d, phase %s", workdir,
+                 resume_step, progress.stage, progress.step, progress.phase)
+
+  predict = kept.get("predict", lambda: jax.jit(backbone.predict))
+  with mesh:
+    while progress.stage < len(stages):
+      names = stages[progress.stage]
+      label = progress.stages[progress.stage]
+      stage_key = jax.random.fold_in(key, progress.stage)
+      with timings.phase("stage_setup"):
+        if resume_step is not None:
+          old, params, trainable, optimizer, opt_state = stage.restore(
+              ckpt, resume_step, progress, stage_key, names)
+          resume_step = None
+        else:
+          trainable, optimizer, opt_state = stage.begin(old, params, stage_key, names, progress)
+        if base_eff is None:
+          base_eff = stage.merge(params, old)
+
+      with timings.phase("train"):
+        trainable, opt_state = stage.train(ckpt, writer, progress, old, params, base_eff,
+                                           trainable, optimizer, opt_state, stage_key, names,
+                                           label, timings)
+      del opt_state, base_eff
+
+      # Evaluate every task seen so far with all adapters folded in (no task id).
+      with timings.phase("eval"):
+        if method.trains_base:
+          params = trainable
+        else:
+          old = adapters_lib.append_task({"old": old or {}, "new": trainable})["old"]
+        eval_params = stage.merge(params, old)
+        row = [None] * len(tasks)
+        for name in [n for s in stages[:progress.stage + 1] for n in s]:
+          row[tasks.index(name)] = float(evaluation.evaluate(
+              backbone, predict, eval_params, data[name].test, name,
+              batch_size=loop.eval_batch_size, mesh=mesh))
+        base_eff = eval_params
+        del eval_params
+      progress.accuracy_matrix.append(row)
+      seen = {n: row[tasks.index(n)] for s in stages[:progress.stage + 1] for n in s}
+      logging.info("Accuracy after %s: %s", label, seen)
+      writer.write_scalars(progress.global_step, {f"accuracy/{n}": v for n, v in seen.items()})
+
+      progress.stage += 1
+      progress.step = 0
+      progress.phase = "stage_start"
+      with timings.phase("checkpoint"):
+        stage.save(ckpt, progress, old, params, None, None)
+
+  ckpt.close()
+  with timings.phase("results"):
+    doc = results_lib.results_document(
+        method=config.method, tasks=tasks, stages=progress.stages,
+        matrix=progress.accuracy_matrix, joint=any(len(s) > 1 for s in stages),
+        global_steps=progress.global_step, train_seconds=progress.train_seconds,
+        sensitivity=progress.sensitivity, losses=progress.losses,
+        config=checkpointing.config_to_dict(config))
+    # This invocation's wall seconds by phase (a resumed run counts only its own part).
+    late = lambda: {"timings": timings.as_dict()}
+    if jax.process_index() == 0:
+      doc = results_lib.write_results(workdir, doc, plots=loop.plots, late_fields=late)
+    writer.flush()
+    writer.close()
+  return {**doc, **late()}
 
 
-def _with_shardings(abstract, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
+def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  flat = flax.traverse_util.flatten_dict(checkpointing.config_to_dict(config), sep=".")
+  return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in flat.items()}
 
 
-def _abstract_adapter(run: Run, stage_key: jax.Array, num_tasks: int | None = None):
-  """Shapes and shardings of one task's adapter, or of a stack of `num_tasks` of them."""
-  one = jax.eval_shape(
-      lambda k: adapters_lib.init_new(k, run.base, run.adapter_config, run.paths), stage_key)
-  if num_tasks is not None:
-    one = jax.tree.map(lambda x: jax.ShapeDtypeStruct((num_tasks,) + x.shape, x.dtype), one)
-  specs = sharding.adapter_logical_specs(one, run.kernel_specs)
-  return _with_shardings(one, sharding.logical_to_sharding(specs, one, run.mesh, run.rules))
+# ----------------------------------------------------------------------------------------------
+# One stage: its adapter and optimizer, training, checkpoints.
 
 
-def _restore(run, ckpt, step, progress, stage_key):
-  """Restores the checkpointed state and returns (old, base, trainable, optimizer, opt_state)."""
-  stage = progress["stage"]
-  saved = ckpt.items(step)
-  restored = ckpt.restore(step, {"rng": {"key": jax.eval_shape(lambda: jax.random.key_data(run.key))}})
-  if not np.array_equal(np.asarray(restored["rng"]["key"]), np.asarray(jax.random.key_data(run.key))):
-    raise InputError(f"checkpoint {step} was written with another seed")
-  old = None
-  if "old" in saved:
-    old = ckpt.restore(step, {"old": _abstract_adapter(run, stage_key, num_tasks=stage)})["old"]
-  base = run.base
-  if progress["phase"] == "train":
-    if run.method.full_finetune:
-      trainable_abs = _abstract_with_shardings(run.base)
+@dataclasses.dataclass
+class Stage:
+  """What every stage uses, fixed for the run: the stage functions read it explicitly."""
+
+  backbone: backbones.Backbone
+  method: methods_lib.Method
+  base: Base
+  data: dict
+  loop: LoopConfig
+  optimizer_settings: methods_lib.OptimizerSettings
+  key: jax.Array
+  kept: Kept
+
+  # -- adapters ---------------------------------------------------------------------------------
+
+  def merge(self, params: Any, stack: Any) -> Any:
+    """`params` + every adapter in `stack`, computed sharded like the base."""
+    if not stack:
+      return params
+    scaling = self.base.adapter_config.scaling
+    fn = self.kept.get("merge", lambda: jax.jit(
+        lambda b, s: adapters_lib.merge(b, s, scaling), out_shardings=self.base.shardings))
+    return fn(params, stack)
+
+  def trainable_shardings(self, trainable: Any) -> Any:
+    if self.method.trains_base:
+      return self.base.shardings
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
+    specs = sharding.adapter_logical_specs(shapes, self.base.kernel_specs)
+    return sharding.logical_to_sharding(specs, shapes, self.base.mesh, self.base.rules)
+
+  def _init_new(self, key: jax.Array) -> Any:
+    return adapters_lib.init_new(key, self.base.params, self.base.adapter_config, self.base.paths)
+
+  def fresh_adapter(self, stage_key: jax.Array) -> Any:
+    def make():
+      shardings = self.trainable_shardings(jax.eval_shape(self._init_new, stage_key))
+      return jax.jit(self._init_new, out_shardings=shardings)
+    return self.kept.get("fresh_adapter", make)(stage_key)
+
+  def score_old(self, params: Any, old: Any, names: list[str], stage_key: jax.Array):
+    """The method's `score_old`: old triplets' scores on seed samples of the stage's task."""
+    backbone, scaling = self.backbone, self.base.adapter_config.scaling
+
+    def score(num_seed_samples: int):
+      seed = int(jax.random.randint(jax.random.fold_in(stage_key, 1), (), 0, 2**31 - 1))
+      samples = pipeline.seed_samples(self.data[names[0]].train_examples, num_seed_samples, seed)
+      seeds = backbone.seed_batch(samples, tasks_lib.get_task(names[0]))
+
+      def loss_of_stack(stack, sample):
+        batch = jax.tree.map(lambda x: x[None], sample)
+        with adapters_lib.intercept(stack, scaling):
+          return backbone.loss(params, batch, None)
+
+      return sensitivity.score_old_triplets(
+          loss_of_stack, old, seeds, aggregation=self.method.score_aggregation,
+          layers=self.loop.sensitivity_layers, chunk_size=self.loop.sensitivity_chunk_size)
+
+    return score
+
+  # -- optimizer --------------------------------------------------------------------------------
+
+  def optimizer(self, old: Any) -> optax.GradientTransformation:
+    """The stage's optimizer. Stages whose method transforms nothing share one optimizer
+    object, and so one compiled train step per shape."""
+    if self.method.gradient_transform(old or None) is None:
+      return self.kept.get("optimizer", lambda: self._new_optimizer(None))
+    return self._new_optimizer(old)
+
+  def _new_optimizer(self, old: Any) -> optax.GradientTransformation:
+    tx = methods_lib.build_optimizer(self.method, old or None, self.optimizer_settings)
+    if self.loop.grad_accum_steps > 1:
+      tx = optax.MultiSteps(tx, every_k_schedule=self.loop.grad_accum_steps)
+    return tx
+
+  def init_opt_state(self, optimizer, trainable):
+    """The optimizer state, sharded: moments follow their parameter (jit propagates the
+    trainable leaves' shardings to what `init` derives from them); counts and projection
+    bases, which derive from no parameter, are replicated over the mesh."""
+    init = self.kept.get("opt_init", lambda: jax.jit(optimizer.init), depends_on=optimizer)
+    state = init(trainable)
+    mesh = self.base.mesh
+    rep = sharding.replicated(mesh)
+
+    def on_mesh(x):
+      s = x.sharding
+      if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh:
+        return s
+      return rep
+    # Pinning every leaf to a mesh sharding makes the first train step see the same input
+    # shardings as every later one (it would otherwise compile twice).
+    return jax.device_put(state, jax.tree.map(on_mesh, state))
+
+  def begin(self, old: Any, params: Any, stage_key: jax.Array, names: list[str],
+            progress: Progress):
+    """The stage's trainable tree, optimizer and optimizer state, as the method starts it."""
+    if self.method.trains_base:
+      trainable = params
     else:
-      trainable_abs = _abstract_adapter(run, stage_key)
-    optimizer = _build_optimizer(run, old)
-    # The optimizer state's shapes and shardings, as `_begin_stage` would create them.
-    opt_abs = _abstract_with_shardings(_init_opt_state(run, optimizer, _zeros_like(trainable_abs), old))
-    state = ckpt.restore(step, {"trainable": trainable_abs, "opt_state": opt_abs})
-    return old, base, state["trainable"], optimizer, state["opt_state"]
-  # A stage boundary: start the next stage as an uninterrupted run would.
-  if run.method.full_finetune and "trainable" in saved:
-    base = ckpt.restore(step, {"trainable": _abstract_with_shardings(run.base)})["trainable"]
-  trainable, optimizer, opt_state, scores = _begin_stage(run, old, base, stage_key,
-                                                         _stage_names(run, stage))
-  if scores is not None:
-    progress["sensitivity"][progress["stages"][stage]] = scores
-  progress["phase"], progress["step"] = "train", 0
-  return old, base, trainable, optimizer, opt_state
+      fresh = self.fresh_adapter(stage_key)
+      trainable, scores = self.method.init_adapter(
+          fresh, old or None, self.score_old(params, old, names, stage_key))
+      if scores is not None:
+        progress.sensitivity[progress.stages[progress.stage]] = {
+            path: np.asarray(v).tolist() for path, v in scores.items()}
+        trainable = jax.device_put(trainable, self.trainable_shardings(trainable))
+    optimizer = self.optimizer(old)
+    opt_state = self.init_opt_state(optimizer, trainable)
+    progress.phase, progress.step = "train", 0
+    return trainable, optimizer, opt_state
 
+  # -- training ---------------------------------------------------------------------------------
 
-def _stage_names(run, stage):
-  return list(run.tasks) if run.method.joint else [run.tasks[stage]]
+  def train(self, ckpt, writer, progress: Progress, old, params, base_eff, trainable, optimizer,
+            opt_state, stage_key, names, label, timings: Timings):
+    """Trains the stage's trainable tree from `progress.step` on. `base_eff` is what the
+    forward pass starts from: the base with every old adapter merged in (or the base)."""
+    loop, mesh = self.loop, self.base.mesh
+    stream = task_data.train_stream(
+        self.data, names, loop.global_batch_size // loop.grad_accum_steps,
+        seed=int(jax.random.randint(jax.random.fold_in(stage_key, 2), (), 0, 2**31 - 1)),
+        train_padding=loop.train_padding)
+    num_steps = stream.num_steps_per_epoch * loop.num_epochs * loop.grad_accum_steps
+    if loop.max_steps_per_task:
+      num_steps = min(num_steps, loop.max_steps_per_task)
+    tsh = jax.tree.map(lambda x: x.sharding, trainable)
+    osh = jax.tree.map(lambda x: x.sharding, opt_state)
+    adapter = self.base.adapter_config
+    step_fn = self.kept.get("step", lambda: make_train_step(
+        self.backbone, self.method, optimizer,
+        scaling=adapter.scaling if adapter else 1.0,
+        apply_mode=adapter.apply_mode if adapter else "lowrank", mesh=mesh,
+        trainable_shardings=tsh, opt_shardings=osh), depends_on=optimizer)
+    train_key = jax.random.fold_in(stage_key, 3)
+    curve = progress.losses.setdefault(label, [])
+    start = progress.step
+    bar = tqdm.tqdm(total=num_steps, initial=start, desc=f"train {label}", unit="step",
+                    disable=jax.process_index() != 0, dynamic_ncols=True)
+    replicated = self.backbone.replicated_keys
+    t0, window_t, window_n = time.time(), time.time(), 0
+    for step in range(start, num_steps):
+      batch = sharding.global_batch(stream.batch(step), mesh, replicated_keys=replicated)
+      trainable, opt_state, loss = step_fn(trainable, opt_state, base_eff, old or {}, batch,
+                                           jax.random.fold_in(train_key, step))
+      progress.step = step + 1
+      progress.global_step += 1
+      window_n += 1
+      bar.update(1)
+      last = step + 1 == num_steps
+      if progress.step % loop.log_every_steps == 0 or last:
+        loss_v = float(loss)
+        rate = window_n / max(time.time() - window_t, 1e-9)
+        window_t, window_n = time.time(), 0
+        curve.append([progress.global_step, loss_v])
+        bar.set_postfix(loss=f"{loss_v:.4f}", steps_per_s=f"{rate:.2f}")
+        writer.write_scalars(progress.global_step,
+                             {f"train_loss/{label}": loss_v, "steps_per_second": rate})
+      if loop.checkpoint_every_steps and progress.step % loop.checkpoint_every_steps == 0 \
+          and not last:
+        progress.train_seconds += time.time() - t0
+        with timings.phase("checkpoint"):
+          self.save(ckpt, progress, old, params, trainable, opt_state)
+        t0 = time.time()
+      if loop.kill_at_step >= 0 and progress.global_step == loop.kill_at_step:
+        logging.warning("debug.kill_at_step=%d: killing this process with SIGKILL",
+                        loop.kill_at_step)
+        os.kill(os.getpid(), signal.SIGKILL)
+    bar.close()
+    progress.train_seconds += time.time() - t0
+    return trainable, opt_state
+
+  # -- checkpoints ------------------------------------------------------------------------------
+
+  def save(self, ckpt, progress: Progress, old, params, trainable, opt_state) -> None:
+    """Checkpoints the run. Mid-stage: the trainable tree and optimizer state; at a stage
+    boundary: what later stages need (the old adapters, or the trained base). The frozen
+    pre-trained base is never written."""
+    trees = {"rng": {"key": jax.random.key_data(self.key)}}
+    if old:
+      trees["old"] = old
+    if trainable is not None:
+      trees["trainable"] = trainable
+      trees["opt_state"] = opt_state
+    elif self.method.trains_base:
+      trees["trainable"] = params
+    ckpt.save(progress.global_step, trees, progress.to_json())
+
+  def _abstract_adapter(self, stage_key: jax.Array, num_tasks: int | None = None):
+    """Shapes and shardings of one task's adapter, or of a stack of `num_tasks` of them."""
+    one = jax.eval_shape(self._init_new, stage_key)
+    if num_tasks is not None:
+      one = jax.tree.map(lambda x: jax.ShapeDtypeStruct((num_tasks,) + x.shape, x.dtype), one)
+    specs = sharding.adapter_logical_specs(one, self.base.kernel_specs)
+    shardings = sharding.logical_to_sharding(specs, one, self.base.mesh, self.base.rules)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        one, shardings)
+
+  def restore(self, ckpt, step: int, progress: Progress, stage_key: jax.Array, names):
+    """Restores the checkpointed state: (old, params, trainable, optimizer, opt_state)."""
+    saved = ckpt.items(step)
+    restored = ckpt.restore(
+        step, {"rng": {"key": jax.eval_shape(lambda: jax.random.key_data(self.key))}})
+    if not np.array_equal(np.asarray(restored["rng"]["key"]),
+                          np.asarray(jax.random.key_data(self.key))):
+      raise InputError(f"checkpoint {step} was written with another seed")
+    old = None
+    if "old" in saved:
+      old = ckpt.restore(step, {"old": self._abstract_adapter(
+          stage_key, num_tasks=progress.stage)})["old"]
+    params = self.base.params
+    if progress.phase == "train":
+      if self.method.trains_base:
+        trainable_abs = _abstract_with_shardings(self.base.params)
+      else:
+        trainable_abs = self._abstract_adapter(stage_key)
+      optimizer = self.optimizer(old)
+      # The optimizer state's shapes and shardings, as `begin` would create them.
+      opt_abs = _abstract_with_shardings(
+          self.init_opt_state(optimizer, _zeros_like(trainable_abs)))
+      state = ckpt.restore(step, {"trainable": trainable_abs, "opt_state": opt_abs})
+      return old, params, state["trainable"], optimizer, state["opt_state"]
+    # A stage boundary: start the next stage as an uninterrupted run would.
+    if self.method.trains_base and "trainable" in saved:
+      params = ckpt.restore(
+          step, {"trainable": _abstract_with_shardings(self.base.params)})["trainable"]
+    trainable, optimizer, opt_state = self.begin(old, params, stage_key, names, progress)
+    return old, params, trainable, optimizer, opt_state
 
 
 def _abstract_with_shardings(tree):
@@ -546,66 +700,3 @@ def _abstract_with_shardings(tree):
 
 def _zeros_like(abstract):
   return jax.tree.map(lambda a: jax.device_put(jnp.zeros(a.shape, a.dtype), a.sharding), abstract)
-
-
-# ----------------------------------------------------------------------------------------------
-# Results.
-
-
-def _write_results(run: Run, workdir: str, progress: dict[str, Any],
-                   timings: Timings) -> dict[str, Any]:
-  matrix = progress["accuracy_matrix"]
-  summary = metrics_lib.summarize(matrix, joint=run.method.joint)
-  results = {
-      "method": run.config.method,
-      "tasks": list(run.tasks),
-      "stages": progress["stages"],
-      "accuracy_matrix": matrix,
-      **summary,
-      "global_steps": progress["global_step"],
-      "train_seconds": progress["train_seconds"],
-      "sensitivity": progress["sensitivity"],
-      "losses": progress["losses"],
-      "config": checkpointing.config_to_dict(run.config),
-  }
-  if jax.process_index() != 0:
-    return dict(results, timings=timings.as_dict())
-  wd = pathlib.Path(workdir)
-  header = "after," + ",".join(run.tasks)
-  lines = [header] + [
-      f"{progress['stages'][i]}," + ",".join("" if v is None else f"{v:.6f}" for v in row)
-      for i, row in enumerate(matrix)]
-  metrics_lib.atomic_write_text(wd / "accuracy_matrix.csv", "\n".join(lines) + "\n")
-  metrics_lib.atomic_write_text(wd / "report.md", _report_md(run, results))
-  if run.config.plots:
-    plots.accuracy_heatmap(matrix, run.tasks, progress["stages"], wd / "accuracy_matrix.png",
-                           title=f"{run.config.method}: average accuracy {100 * results['average_accuracy']:.1f}")
-    plots.sensitivity_plot(progress["sensitivity"], wd / "sensitivity.png")
-    plots.loss_curves(progress["losses"], wd / "loss_curves.png")
-  # Last, so that a results.json in a workdir means every other output is there too.
-  # This invocation's wall seconds by phase (a resumed run counts only its own part).
-  results["timings"] = timings.as_dict()
-  metrics_lib.atomic_write_text(wd / "results.json", json.dumps(results, indent=2))
-  return results
-
-
-def _fmt(v):
-  return "" if v is None else f"{100 * v:.1f}"
-
-
-def _report_md(run: Run, results: dict[str, Any]) -> str:
-  tasks = results["tasks"]
-  out = [f"# {results['method']} on {', '.join(tasks)}", "",
-         f"Model: `{run.config.model.path or run.config.model.family}`; method `{results['method']}`; "
-         f"seed {run.config.seed}.", "",
-         "Accuracy (%) on each task (columns) after each training stage (rows):", "",
-         "| after | " + " | ".join(tasks) + " |",
-         "|---|" + "---|" * len(tasks)]
-  for stage, row in zip(results["stages"], results["accuracy_matrix"]):
-    out.append(f"| {stage} | " + " | ".join(_fmt(v) for v in row) + " |")
-  out += ["", "| metric | value |", "|---|---|"]
-  for k in ("average_accuracy", "bwt", "fwt", "forgetting"):
-    v = results.get(k)
-    out.append(f"| {k} | {'n/a' if v is None else f'{100 * v:.2f}'} |")
-  out.append("")
-  return "\n".join(out)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO_ROOT, require_shared
+from conftest import REPO_ROOT
 
 TINY_BERT = {
     "architectures": ["BertModel"], "model_type": "bert", "vocab_size": 30522, "hidden_size": 64,
@@ -22,7 +21,7 @@ TINY_BERT = {
 }
 
 TINY_T5 = {
-    "architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "vocab_size": 32128,
+    "architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "vocab_size": 512,
     "d_model": 64, "d_kv": 8, "d_ff": 128, "num_layers": 2, "num_decoder_layers": 2,
     "num_heads": 8, "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
     "dropout_rate": 0.1, "layer_norm_epsilon": 1e-6, "feed_forward_proj": "gated-gelu",
@@ -49,14 +48,19 @@ def tiny_bert(tmp: pathlib.Path) -> list[str]:
 
 
 def tiny_t5(tmp: pathlib.Path) -> list[str]:
-  """Overrides for a tiny random-weight T5 v1.1 with flan-t5's real tokenizer (from shared/)."""
-  tok = require_shared("t5_tokenizer", "flan-t5-small")
+  """Overrides for a tiny random-weight T5 v1.1 with a small T5-style tokenizer built here.
+
+  The tokenizer is built at test time (tests/tiny_tokenizer.py) even when shared/ holds
+  flan-t5's, so these tests run, and behave the same, in any clone.
+  """
+  import tiny_tokenizer  # pylint: disable=g-import-not-at-top
   d = tmp / "tiny_t5"
   d.mkdir(parents=True, exist_ok=True)
+  vocab_size = tiny_tokenizer.save(d)
+  if vocab_size > TINY_T5["vocab_size"]:
+    raise AssertionError(f"the tiny tokenizer has {vocab_size} pieces, more than TINY_T5's "
+                         f"vocab_size {TINY_T5['vocab_size']}: raise it")
   (d / "config.json").write_text(json.dumps(TINY_T5))
-  for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-    if (tok / f).exists():
-      shutil.copy(tok / f, d / f)
   return [f"--config.model.path={d}", "--config.model.random_init=True",
           "--config.model.family=t5"]
 
@@ -84,6 +88,23 @@ def run_main(workdir: pathlib.Path, *overrides: str, devices: int | None = None,
   if check and proc.returncode != 0:
     raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-6000:]}")
   return proc
+
+
+def killed_then_resumed(workdir: pathlib.Path, args: list[str], kill_at_step: int) -> dict:
+  """`main` SIGKILLed right after global step `kill_at_step`, then run again to resume it;
+  returns the resumed run's results.json."""
+  proc = run_main(workdir, *args, f"--config.debug.kill_at_step={kill_at_step}", check=False)
+  assert proc.returncode == -9, proc.stderr[-3000:]
+  assert not (workdir / "results.json").exists()
+  run_main(workdir, *args)
+  return json.loads((workdir / "results.json").read_text())
+
+
+def assert_same_run(a: dict, b: dict) -> None:
+  """Two results.json of one config: the same accuracies, losses and sensitivity scores, bit
+  for bit, after the same number of steps."""
+  for key in ("accuracy_matrix", "losses", "sensitivity", "global_steps"):
+    assert a[key] == b[key], key
 
 
 def make_config(*overrides: str):

@@ -79,16 +79,10 @@ def test_resume_after_kill_is_identical(tmp_path, method):
           "--config.optim.num_epochs=3"]
   straight = tmp_path / "straight"
   du.run_main(straight, *args)
-  killed = tmp_path / "killed"
-  proc = du.run_main(killed, *args, "--config.debug.kill_at_step=9", check=False)
-  assert proc.returncode == -9, proc.stderr[-3000:]
-  assert not (killed / "results.json").exists()
-  du.run_main(killed, *args)  # resumes from the checkpoint at global step 8
-  a, b = _results(straight), _results(killed)
-  assert a["accuracy_matrix"] == b["accuracy_matrix"]
-  assert a["losses"] == b["losses"]
-  assert a["sensitivity"] == b["sensitivity"]
-  assert a["global_steps"] == b["global_steps"] == 12
+  # Killed after step 9, it resumes from the checkpoint at global step 8.
+  resumed = du.killed_then_resumed(tmp_path / "killed", args, kill_at_step=9)
+  du.assert_same_run(_results(straight), resumed)
+  assert resumed["global_steps"] == 12
 
 
 def test_refuses_workdir_of_another_config(tmp_path):

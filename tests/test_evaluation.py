@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import require_shared
+from lbcl_jax import data as data_lib
 from lbcl_jax import evaluation
+from lbcl_jax import sharding
 from lbcl_jax import tasks
 from lbcl_jax.data import load_split
 from lbcl_jax.data import pipeline
@@ -62,11 +64,23 @@ def test_evaluate_generation(tok):
         out[r] = 7  # not even a label: must not count
     return out
 
-  accuracy, predictions = evaluation.evaluate_generation(fake_generate, batches, tok, task,
-                                                         return_predictions=True)
-  assert len(predictions) == 10
+  class FakeGenerator:
+    """A generative backbone: its predictions are token ids, scored by exact match."""
+
+    replicated_keys = ()
+
+    def eval_extras(self, task):
+      del task
+      return {}
+
+    def to_options(self, predictions, task):
+      return evaluation.match_options(evaluation.decode(tok, predictions), task.labels)
+
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  predict = lambda params, batch: fake_generate(jax.tree.map(np.asarray, batch))
+  accuracy = evaluation.evaluate(FakeGenerator(), predict, None, data, task, batch_size=4,
+                                 mesh=mesh)
   assert accuracy == pytest.approx(5 / 10)  # even rows of batches of 4, 4 and 2 real rows
-  assert set(predictions) <= set(task.labels)
   assert evaluation.decode(tok, [[0, 1804, 1, 1804], [-100, 1804, 1, 7]]) == ["Good", "Good"]
 
 
@@ -130,12 +144,48 @@ def test_rank_classify_length_normalization():
 def test_evaluate_rank_classification_weights(tok):
   option_ids, option_mask = evaluation.option_targets(tok, "agnews")
   fn, _, _ = _first_token_model()
-  input_ids = np.zeros((4, 8), np.int32)
-  input_ids[:, 0] = option_ids[[0, 1, 2, 2], 0]
-  batch = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids),
-           "label_index": np.array([0, 1, 3, 0], np.int32),
-           "weight": np.array([1, 1, 1, 0], np.float32)}
-  # Rows 0, 1 right, row 2 wrong, row 3 (weight 0) ignored.
-  assert evaluation.evaluate_rank_classification(
-      fn, [batch], option_ids, option_mask) == pytest.approx(2 / 3)
-  assert evaluation.accuracy_from_predictions(np.array([0, 1, 2, 2]), batch) == (2.0, 3.0)
+
+  class FakeRanker:
+    """A backbone predicting option indices by rank classification with the task's options."""
+
+    replicated_keys = ("option_ids", "option_mask")
+
+    def eval_extras(self, task):
+      del task
+      return {"option_ids": option_ids, "option_mask": option_mask}
+
+    def to_options(self, predictions, task):
+      del task
+      return predictions
+
+  def predict(params, batch):
+    del params
+    return evaluation.rank_classify(fn, batch["input_ids"], batch["attention_mask"],
+                                    batch["option_ids"], batch["option_mask"])
+
+  examples = [data_lib.make_example(tasks.get_task("agnews"), s, y)
+              for s, y in (("a", 0), ("b", 1), ("c", 3))]
+  data = pipeline.encode_seq2seq(examples, tok)
+  first = option_ids[[0, 1, 2], 0]  # rows 0 and 1 start like their label, row 2 like another
+
+  class Rigged:
+    """The encoded test split with each row's first token set as above."""
+
+    source_lengths = data.source_lengths
+
+    def __len__(self):
+      return len(data)
+
+    def lengths(self, idx):
+      return data.lengths(idx)
+
+    def collate(self, idx, batch_size, lengths=None):
+      batch = dict(data.collate(idx, batch_size, lengths))
+      batch["input_ids"] = np.array(batch["input_ids"])
+      batch["input_ids"][:len(idx), 0] = first[np.asarray(idx)]
+      return batch
+
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  # Rows 0, 1 right, row 2 wrong; the padding row of the batch of 4 (weight 0) is ignored.
+  assert evaluation.evaluate(FakeRanker(), predict, None, Rigged(), "agnews", batch_size=4,
+                             mesh=mesh) == pytest.approx(2 / 3)

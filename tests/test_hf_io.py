@@ -177,25 +177,32 @@ def test_bf16_params_round_trip(saved, tmp_path):
 
 
 def test_config_from_hf_reads_transformers_4_and_5_layouts():
-  v5 = hf.T5_FAMILY.config_from_hf(
+  v5 = t5.FAMILY.config_from_hf(
       {"model_type": "t5", "feed_forward_proj": "gated-gelu", "tie_word_embeddings": True,
        "scale_decoder_outputs": False, "num_layers": 3}, dtype=jnp.float32,
       param_dtype=jnp.float32)
   assert not v5.tie_word_embeddings and v5.num_decoder_layers == 3
   assert v5.dense_act_fn == "gelu_new" and v5.is_gated_act
-  v4 = hf.T5_FAMILY.config_from_hf({"tie_word_embeddings": False, "eos_token_id": [1]},
-                                   dtype=jnp.float32, param_dtype=jnp.float32)
+  v4 = t5.FAMILY.config_from_hf({"tie_word_embeddings": False, "eos_token_id": [1]},
+                                 dtype=jnp.float32, param_dtype=jnp.float32)
   assert not v4.tie_word_embeddings and v4.eos_token_id == 1
-  assert hf.T5_FAMILY.config_from_hf({}, dtype=jnp.float32,
-                                     param_dtype=jnp.float32).tie_word_embeddings
-  round_trip = hf.T5_FAMILY.config_from_hf(hf.T5_FAMILY.config_to_hf(v5), dtype=jnp.float32,
-                                           param_dtype=jnp.float32)
+  assert t5.FAMILY.config_from_hf({}, dtype=jnp.float32,
+                                  param_dtype=jnp.float32).tie_word_embeddings
+  round_trip = t5.FAMILY.config_from_hf(t5.FAMILY.config_to_hf(v5), dtype=jnp.float32,
+                                        param_dtype=jnp.float32)
   assert round_trip == v5
+
+
+def test_t5_family_lives_in_t5_and_is_found_from_a_model():
+  assert hf.get_family("t5") is t5.FAMILY
+  assert "t5" in hf.registered_model_types()
+  model = t5.T5(t5.T5Config(vocab_size=8, d_model=4, d_kv=2, d_ff=4, num_layers=1, num_heads=2))
+  assert hf.family_of_model(model) == ("t5", t5.FAMILY)
 
 
 def test_register_family_and_hub_ids(tmp_path, monkeypatch):
   """A new model_type plugs in through the registry; hub ids go to snapshot_download."""
-  family = dataclasses.replace(hf.T5_FAMILY, name="toy", supported_architectures=("Toy",))
+  family = dataclasses.replace(t5.FAMILY, name="toy", supported_architectures=("Toy",))
   hf.register_family("toy-t5", family)
   try:
     src = tmp_path / "src"
@@ -308,7 +315,7 @@ def test_wrong_shape_missing_and_unexpected_tensors(good_dir, tmp_path):
     hf.from_pretrained(path)
 
   # HF's own leftover key is ignored, as transformers does.
-  ok = dict(tensors, **{hf._T5_IGNORED_KEYS[0]: np.zeros((8, 2), np.float32)})
+  ok = dict(tensors, **{t5._IGNORED_KEYS[0]: np.zeros((8, 2), np.float32)})
   hf.from_pretrained(copy_checkpoint(good_dir, tmp_path / "ignored", tensors=ok))
 
 

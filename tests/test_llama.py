@@ -33,6 +33,10 @@ IDS = np.array([[0, 0, 0, 5, 6, 7, 8, 9],
 MASK = (np.arange(IDS.shape[1])[None, :] >= np.array([[3], [0], [5]])).astype(np.int64)
 MAX_NEW = 8
 
+# greedy_generate is pure; jitted here (once per model / length / EOS / shapes) as callers do.
+generate = jax.jit(llama.greedy_generate, static_argnums=(0, 4),
+                   static_argnames=("eos_token_id", "pad_token_id"))
+
 # name -> LlamaConfig overrides of the tiny model.
 VARIANTS = {
     "gqa_tied": dict(num_key_value_heads=2, tie_word_embeddings=True),
@@ -217,12 +221,12 @@ def test_greedy_generate_matches_no_cache_and_hf(variant, torch, transformers):
       {k: v.numpy() for k, v in ref.state_dict().items()}, model.config, source="memory")
   # No EOS first, so every row runs the full length; then an EOS id the first row produces
   # early, so rows stop at different steps and are padded after.
-  free = np.asarray(llama.greedy_generate(model, params, IDS, MASK, MAX_NEW, eos_token_id=()))
+  free = np.asarray(generate(model, params, IDS, MASK, MAX_NEW, eos_token_id=()))
   assert len(set(free.ravel().tolist())) > 3, free  # the test needs varied generations
   eos = int(free[0, 2])
   for eos_ids in ((), (eos,)):
-    ours = np.asarray(llama.greedy_generate(model, params, IDS, MASK, MAX_NEW,
-                                            eos_token_id=eos_ids, pad_token_id=0))
+    ours = np.asarray(generate(model, params, IDS, MASK, MAX_NEW, eos_token_id=eos_ids,
+                               pad_token_id=0))
     assert ours.shape == (len(IDS), MAX_NEW) and ours.dtype == np.int32
     np.testing.assert_array_equal(
         ours, greedy_without_cache(model, params, IDS, MASK, MAX_NEW, eos_ids, 0))
@@ -255,7 +259,7 @@ def test_bfloat16_compute_tracks_float32():
   half = our_logits(model, params)
   assert half.dtype == np.float32 and np.isfinite(half).all()
   assert rel_diff(half, full, MASK) < 5e-2
-  assert llama.greedy_generate(model, params, IDS, MASK, 3).shape == (len(IDS), 3)
+  assert generate(model, params, IDS, MASK, 3).shape == (len(IDS), 3)
 
 
 def test_adapter_targets_and_interception():
@@ -280,12 +284,15 @@ def test_adapter_targets_and_interception():
       {"params": params}, IDS, MASK) for mode in ("lowrank", "merged"))
   assert float(jnp.abs(lowrank - base).max()) > 1e-3
   np.testing.assert_allclose(lowrank, merged, atol=1e-4)
-  # Cached generation sees the adapters too.
-  with adapters_lib.intercept(state):
-    adapted = llama.greedy_generate(model, params, IDS, MASK, 4)
+  # Cached generation sees the adapters too (the interceptor entered inside the jit).
+  @jax.jit
+  def generate_with_adapters(p, s):
+    with adapters_lib.intercept(s):
+      return llama.greedy_generate(model, p, IDS, MASK, 4)
+
+  adapted = generate_with_adapters(params, state)
   merged_params = adapters_lib.merge(params, adapters_lib.stacked(state))
-  np.testing.assert_array_equal(adapted,
-                                llama.greedy_generate(model, merged_params, IDS, MASK, 4))
+  np.testing.assert_array_equal(adapted, generate(model, merged_params, IDS, MASK, 4))
 
 
 def test_bad_hf_tensors_name_file_and_key(tmp_path):
@@ -585,8 +592,8 @@ def test_smollm2_logits_match_hf(smollm2, torch):
 def test_smollm2_greedy_generation_matches_hf(smollm2, torch):
   ids, mask, tokenizer = smollm2["ids"], smollm2["mask"], smollm2["tokenizer"]
   eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-  ours = np.asarray(llama.greedy_generate(smollm2["model"], smollm2["params"], ids, mask,
-                                          REAL_NEW, eos_token_id=eos, pad_token_id=pad))
+  ours = np.asarray(generate(smollm2["model"], smollm2["params"], ids, mask, REAL_NEW,
+                             eos_token_id=eos, pad_token_id=pad))
   theirs = hf_greedy(torch, smollm2["ref"], ids, mask, REAL_NEW, eos, pad)
   same = int((ours == theirs).all(axis=1).sum())
   print(f"SmolLM2 GGUF: {same}/{len(PROMPTS)} prompts with identical greedy generations")

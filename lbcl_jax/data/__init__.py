@@ -14,7 +14,6 @@ The input pipeline (tokenisation, length buckets, batches, the training stream) 
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import importlib
 from typing import Any, Sequence
@@ -110,11 +109,6 @@ def sample_examples(examples: Sequence[Example], *, per_class: int | None = None
   idx = sample_indices([e.label_index for e in examples], per_class=per_class,
                        max_examples=max_examples, seed=seed)
   return [examples[i] for i in idx]
-
-
-def class_counts(examples: Sequence[Example]) -> dict[str, int]:
-  """Examples per label string (for logs and tests)."""
-  return dict(collections.Counter(e.label for e in examples))
 
 
 def load_split(task: str | tasks_lib.Task, split: str, source: str, **opts: Any) -> list[Example]:

@@ -376,6 +376,37 @@ class TrainStream:
       step += 1
 
 
+class MixedStream:
+  """Joint training over several tasks (MTL): every step is one task's batch.
+
+  Within an epoch each task contributes its own number of batches, in an order shuffled from
+  the seed, so the mixture is proportional to task sizes and `batch(step)` stays a pure function
+  of (seed, step). One task per batch keeps label-name options shared within a batch.
+  """
+
+  def __init__(self, streams: Sequence[TrainStream], seed: int):
+    self.streams = list(streams)
+    self.seed = seed
+    owner = np.concatenate([np.full(s.num_steps_per_epoch, i) for i, s in enumerate(self.streams)])
+    self.num_steps_per_epoch = len(owner)
+    self._owner = owner
+
+  def _schedule(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng([self.seed, epoch, 0x3A7])
+    owner = self._owner[rng.permutation(len(self._owner))]
+    # The k-th appearance of task i in the epoch is task i's k-th batch of its own epoch.
+    local = np.zeros_like(owner)
+    for i in range(len(self.streams)):
+      local[owner == i] = np.arange(int((owner == i).sum()))
+    return owner, local
+
+  def batch(self, step: int):
+    epoch, k = divmod(int(step), self.num_steps_per_epoch)
+    owner, local = self._schedule(epoch)
+    stream = self.streams[int(owner[k])]
+    return stream.batch(epoch * stream.num_steps_per_epoch + int(local[k]))
+
+
 def num_eval_batches(data: BatchSource, batch_size: int) -> int:
   return math.ceil(len(data) / batch_size)
 

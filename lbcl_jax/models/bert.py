@@ -27,6 +27,7 @@ these scores (`scoring_loss`) and prediction is their argmax (`predict_labels`).
 """
 
 import dataclasses
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -523,14 +524,8 @@ def config_to_hf(config: BertConfig) -> dict[str, Any]:
   return out
 
 
-@dataclasses.dataclass(frozen=True)
-class _Tensor:
-  """One HF tensor: its unprefixed name, our param path, whether it is a transposed kernel."""
-
-  hf_name: str
-  path: tuple[str, ...]
-  shape: tuple[int, ...]  # HF layout
-  transpose: bool = False
+# One tensor of the HF state dict and where it lives in our params.
+_Tensor = hf.LayoutTensor
 
 
 def _layout(config: BertConfig, pooler: bool) -> list[_Tensor]:
@@ -651,39 +646,12 @@ def params_to_hf(params: Mapping[str, Any], config: BertConfig) -> dict[str, np.
   params = nn.meta.unbox(params)
   if set(params) == {"params"}:
     params = params["params"]
-  flat = {
-      tuple(str(getattr(k, "key", k)) for k in path): leaf
-      for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-  }
-  layout = _layout(config, pooler="pooler" in params)
-  out: dict[str, np.ndarray] = {}
-  for t in layout:
-    if t.path not in flat:
-      raise KeyError(f"params lack {'/'.join(t.path)} (needed for HF tensor {t.hf_name!r})")
-    array = np.asarray(jax.device_get(flat.pop(t.path)))
-    if t.transpose:
-      array = array.T
-    if tuple(array.shape) != t.shape:
-      raise ValueError(f"param {'/'.join(t.path)} has HF shape {array.shape}, expected {t.shape}")
-    out[t.hf_name] = np.ascontiguousarray(array)
-  if flat:
-    # Refuse to drop weights silently: an unknown leaf means the tree is not a BertModel's.
-    raise ValueError(f"params have leaves with no HF name: {sorted('/'.join(p) for p in flat)}")
-  return out
+  return hf.tensors_by_layout(params, _layout(config, pooler="pooler" in params))
 
 
 # ----------------------------------------------------------------------------- registry
 
 # `hf.from_pretrained` imports this module on demand for model_type 'bert' (hf imports no
 # family module at import time, so importing hf here makes no cycle).
-FAMILY = hf.Family(
-    name="bert",
-    config_from_hf=config_from_hf,
-    config_to_hf=config_to_hf,
-    make_model=make_model,
-    params_from_hf=params_from_hf,
-    params_to_hf=params_to_hf,
-    supported_architectures=SUPPORTED_ARCHITECTURES,
-    model_class=BertModel,
-)
+FAMILY = hf.Family.of_module("bert", sys.modules[__name__], BertModel)
 hf.register_family("bert", FAMILY)

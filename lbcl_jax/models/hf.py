@@ -2,9 +2,11 @@
 
 A *family* (T5, BERT, ...) knows how to turn a `config.json` dict into its config, build its
 Flax module and convert tensors between HF's names/layout and its Flax params. Families are
-keyed by `config.json`'s `model_type`; T5 registers itself here for 't5', other families call
-`register_family` from their own module (which `from_pretrained` imports on demand for the
-model types listed in `_FAMILY_MODULES`).
+keyed by `config.json`'s `model_type`. Each family calls `register_family` at the bottom of
+its own module (`t5.py`, `bert.py`, `llama.py`), which `get_family` imports on demand for the
+model types listed in `_FAMILY_MODULES`; hf.py imports no family module, so a family module
+may import hf.py without a cycle. A model can only exist once its module has been imported,
+so `family_of_model` always finds its family registered.
 
 Checkpoints are directories with `config.json` plus `model.safetensors`, a sharded
 `model.safetensors.index.json`, or `pytorch_model.bin` (torch imported only then). Any
@@ -33,7 +35,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from lbcl_jax.errors import InputError
-from lbcl_jax.models import t5 as t5_lib
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -79,11 +80,27 @@ class Family:
   supported_architectures: tuple[str, ...] = ()
   model_class: Optional[type] = None
 
+  @classmethod
+  def of_module(cls, name: str, module: Any, model_class: type) -> "Family":
+    """The family a model module defines under the standard names: `config_from_hf`,
+    `config_to_hf`, `make_model`, `params_from_hf`, `params_to_hf` and
+    `SUPPORTED_ARCHITECTURES` (call it at the bottom of the module with
+    `sys.modules[__name__]`)."""
+    return cls(name=name, config_from_hf=module.config_from_hf,
+               config_to_hf=module.config_to_hf, make_model=module.make_model,
+               params_from_hf=module.params_from_hf, params_to_hf=module.params_to_hf,
+               supported_architectures=tuple(module.SUPPORTED_ARCHITECTURES),
+               model_class=model_class)
+
 
 _FAMILIES: dict[str, Family] = {}
 # Modules that register a family when imported; imported lazily so hf.py does not depend on
 # them (and they may import hf.py to register).
-_FAMILY_MODULES = {"bert": "lbcl_jax.models.bert", "llama": "lbcl_jax.models.llama"}
+_FAMILY_MODULES = {
+    "bert": "lbcl_jax.models.bert",
+    "llama": "lbcl_jax.models.llama",
+    "t5": "lbcl_jax.models.t5",
+}
 
 
 def register_family(model_type: str, family: Family) -> None:
@@ -118,11 +135,6 @@ def family_of_model(model: nn.Module) -> tuple[str, Family]:
 # ------------------------------------------------------------------------------- helpers
 
 
-def _to_numpy(array: Any) -> np.ndarray:
-  """np.ndarray of a jax/numpy array (bf16 comes out as ml_dtypes.bfloat16)."""
-  return np.ascontiguousarray(np.asarray(jax.device_get(array)))
-
-
 def convert_tensor(tensors: Mapping[str, np.ndarray], key: str, expected_shape: tuple,
                    dtype: Any, *, source: str, transpose: bool = False) -> np.ndarray:
   """`tensors[key]` checked against `expected_shape` (after transposing) and cast to `dtype`.
@@ -144,170 +156,42 @@ def convert_tensor(tensors: Mapping[str, np.ndarray], key: str, expected_shape: 
   return np.ascontiguousarray(array.astype(np.dtype(dtype)))
 
 
-# ---------------------------------------------------------------------------- T5 family
-
-# Present in some HF checkpoints and ignored by HF when loading (a leftover table).
-_T5_IGNORED_KEYS = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
-# HF aliases of `shared.weight` (tied input embeddings of both stacks).
-_T5_EMBED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
-_T5_ARCHITECTURES = ("T5ForConditionalGeneration", "T5WithLMHeadModel")
-_T5_INT_FIELDS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
-                  "relative_attention_num_buckets", "relative_attention_max_distance",
-                  "pad_token_id")
-
-
-def _t5_config_from_hf(cfg: Mapping[str, Any], *, dtype: Any = jnp.float32,
-                       param_dtype: Any = jnp.float32) -> t5_lib.T5Config:
-  """Our T5Config from a config.json dict (transformers 4 or 5 layout)."""
-  defaults = t5_lib.T5Config()
-  kwargs = {}
-  for name in _T5_INT_FIELDS:
-    value = cfg.get(name, getattr(defaults, name))
-    if not isinstance(value, int) or isinstance(value, bool):
-      raise ValueError(f"field {name!r} must be an integer, got {value!r}")
-    kwargs[name] = value
-  num_decoder_layers = cfg.get("num_decoder_layers")
-  kwargs["num_decoder_layers"] = (kwargs["num_layers"] if num_decoder_layers is None
-                                  else int(num_decoder_layers))
-  eos = cfg.get("eos_token_id", defaults.eos_token_id)
-  if isinstance(eos, (list, tuple)):
-    if len(eos) != 1:
-      raise ValueError(f"field 'eos_token_id': only one EOS id is supported, got {eos!r}")
-    eos = eos[0]
-  kwargs["eos_token_id"] = int(eos)
-  start = cfg.get("decoder_start_token_id")
-  kwargs["decoder_start_token_id"] = kwargs["pad_token_id"] if start is None else int(start)
-  kwargs["dropout_rate"] = float(cfg.get("dropout_rate", defaults.dropout_rate))
-  kwargs["layer_norm_epsilon"] = float(cfg.get("layer_norm_epsilon",
-                                               defaults.layer_norm_epsilon))
-  kwargs["feed_forward_proj"] = str(cfg.get("feed_forward_proj", defaults.feed_forward_proj))
-  # transformers 5 always writes tie_word_embeddings=true for T5 and keeps the v1.0/v1.1
-  # distinction in scale_decoder_outputs; transformers 4 configs only have the former.
-  if "scale_decoder_outputs" in cfg:
-    tied = cfg["scale_decoder_outputs"]
-  else:
-    tied = cfg.get("tie_word_embeddings", True)
-  kwargs["tie_word_embeddings"] = bool(tied)
-  return t5_lib.T5Config(dtype=dtype, param_dtype=param_dtype, **kwargs)
-
-
-def _t5_config_to_hf(config: t5_lib.T5Config) -> dict:
-  return {
-      "architectures": ["T5ForConditionalGeneration"],
-      "model_type": "t5",
-      "vocab_size": config.vocab_size,
-      "d_model": config.d_model,
-      "d_kv": config.d_kv,
-      "d_ff": config.d_ff,
-      "num_layers": config.num_layers,
-      "num_decoder_layers": config.num_decoder_layers,
-      "num_heads": config.num_heads,
-      "relative_attention_num_buckets": config.relative_attention_num_buckets,
-      "relative_attention_max_distance": config.relative_attention_max_distance,
-      "dropout_rate": config.dropout_rate,
-      "layer_norm_epsilon": config.layer_norm_epsilon,
-      "initializer_factor": 1.0,
-      "feed_forward_proj": config.feed_forward_proj,
-      # transformers 5 reads a false here as "no output rescaling" and unties lm_head when
-      # the checkpoint holds a distinct one; transformers 4 reads it literally.
-      "tie_word_embeddings": config.tie_word_embeddings,
-      "is_encoder_decoder": True,
-      "use_cache": True,
-      "pad_token_id": config.pad_token_id,
-      "eos_token_id": config.eos_token_id,
-      "decoder_start_token_id": config.decoder_start_token_id,
-      "dtype": jnp.dtype(config.param_dtype).name,
-  }
-
-
-def _t5_hf_key(path: tuple[str, ...]) -> tuple[str, bool]:
-  """(HF tensor name, whether HF stores the transpose) of a Flax param path."""
-  parts = []
-  for part in path[:-1]:
-    match = re.fullmatch(r"(block|layer)_(\d+)", part)
-    parts.extend(match.groups() if match else (part,))
-  leaf = path[-1]
-  if leaf not in ("kernel", "scale", "embedding"):
-    raise ValueError(f"unexpected T5 parameter {'/'.join(path)}")
-  return ".".join(parts + ["weight"]), leaf == "kernel"
-
-
-def _t5_make_model(config: t5_lib.T5Config) -> t5_lib.T5:
-  return t5_lib.T5(config)
-
-
-def _t5_params_from_hf(tensors: Mapping[str, np.ndarray], config: t5_lib.T5Config, *,
-                       source: str) -> dict:
-  """Flax params of `T5(config)` from HF tensors (np arrays keyed by HF names)."""
-  abstract = flax.traverse_util.flatten_dict(t5_lib.abstract_params(t5_lib.T5(config)))
-  tensors = dict(tensors)
-  used = set()
-
-  # The shared embedding may only be stored under one of its aliases (old .bin files).
-  shared_key = "shared.weight"
-  if shared_key not in tensors:
-    shared_key = next((k for k in _T5_EMBED_ALIASES if k in tensors), shared_key)
-
-  flat = {}
-  for path, struct in abstract.items():
-    key, transpose = _t5_hf_key(path)
-    if key == "shared.weight":
-      key = shared_key
-    elif key == "lm_head.weight" and key not in tensors:
-      # transformers 5 ties lm_head to shared for every T5 and then omits lm_head.weight
-      # from the files it saves; it loads such a checkpoint with shared as the head.
-      key = shared_key
-    flat[path] = convert_tensor(tensors, key, struct.shape, config.param_dtype, source=source,
-                                transpose=transpose)
-    used.add(key)
-
-  # Aliases of the shared embedding (and, for v1.0, of the tied head) must hold the same
-  # values: our model has one table, so a different one cannot be represented.
-  aliases = list(_T5_EMBED_ALIASES) + (["lm_head.weight"] if config.tie_word_embeddings else [])
-  shared = np.asarray(tensors[shared_key])
-  for key in aliases:
-    if key in tensors and key not in used:
-      other = np.asarray(tensors[key])
-      if other.shape != shared.shape or not np.array_equal(other, shared):
-        raise CheckpointError(
-            f"{source}: tensor {key!r} differs from {shared_key!r}; this config ties them "
-            "(tie_word_embeddings) so they must be equal")
-      used.add(key)
-  used.update(k for k in _T5_IGNORED_KEYS if k in tensors)
-  unexpected = sorted(set(tensors) - used)
-  if unexpected:
-    raise CheckpointError(
-        f"{source}: unexpected tensor {unexpected[0]!r} for this T5 config"
-        + (f" (and {len(unexpected) - 1} more: {unexpected[1:6]})" if len(unexpected) > 1
-           else ""))
-  return jax.tree_util.tree_map(jnp.asarray, flax.traverse_util.unflatten_dict(flat))
-
-
-def _t5_params_to_hf(params: Mapping[str, Any], config: t5_lib.T5Config) -> dict:
-  """HF tensors (HF names, (out, in) layout) of Flax T5 params."""
-  del config  # The tree itself says whether there is an lm_head.
-  out = {}
-  for path, value in flax.traverse_util.flatten_dict(nn.meta.unbox(params)).items():
-    key, transpose = _t5_hf_key(path)
-    array = _to_numpy(value)
-    out[key] = np.ascontiguousarray(array.T) if transpose else array
-  return out
-
-
-T5_FAMILY = Family(
-    name="t5",
-    config_from_hf=_t5_config_from_hf,
-    config_to_hf=_t5_config_to_hf,
-    make_model=_t5_make_model,
-    params_from_hf=_t5_params_from_hf,
-    params_to_hf=_t5_params_to_hf,
-    supported_architectures=_T5_ARCHITECTURES,
-    model_class=t5_lib.T5,
-)
-register_family("t5", T5_FAMILY)
-
-
 # --------------------------------------------------------------------------- reading
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutTensor:
+  """One tensor of a family's HF state dict: its name, our param path, its HF shape, and
+  whether it is a transposed kernel (HF `[out, in]`, Flax `(in, out)`)."""
+
+  hf_name: str
+  path: tuple[str, ...]
+  shape: tuple[int, ...]
+  transpose: bool = False
+
+
+def tensors_by_layout(params: Mapping[str, Any], layout: list[LayoutTensor]) -> dict[str, np.ndarray]:
+  """HF tensors of `params` (boxed or not, a `{'params': ...}` wrapper tolerated) by a family's
+  layout. Arrays keep their dtype and are C-contiguous (as safetensors needs). A missing or
+  misshaped param raises; so does a param the layout does not name, rather than being
+  silently dropped."""
+  params = nn.meta.unbox(params)
+  if set(params) == {"params"}:
+    params = params["params"]
+  flat = dict(flax.traverse_util.flatten_dict(params))
+  out: dict[str, np.ndarray] = {}
+  for t in layout:
+    if t.path not in flat:
+      raise KeyError(f"params lack {'/'.join(t.path)} (needed for HF tensor {t.hf_name!r})")
+    array = np.asarray(jax.device_get(flat.pop(t.path)))
+    if t.transpose:
+      array = array.T
+    if tuple(array.shape) != t.shape:
+      raise ValueError(f"param {'/'.join(t.path)} has HF shape {array.shape}, expected {t.shape}")
+    out[t.hf_name] = np.ascontiguousarray(array)
+  if flat:
+    raise ValueError(f"params have leaves with no HF name: {sorted('/'.join(p) for p in flat)}")
+  return out
 
 
 def _read_config(directory: pathlib.Path) -> dict:
@@ -417,7 +301,9 @@ def _load_tensors(directory: pathlib.Path) -> tuple[dict[str, np.ndarray], str]:
       f"{directory}: no weights file (looked for {', '.join(n for n, _ in candidates)})")
 
 
-def _looks_like_hub_id(name: str) -> bool:
+def looks_like_hub_id(name: str) -> bool:
+  """A Hugging Face hub id ("org/name" or "name"), as opposed to a path: the one rule the
+  loaders and the config check share."""
   return (re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name) is not None
           and not name.startswith((".", "~")))
 
@@ -445,7 +331,7 @@ def _resolve(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
     return path
   if path.exists():
     raise CheckpointNotFoundError(f"{path}: not a directory (expected a checkpoint directory)")
-  if isinstance(path_or_hub_id, str) and _looks_like_hub_id(path_or_hub_id):
+  if isinstance(path_or_hub_id, str) and looks_like_hub_id(path_or_hub_id):
     return _snapshot_download(path_or_hub_id)
   raise CheckpointNotFoundError(f"{path}: checkpoint directory not found")
 
@@ -548,6 +434,6 @@ def load_tokenizer(path_or_hub_id: str | os.PathLike):
                      ("tokenizer.json", "tokenizer_config.json", CONFIG_NAME))
     if not has_config and (path / "spiece.model").is_file():
       return transformers.T5Tokenizer.from_pretrained(str(path))
-  elif path.exists() or not _looks_like_hub_id(str(path_or_hub_id)):
+  elif path.exists() or not looks_like_hub_id(str(path_or_hub_id)):
     raise CheckpointNotFoundError(f"{path}: tokenizer directory not found")
   return transformers.AutoTokenizer.from_pretrained(str(path_or_hub_id))

@@ -42,11 +42,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
 import flax.linen as nn
-import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -450,9 +450,44 @@ def _as_ids(ids: Union[None, int, Sequence[int]]) -> tuple[int, ...]:
   return tuple(int(i) for i in ids)
 
 
-def _greedy_generate_impl(model: LlamaForCausalLM, params: Any, input_ids: Array,
-                          attention_mask: Optional[Array], max_new_tokens: int,
-                          eos_ids: tuple[int, ...], pad_token_id: int) -> Array:
+def greedy_generate(model: LlamaForCausalLM, params: Any, input_ids: Array,
+                    attention_mask: Optional[Array], max_new_tokens: int,
+                    eos_token_id: Union[None, int, Sequence[int]] = None,
+                    pad_token_id: Optional[int] = None) -> Array:
+  """Greedy decoding with the KV cache: the new tokens, int32 `[B, max_new_tokens]`.
+
+  Matches `hf_model.generate(input_ids, attention_mask=..., do_sample=False,
+  max_new_tokens=N)[:, L:]` padded to N with `pad_token_id`: the prompt is run once
+  (prefill), then one token per step in a `lax.while_loop` that stops early when every row
+  has produced an EOS; after its EOS a row holds `pad_token_id`. Prompts are usually
+  left-padded (as HF requires); other padding works too since each row continues from its
+  last real token and padded slots are masked out.
+
+  Args:
+    model: the Flax model.
+    params: its params (plain argument; merged adapter params work).
+    input_ids: `[B, L]` prompt ids.
+    attention_mask: `[B, L]` 1 for real tokens; None means no padding.
+    max_new_tokens: number of tokens to generate (static).
+    eos_token_id: id or ids that end a row; None means the config's `eos_token_id` (static).
+    pad_token_id: filler after EOS; None means the config's `pad_token_id`, else the first
+      EOS id, else 0 (HF's fallback is the EOS id too) (static).
+
+  A pure function: shapes are fixed, so it traces under `jax.jit`, inside
+  `nn.intercept_methods` or both. It does not compile itself: the caller jits it, e.g.
+  `jax.jit(greedy_generate, static_argnums=(0, 4), static_argnames=('eos_token_id',
+  'pad_token_id'))` (pass EOS ids as a tuple then). With adapters applied by interception,
+  jit a function that enters `nn.intercept_methods` and then calls this, so the interceptor
+  is traced in (jit's trace cache does not see interceptors active outside the jitted
+  function).
+  """
+  cfg = model.config
+  eos_ids = _as_ids(cfg.eos_token_id if eos_token_id is None else eos_token_id)
+  if pad_token_id is None:
+    pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (
+        eos_ids[0] if eos_ids else 0)
+  pad_token_id, max_new_tokens = int(pad_token_id), int(max_new_tokens)
+  input_ids = jnp.asarray(input_ids)
   batch, length = input_ids.shape
   if attention_mask is None:
     attention_mask = jnp.ones((batch, length), jnp.int32)
@@ -486,68 +521,6 @@ def _greedy_generate_impl(model: LlamaForCausalLM, params: Any, input_ids: Array
 
   state = (jnp.array(1, jnp.int32), token, cache, out, is_eos(token))
   return lax.while_loop(cond, body, state)[3]
-
-
-# Compiled once per (model, max_new_tokens, eos, pad, shapes). Only used when no flax
-# interceptor is active: jit's trace cache does not see interceptors and would silently drop
-# adapters.
-_greedy_generate_jit = jax.jit(_greedy_generate_impl, static_argnums=(0, 4, 5, 6))
-
-
-def _is_tracing(*trees) -> bool:
-  return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(trees))
-
-
-def _interceptors_active() -> bool:
-  # Private flax state; if it moves, assume interceptors may be active (always correct).
-  from flax.linen import module as flax_module  # pylint: disable=g-import-not-at-top
-  stack = getattr(flax_module, "_global_interceptor_stack", None)
-  return True if stack is None else bool(stack)
-
-
-def greedy_generate(model: LlamaForCausalLM, params: Any, input_ids: Array,
-                    attention_mask: Optional[Array], max_new_tokens: int,
-                    eos_token_id: Union[None, int, Sequence[int]] = None,
-                    pad_token_id: Optional[int] = None) -> Array:
-  """Greedy decoding with the KV cache: the new tokens, int32 `[B, max_new_tokens]`.
-
-  Matches `hf_model.generate(input_ids, attention_mask=..., do_sample=False,
-  max_new_tokens=N)[:, L:]` padded to N with `pad_token_id`: the prompt is run once
-  (prefill), then one token per step in a `lax.while_loop` that stops early when every row
-  has produced an EOS; after its EOS a row holds `pad_token_id`. Prompts are usually
-  left-padded (as HF requires); other padding works too since each row continues from its
-  last real token and padded slots are masked out.
-
-  Args:
-    model: the Flax model.
-    params: its params (plain argument; merged adapter params work).
-    input_ids: `[B, L]` prompt ids.
-    attention_mask: `[B, L]` 1 for real tokens; None means no padding.
-    max_new_tokens: number of tokens to generate (static).
-    eos_token_id: id or ids that end a row; None means the config's `eos_token_id`.
-    pad_token_id: filler after EOS; None means the config's `pad_token_id`, else the first
-      EOS id, else 0 (HF's fallback is the EOS id too).
-
-  Shapes are fixed, so this can be called inside an outer `jax.jit`, `nn.intercept_methods`
-  context or both. Called eagerly it compiles itself (cached per model / max_new_tokens /
-  shape) unless a flax interceptor is active, in which case it is compiled afresh for that call
-  so the interceptor is traced in.
-  """
-  cfg = model.config
-  eos_ids = _as_ids(cfg.eos_token_id if eos_token_id is None else eos_token_id)
-  if pad_token_id is None:
-    pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (
-        eos_ids[0] if eos_ids else 0)
-  input_ids = jnp.asarray(input_ids)
-  args = (model, params, input_ids, attention_mask, int(max_new_tokens), eos_ids,
-          int(pad_token_id))
-  if _is_tracing(params, input_ids, attention_mask):
-    return _greedy_generate_impl(*args)
-  if _interceptors_active():
-    fn = functools.partial(_greedy_generate_impl, model, max_new_tokens=int(max_new_tokens),
-                           eos_ids=eos_ids, pad_token_id=int(pad_token_id))
-    return jax.jit(fn)(params, input_ids, attention_mask)
-  return _greedy_generate_jit(*args)
 
 
 def causal_lm_loss(logits: Array, labels: Array, label_mask: Array) -> Array:
@@ -656,14 +629,8 @@ def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
   }
 
 
-@dataclasses.dataclass(frozen=True)
-class _Tensor:
-  """One HF tensor: its name, our param path, HF shape, whether it is a transposed kernel."""
-
-  hf_name: str
-  path: tuple[str, ...]
-  shape: tuple[int, ...]
-  transpose: bool = False
+# One tensor of the HF state dict and where it lives in our params.
+_Tensor = hf.LayoutTensor
 
 
 def _layout(config: LlamaConfig) -> list[_Tensor]:
@@ -741,39 +708,13 @@ def params_to_hf(params: Mapping[str, Any], config: LlamaConfig) -> dict[str, np
   A tied config writes no `lm_head.weight` (as transformers saves tied models). Arrays keep
   their dtype and are C-contiguous (as safetensors needs).
   """
-  params = nn.meta.unbox(params)
-  if set(params) == {"params"}:
-    params = params["params"]
-  flat = dict(flax.traverse_util.flatten_dict(params))
-  out: dict[str, np.ndarray] = {}
-  for t in _layout(config):
-    if t.path not in flat:
-      raise KeyError(f"params lack {'/'.join(t.path)} (needed for HF tensor {t.hf_name!r})")
-    array = np.asarray(jax.device_get(flat.pop(t.path)))
-    if t.transpose:
-      array = array.T
-    if tuple(array.shape) != t.shape:
-      raise ValueError(f"param {'/'.join(t.path)} has HF shape {array.shape}, expected {t.shape}")
-    out[t.hf_name] = np.ascontiguousarray(array)
-  if flat:
-    # Refuse to drop weights silently: an unknown leaf means the tree is not this config's.
-    raise ValueError(f"params have leaves with no HF name: {sorted('/'.join(p) for p in flat)}")
-  return out
+  return hf.tensors_by_layout(params, _layout(config))
 
 
 # ----------------------------------------------------------------------------- registry
 
 # `hf.from_pretrained` imports this module on demand for model_type 'llama'.
-FAMILY = hf.Family(
-    name="llama",
-    config_from_hf=config_from_hf,
-    config_to_hf=config_to_hf,
-    make_model=make_model,
-    params_from_hf=params_from_hf,
-    params_to_hf=params_to_hf,
-    supported_architectures=SUPPORTED_ARCHITECTURES,
-    model_class=LlamaForCausalLM,
-)
+FAMILY = hf.Family.of_module("llama", sys.modules[__name__], LlamaForCausalLM)
 hf.register_family("llama", FAMILY)
 
 __all__ = [

@@ -42,7 +42,11 @@ Logical axis names.
     'activation_vocab' for logits.
 
 Decoding uses a fixed-shape KV cache in the flax ``'cache'`` collection: see
-``T5.init_cache``, ``init_decode_cache``, ``decode_step`` and ``greedy_generate``.
+``T5.init_cache``, ``init_decode_cache``, ``decode_step`` and ``greedy_generate`` (pure; the
+caller jits it).
+
+Hugging Face conversion (``config_from_hf``, ``params_from_hf``, ``params_to_hf``, ...) lives
+at the bottom, where the module registers ``FAMILY`` with ``hf.register_family('t5', ...)``.
 """
 
 from __future__ import annotations
@@ -50,12 +54,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
+import sys
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import flax.linen as nn
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+
+from lbcl_jax.models import hf
 
 Array = jax.Array
 Dtype = Any
@@ -565,8 +576,22 @@ def decode_step(model: T5, params: dict, cache: dict, decoder_input_ids: Array,
   return logits, mutated["cache"]
 
 
-def _greedy_generate_impl(model: T5, params: dict, input_ids: Array,
-                          attention_mask: Optional[Array], max_new_tokens: int) -> Array:
+def greedy_generate(model: T5, params: dict, input_ids: Array,
+                    attention_mask: Optional[Array], max_new_tokens: int) -> Array:
+  """Greedy decoding with the KV cache: int32 [B, max_new_tokens], like HF's generate.
+
+  Matches `hf_model.generate(do_sample=False, num_beams=1, max_new_tokens=N)[:, 1:]` padded
+  to N with `pad_token_id` (HF's output starts with the decoder start token and stops early
+  when every row has produced EOS; after its EOS a row holds padding).
+
+  A pure function: shapes are fixed and the loop is a `lax.while_loop`, so it traces under
+  `jax.jit`, inside `nn.intercept_methods` or both; `params` is a plain argument (merged
+  params work). It does not compile itself: the caller jits it, e.g.
+  `jax.jit(greedy_generate, static_argnums=(0, 4))`. With adapters applied by interception,
+  jit a function that enters `nn.intercept_methods` and then calls this, so the interceptor
+  is traced in (jit's trace cache does not see interceptors active outside the jitted
+  function).
+  """
   cfg = model.config
   if attention_mask is None:
     attention_mask = jnp.ones(input_ids.shape, jnp.int32)
@@ -596,47 +621,174 @@ def _greedy_generate_impl(model: T5, params: dict, input_ids: Array,
   return lax.while_loop(cond, body, state)[3]
 
 
-# Compiled once per (model, max_new_tokens, shapes). Only used when no flax interceptor is
-# active: jit's trace cache does not see interceptors and would silently drop adapters.
-_greedy_generate_jit = jax.jit(_greedy_generate_impl, static_argnums=(0, 4))
+# ----------------------------------------------------------------------------- HF conversion
+
+SUPPORTED_ARCHITECTURES = ("T5ForConditionalGeneration", "T5WithLMHeadModel")
+# Present in some HF checkpoints and ignored by HF when loading (a leftover table).
+_IGNORED_KEYS = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
+# HF aliases of `shared.weight` (tied input embeddings of both stacks).
+_EMBED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+_INT_FIELDS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
+               "relative_attention_num_buckets", "relative_attention_max_distance",
+               "pad_token_id")
 
 
-def _is_tracing(*trees) -> bool:
-  return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(trees))
+def config_from_hf(cfg: Mapping[str, Any], *, dtype: Dtype = jnp.float32,
+                   param_dtype: Dtype = jnp.float32) -> T5Config:
+  """Our T5Config from a config.json dict (transformers 4 or 5 layout)."""
+  defaults = T5Config()
+  kwargs = {}
+  for name in _INT_FIELDS:
+    value = cfg.get(name, getattr(defaults, name))
+    if not isinstance(value, int) or isinstance(value, bool):
+      raise ValueError(f"field {name!r} must be an integer, got {value!r}")
+    kwargs[name] = value
+  num_decoder_layers = cfg.get("num_decoder_layers")
+  kwargs["num_decoder_layers"] = (kwargs["num_layers"] if num_decoder_layers is None
+                                  else int(num_decoder_layers))
+  eos = cfg.get("eos_token_id", defaults.eos_token_id)
+  if isinstance(eos, (list, tuple)):
+    if len(eos) != 1:
+      raise ValueError(f"field 'eos_token_id': only one EOS id is supported, got {eos!r}")
+    eos = eos[0]
+  kwargs["eos_token_id"] = int(eos)
+  start = cfg.get("decoder_start_token_id")
+  kwargs["decoder_start_token_id"] = kwargs["pad_token_id"] if start is None else int(start)
+  kwargs["dropout_rate"] = float(cfg.get("dropout_rate", defaults.dropout_rate))
+  kwargs["layer_norm_epsilon"] = float(cfg.get("layer_norm_epsilon",
+                                               defaults.layer_norm_epsilon))
+  kwargs["feed_forward_proj"] = str(cfg.get("feed_forward_proj", defaults.feed_forward_proj))
+  # transformers 5 always writes tie_word_embeddings=true for T5 and keeps the v1.0/v1.1
+  # distinction in scale_decoder_outputs; transformers 4 configs only have the former.
+  if "scale_decoder_outputs" in cfg:
+    tied = cfg["scale_decoder_outputs"]
+  else:
+    tied = cfg.get("tie_word_embeddings", True)
+  kwargs["tie_word_embeddings"] = bool(tied)
+  return T5Config(dtype=dtype, param_dtype=param_dtype, **kwargs)
 
 
-def _interceptors_active() -> bool:
-  # Private flax state; if it moves, assume interceptors may be active (always correct).
-  from flax.linen import module as flax_module  # pylint: disable=g-import-not-at-top
-  stack = getattr(flax_module, "_global_interceptor_stack", None)
-  return True if stack is None else bool(stack)
+def config_to_hf(config: T5Config) -> dict:
+  """A config.json dict that transformers 4 and 5 load as `T5ForConditionalGeneration`."""
+  return {
+      "architectures": ["T5ForConditionalGeneration"],
+      "model_type": "t5",
+      "vocab_size": config.vocab_size,
+      "d_model": config.d_model,
+      "d_kv": config.d_kv,
+      "d_ff": config.d_ff,
+      "num_layers": config.num_layers,
+      "num_decoder_layers": config.num_decoder_layers,
+      "num_heads": config.num_heads,
+      "relative_attention_num_buckets": config.relative_attention_num_buckets,
+      "relative_attention_max_distance": config.relative_attention_max_distance,
+      "dropout_rate": config.dropout_rate,
+      "layer_norm_epsilon": config.layer_norm_epsilon,
+      "initializer_factor": 1.0,
+      "feed_forward_proj": config.feed_forward_proj,
+      # transformers 5 reads a false here as "no output rescaling" and unties lm_head when
+      # the checkpoint holds a distinct one; transformers 4 reads it literally.
+      "tie_word_embeddings": config.tie_word_embeddings,
+      "is_encoder_decoder": True,
+      "use_cache": True,
+      "pad_token_id": config.pad_token_id,
+      "eos_token_id": config.eos_token_id,
+      "decoder_start_token_id": config.decoder_start_token_id,
+      "dtype": jnp.dtype(config.param_dtype).name,
+  }
 
 
-def greedy_generate(model: T5, params: dict, input_ids: Array,
-                    attention_mask: Optional[Array], max_new_tokens: int) -> Array:
-  """Greedy decoding with the KV cache: int32 [B, max_new_tokens], like HF's generate.
+def _hf_key(path: tuple[str, ...]) -> tuple[str, bool]:
+  """(HF tensor name, whether HF stores the transpose) of a Flax param path."""
+  parts = []
+  for part in path[:-1]:
+    match = re.fullmatch(r"(block|layer)_(\d+)", part)
+    parts.extend(match.groups() if match else (part,))
+  leaf = path[-1]
+  if leaf not in ("kernel", "scale", "embedding"):
+    raise ValueError(f"unexpected T5 parameter {'/'.join(path)}")
+  return ".".join(parts + ["weight"]), leaf == "kernel"
 
-  Matches `hf_model.generate(do_sample=False, num_beams=1, max_new_tokens=N)[:, 1:]` padded
-  to N with `pad_token_id` (HF's output starts with the decoder start token and stops early
-  when every row has produced EOS; after its EOS a row holds padding).
 
-  Shapes are fixed and the loop is a `lax.while_loop`, so this can be called inside an outer
-  `jax.jit`, `nn.intercept_methods` context or both; `params` is a plain argument (merged
-  params work). Called eagerly it compiles itself (cached per model / max_new_tokens / shape)
-  unless a flax interceptor is active, in which case it is compiled afresh for that call so
-  the interceptor is traced in; for repeated calls with adapters, jit your own function that
-  enters `nn.intercept_methods` and calls this.
+def make_model(config: T5Config) -> T5:
+  return T5(config)
+
+
+def params_from_hf(tensors: Mapping[str, np.ndarray], config: T5Config, *,
+                   source: str) -> dict:
+  """Flax params of `T5(config)` from HF tensors (np arrays keyed by HF names).
+
+  Raises `hf.CheckpointError` naming `source` and the key for a missing, unexpected,
+  misshaped or non-float tensor, or for an embedding alias that differs from `shared.weight`.
   """
-  if _is_tracing(params, input_ids, attention_mask):
-    return _greedy_generate_impl(model, params, input_ids, attention_mask, max_new_tokens)
-  if _interceptors_active():
-    fn = functools.partial(_greedy_generate_impl, model, max_new_tokens=max_new_tokens)
-    return jax.jit(fn)(params, input_ids, attention_mask)
-  return _greedy_generate_jit(model, params, input_ids, attention_mask, max_new_tokens)
+  abstract = flax.traverse_util.flatten_dict(abstract_params(T5(config)))
+  tensors = dict(tensors)
+  used = set()
 
+  # The shared embedding may only be stored under one of its aliases (old .bin files).
+  shared_key = "shared.weight"
+  if shared_key not in tensors:
+    shared_key = next((k for k in _EMBED_ALIASES if k in tensors), shared_key)
+
+  flat = {}
+  for path, struct in abstract.items():
+    key, transpose = _hf_key(path)
+    if key == "shared.weight":
+      key = shared_key
+    elif key == "lm_head.weight" and key not in tensors:
+      # transformers 5 ties lm_head to shared for every T5 and then omits lm_head.weight
+      # from the files it saves; it loads such a checkpoint with shared as the head.
+      key = shared_key
+    flat[path] = hf.convert_tensor(tensors, key, struct.shape, config.param_dtype,
+                                   source=source, transpose=transpose)
+    used.add(key)
+
+  # Aliases of the shared embedding (and, for v1.0, of the tied head) must hold the same
+  # values: our model has one table, so a different one cannot be represented.
+  aliases = list(_EMBED_ALIASES) + (["lm_head.weight"] if config.tie_word_embeddings else [])
+  shared = np.asarray(tensors[shared_key])
+  for key in aliases:
+    if key in tensors and key not in used:
+      other = np.asarray(tensors[key])
+      if other.shape != shared.shape or not np.array_equal(other, shared):
+        raise hf.CheckpointError(
+            f"{source}: tensor {key!r} differs from {shared_key!r}; this config ties them "
+            "(tie_word_embeddings) so they must be equal")
+      used.add(key)
+  used.update(k for k in _IGNORED_KEYS if k in tensors)
+  unexpected = sorted(set(tensors) - used)
+  if unexpected:
+    raise hf.CheckpointError(
+        f"{source}: unexpected tensor {unexpected[0]!r} for this T5 config"
+        + (f" (and {len(unexpected) - 1} more: {unexpected[1:6]})" if len(unexpected) > 1
+           else ""))
+  return jax.tree_util.tree_map(jnp.asarray, flax.traverse_util.unflatten_dict(flat))
+
+
+def params_to_hf(params: Mapping[str, Any], config: T5Config) -> dict:
+  """HF tensors (HF names, (out, in) layout, C-contiguous numpy) of Flax T5 params."""
+  del config  # The tree itself says whether there is an lm_head.
+  out = {}
+  for path, value in flax.traverse_util.flatten_dict(nn.meta.unbox(params)).items():
+    key, transpose = _hf_key(path)
+    # bf16 comes out as ml_dtypes.bfloat16.
+    array = np.ascontiguousarray(np.asarray(jax.device_get(value)))
+    out[key] = np.ascontiguousarray(array.T) if transpose else array
+  return out
+
+
+# ----------------------------------------------------------------------------- registry
+
+# `hf.get_family('t5')` imports this module on demand, and a T5 model only exists once this
+# module is imported, so `hf.family_of_model` always finds it (hf imports no family module at
+# import time, so importing hf here makes no cycle).
+FAMILY = hf.Family.of_module("t5", sys.modules[__name__], T5)
+hf.register_family("t5", FAMILY)
 
 __all__ = [
-    "ADAPTER_TARGETS", "ALL_LINEAR_TARGETS", "T5", "T5Config", "abstract_params",
-    "decode_step", "greedy_generate", "init_decode_cache", "init_params",
-    "param_logical_specs", "relative_position_bucket", "seq2seq_loss", "shift_right",
+    "ADAPTER_TARGETS", "ALL_LINEAR_TARGETS", "FAMILY", "SUPPORTED_ARCHITECTURES", "T5",
+    "T5Config", "abstract_params", "config_from_hf", "config_to_hf", "decode_step",
+    "greedy_generate", "init_decode_cache", "init_params", "make_model", "param_logical_specs",
+    "params_from_hf", "params_to_hf", "relative_position_bucket", "seq2seq_loss",
+    "shift_right",
 ]

@@ -1,0 +1,46 @@
+"""The LoRA family: IncLoRA (a new LoRA per task) and O-LoRA (plus its orthogonality loss).
+
+LoRA-style methods keep sigma frozen at 1, so the adapter is exactly `B A` (B = U, A = V).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+
+from lbcl_jax import olora as olora_lib
+from lbcl_jax.methods.base import Method, MethodSettings
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAFamily(Method):
+  """A new LoRA per task, old ones frozen; O-LoRA adds `lambda1 sum |A_old A_new^T| +
+  lambda2 |new|` to the loss once there are old adapters.
+
+  Attributes:
+    olora: add O-LoRA's orthogonality (+ L2) loss.
+    olora_lambda1: the orthogonality weight.
+    olora_lambda2: the L2 weight.
+  """
+
+  name: str = "inclora"
+  description: str = "a new LoRA per task, old ones frozen, no constraint"
+  adapter_init: str = "lora"
+  train_sigma: bool = False
+  olora: bool = False
+  olora_lambda1: float = 0.5
+  olora_lambda2: float = 0.0
+
+  def regularizer(self, new: PyTree, old: Optional[PyTree]) -> Optional[jax.Array]:
+    if not (self.olora and old):
+      return None
+    return olora_lib.olora_penalty({"old": old, "new": new}, self.olora_lambda1,
+                                   self.olora_lambda2)
+
+  def configured(self, settings: MethodSettings) -> "LoRAFamily":
+    return dataclasses.replace(self, olora_lambda1=settings.olora_lambda1,
+                               olora_lambda2=settings.olora_lambda2)

@@ -1,0 +1,20 @@
+"""SeqFT: sequential full fine-tuning of the base model, the lower bound the paper starts from."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from lbcl_jax.methods.base import Method
+
+
+@dataclasses.dataclass(frozen=True)
+class SeqFT(Method):
+  """Fine-tunes every base weight on each task in turn; no adapters."""
+
+  name: str = "seqft"
+  description: str = "sequential full fine-tuning of the base model"
+  adapter_init: str = "lora"  # unused: no adapter is ever created
+
+  @property
+  def trains_base(self) -> bool:
+    return True

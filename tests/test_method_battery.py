@@ -1,0 +1,252 @@
+"""Every registered method through the driver's own train step, and through the driver.
+
+Like optax's `_common_test.py` runs every optimizer, this battery runs every method of
+`lbcl_jax.methods.METHODS` (a) for two short tasks through `train.make_train_step` on a tiny
+model, checking what the method promises, and (b) through `train.train_and_evaluate` on a
+tiny random BERT. Adding a method means adding its row to `BATTERY`; a method without one
+fails `test_every_method_has_a_battery_row`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lbcl_jax import adapters
+from lbcl_jax import methods
+from lbcl_jax import sensitivity
+from lbcl_jax import train
+
+import driver_utils as du
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """What a method promises, checked by the battery."""
+
+  trains_base: bool = False
+  frozen_sigma: bool = False   # sigma stays at its initial value
+  injects: bool = False        # the second task starts from the old triplets
+  projects: bool = False       # the new U/V updates avoid the old subspaces
+  regularized: bool = False    # a loss term once old adapters exist
+  joint: bool = False          # one stage for all tasks
+
+
+BATTERY = {
+    "seqft": Row(trains_base=True),
+    "inclora": Row(frozen_sigma=True),
+    "olora": Row(frozen_sigma=True, regularized=True),
+    "nlnbcl": Row(),
+    "lcl": Row(injects=True),
+    "bcl": Row(projects=True),
+    "lbcl": Row(injects=True, projects=True),
+    "mtl": Row(frozen_sigma=True, joint=True),
+}
+
+D, INNER, R, STEPS = 8, 6, 2, 4
+
+
+class Block(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    q = nn.Dense(INNER, name="q")(x)
+    v = nn.Dense(INNER, name="v")(x)
+    return x + nn.Dense(D, name="o")(jnp.tanh(q) * v)
+
+
+class Tiny(nn.Module):
+  """Two blocks with attention-like q/v Dense layers and a scalar head."""
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(2):
+      x = Block(name=f"block_{i}")(x)
+    return nn.Dense(1, name="head")(x)[..., 0]
+
+
+MODEL = Tiny()
+
+
+class TinyBackbone:
+  """The one thing `make_train_step` asks of a backbone: a loss."""
+
+  replicated_keys = ()
+
+  def loss(self, params, batch, rng):
+    del rng
+    pred = MODEL.apply({"params": params}, batch["x"])
+    return jnp.mean((pred - batch["y"]) ** 2)
+
+
+def _task_data(seed, n=16):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, D)).astype(np.float32)
+  teacher = rng.normal(size=(D,)).astype(np.float32)
+  return {"x": jnp.asarray(x), "y": jnp.asarray(np.tanh(x @ teacher))}
+
+
+@functools.lru_cache(maxsize=None)
+def _base_params():
+  return jax.jit(MODEL.init)(jax.random.key(0), jnp.zeros((1, D)))["params"]
+
+
+def test_every_method_has_a_battery_row():
+  assert set(BATTERY) == set(methods.METHODS)
+
+
+@functools.lru_cache(maxsize=None)
+def _run_method(name, transform_after_adam=False):
+  """Two tasks (one joint stage for MTL) through the driver's train step."""
+  backbone, method = TinyBackbone(), methods.get_method(name)
+  params = _base_params()
+  cfg = adapters.AdapterConfig(targets=r".*/(q|v)", rank=R, init=method.adapter_init)
+  data = {"a": _task_data(1), "b": _task_data(2)}
+  settings = methods.OptimizerSettings(learning_rate=1e-2, weight_decay=0.01,
+                                       transform_after_adam=transform_after_adam)
+  old, history = None, []
+  for t, names in enumerate(method.stages(["a", "b"])):
+    batch = jax.tree.map(lambda *a: jnp.concatenate(a), *[data[n] for n in names])
+    record = {"regularizer": None}
+    if method.trains_base:
+      trainable = jax.tree.map(jnp.copy, params)  # the step donates it; `params` is cached
+    else:
+      fresh = adapters.init_new(jax.random.key(10 + t), params, cfg)
+
+      def score_old(n, batch=batch):
+        seeds = jax.tree.map(lambda a: a[:n], batch)
+
+        def loss_of_stack(stack, sample):
+          with adapters.intercept(stack, cfg.scaling):
+            return backbone.loss(params, jax.tree.map(lambda a: a[None], sample), None)
+
+        return sensitivity.score_old_triplets(loss_of_stack, old, seeds)
+
+      trainable, _ = method.init_adapter(fresh, old, score_old)
+      record["regularizer"] = method.regularizer(trainable, old)
+    tx = methods.build_optimizer(method, old, settings)
+    step = train.make_train_step(backbone, method, tx, scaling=cfg.scaling)
+    base_eff = adapters.merge(params, old, cfg.scaling) if old else params
+    record["init"] = jax.tree.map(jnp.copy, trainable)
+    opt_state, losses = tx.init(trainable), []
+    for i in range(STEPS):
+      trainable, opt_state, loss = step(trainable, opt_state, base_eff, old or {}, batch,
+                                        jax.random.key(i))
+      losses.append(float(loss))
+    record.update(losses=losses, final=trainable, old_before=old)
+    history.append(record)
+    if method.trains_base:
+      params = trainable
+    else:
+      old = adapters.append_task({"old": old or {}, "new": trainable})["old"]
+  return method, params, old, history
+
+
+def _in_span_fraction(record):
+  """|projection of the U update onto the old tasks' U columns| / |U update|, worst layer."""
+  old = adapters.flatten_layers(record["old_before"])
+  init = adapters.flatten_layers(record["init"])
+  final = adapters.flatten_layers(record["final"])
+  worst = 0.0
+  for path in old:
+    du_ = np.asarray(final[path]["U"] - init[path]["U"], np.float64)
+    q, _ = np.linalg.qr(np.concatenate(list(np.asarray(old[path]["U"], np.float64)), axis=1))
+    worst = max(worst, np.linalg.norm(q.T @ du_) / np.linalg.norm(du_))
+  return worst
+
+
+@pytest.mark.parametrize("name", sorted(BATTERY))
+def test_method_through_the_train_step(name):
+  row = BATTERY[name]
+  method, params, old, history = _run_method(name)
+  assert method.trains_base == row.trains_base
+  assert len(history) == (1 if row.joint else 2)
+  for h in history:
+    assert all(math.isfinite(v) for v in h["losses"])
+    assert h["losses"][-1] < h["losses"][0], (name, h["losses"])
+  if row.trains_base:
+    assert old is None
+    assert not np.array_equal(params["block_0"]["q"]["kernel"],
+                              _base_params()["block_0"]["q"]["kernel"])
+    return
+  assert adapters.num_tasks(old) == len(history)
+  last = adapters.flatten_layers(history[-1]["final"])
+  first_init = adapters.flatten_layers(history[-1]["init"])
+  for path, leaf in last.items():
+    sigma_moved = not np.array_equal(leaf["sigma"], first_init[path]["sigma"])
+    assert sigma_moved != row.frozen_sigma, path
+  if not row.joint:
+    # The regulariser exists exactly when the method has one and old adapters exist.
+    assert history[0]["regularizer"] is None
+    assert (history[1]["regularizer"] is not None) == row.regularized
+    if row.regularized:
+      assert float(history[1]["regularizer"]) > 0
+    # Injection: with one old task alpha = 1, so the second task starts from a copy of the
+    # first task's trained U (and V); a fresh adapter otherwise.
+    first = adapters.flatten_layers(history[0]["final"])
+    init = adapters.flatten_layers(history[1]["init"])
+    for path in first:
+      copied = np.allclose(init[path]["U"], first[path]["U"], rtol=1e-6)
+      assert copied == row.injects, path
+    if row.projects:
+      # The method's gradient transform leaves no gradient in the old span ...
+      old = history[1]["old_before"]
+      grads = jax.tree.map(lambda x: jnp.asarray(np.random.default_rng(0).normal(size=x.shape),
+                                                 x.dtype), history[1]["init"])
+      transform = method.gradient_transform(old)
+      projected, _ = transform.update(grads, transform.init(grads))
+      assert _in_span_fraction({"old_before": old, "init": jax.tree.map(jnp.zeros_like, grads),
+                                "final": projected}) <= 1e-5
+      # ... and Adam's per-coordinate scaling after it puts back only part of what the same
+      # method without projection puts in the old span (in this tiny toy about half).
+      unprojected = "lcl" if row.injects else "nlnbcl"
+      assert _in_span_fraction(history[1]) < 0.75 * _in_span_fraction(
+          _run_method(unprojected)[3][1])
+
+
+def test_projection_after_adam_keeps_new_task_exactly_orthogonal():
+  for name in ("bcl", "lbcl"):
+    _, _, _, history = _run_method(name, transform_after_adam=True)
+    assert _in_span_fraction(history[1]) <= 1e-5  # f32 round-off
+
+
+def test_registry_and_labels():
+  with pytest.raises(ValueError, match="valid methods: seqft"):
+    methods.get_method("lora")
+  lbcl = methods.get_method("lbcl")
+  assert lbcl.inject and lbcl.project and lbcl.adapter_init == "adalora"
+  assert methods.get_method("lbcl", inject_sigma=False).inject_sigma is False
+  configured = methods.get_method("lbcl", methods.MethodSettings(num_seed_samples=3))
+  assert configured.num_seed_samples == 3
+  listed = methods.get_method("lcl", inject_layers=["a/q", "a/v"])
+  assert listed.inject_layers == ("a/q", "a/v") and hash(listed)
+  with pytest.raises(ValueError):
+    methods.get_method("lcl", score_aggregation="max")
+  tree = {"old": {"q": {"U": 0, "sigma": 0}}, "new": {"q": {"U": 0, "sigma": 0}}}
+  labels = methods.param_labels(methods.get_method("inclora"), tree)
+  assert labels == {"old": {"q": {"U": "frozen", "sigma": "frozen"}},
+                    "new": {"q": {"U": "train", "sigma": "frozen"}}}
+  labels = methods.param_labels(lbcl, tree["new"])
+  assert labels == {"q": {"U": "train", "sigma": "train"}}
+
+
+@pytest.mark.parametrize("name", sorted(BATTERY))
+def test_method_through_the_driver(tmp_path, name):
+  """The whole driver on a tiny random BERT: two tasks, a few steps each."""
+  row = BATTERY[name]
+  r = train.train_and_evaluate(
+      du.make_config(*du.FAST, *du.tiny_bert(tmp_path), f"--config.method={name}",
+                     "--config.optim.max_steps_per_task=3", "--config.plots=False"),
+      str(tmp_path / "wd"))
+  m = r["accuracy_matrix"]
+  assert len(m) == (1 if row.joint else 2) and len(m[-1]) == 2
+  assert all(0.0 <= v <= 1.0 for v in m[-1])
+  assert all(math.isfinite(v) for curve in r["losses"].values() for _, v in curve)
+  assert bool(r["sensitivity"]) == row.injects
+  assert (r["bwt"] is None) == row.joint
