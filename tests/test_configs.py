@@ -57,3 +57,19 @@ def test_t5_configs_differ_only_in_model_and_sharding():
   for other in (base, large):
     assert {k for k in small if small[k] != other[k]} <= sharding
   assert {k for k in base if base[k] != large[k]} == {"model.path"}
+
+
+def test_model_path_may_name_a_gguf_file(tmp_path):
+  """A .gguf checkpoint is a file, every other local checkpoint a directory."""
+  config = _load(REPO_ROOT / "configs" / "smollm2_cl.py")
+  config.data.data_dir = str(tmp_path)
+  gguf_file = tmp_path / "model.gguf"
+  gguf_file.write_bytes(b"GGUF")
+  config.model.path = str(gguf_file)
+  config_lib.validate(config)
+  config.model.path = str(tmp_path / "missing.gguf")
+  with pytest.raises(ValueError, match="no such model file"):
+    config_lib.validate(config)
+  config.model.path = str(tmp_path / "missing_dir")
+  with pytest.raises(ValueError, match="no such model directory"):
+    config_lib.validate(config)

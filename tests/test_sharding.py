@@ -14,9 +14,9 @@ MESHES = {
 }
 
 
-@pytest.mark.parametrize("family", ["bert", "t5"])
+@pytest.mark.parametrize("family", ["bert", "t5", "llama"])
 def test_sharded_losses_equal_single_device(tmp_path, family):
-  model = du.tiny_bert(tmp_path) if family == "bert" else du.tiny_t5(tmp_path)
+  model = getattr(du, f"tiny_{family}")(tmp_path)
   # Two tasks of lbcl: the second exercises injection, projection and the sharded old stack.
   args = [*du.FAST, *model, "--config.optim.max_steps_per_task=3", "--config.plots=False",
           "--config.checkpoint.every_steps=0", "--config.eval.mode=rank",

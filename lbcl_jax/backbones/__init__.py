@@ -4,6 +4,7 @@
 | ---------- | ------------- | ---------------------- | ------------------------------------------- |
 | t5         | T5Backbone    | lbcl_jax.backbones.t5   | greedy generation + exact match, or rank    |
 | bert       | BertBackbone  | lbcl_jax.backbones.bert | label-name scoring, arg-max option          |
+| llama      | LlamaBackbone | lbcl_jax.backbones.llama | greedy generation + exact match, or rank   |
 
 Adding a family: a Flax model with its Hugging Face conversion in `lbcl_jax/models/<name>.py`
 (registering an `hf.Family`), a `Backbone` subclass in `lbcl_jax/backbones/<name>.py`, and one
@@ -26,6 +27,7 @@ from lbcl_jax.models import hf
 _MODULES = {
     "t5": "lbcl_jax.backbones.t5",
     "bert": "lbcl_jax.backbones.bert",
+    "llama": "lbcl_jax.backbones.llama",
 }
 
 

@@ -1,10 +1,13 @@
 """The input pipeline: tokenised examples -> fixed-shape numpy batches.
 
-Two encoders share one batching scheme:
+Three encoders share one batching scheme:
 
 * `encode_seq2seq` (T5): O-LoRA's prompt (`Task.prompt`) as the source, the label string as the
   target, truncated at `max_source_length` / `max_target_length` (the paper: 512 / 50) the way
   a Hugging Face tokenizer truncates (the EOS token is kept);
+* `encode_causal_lm` (decoder-only models, e.g. Llama): the same prompt, then `" " + label` and
+  EOS as the answer, the only tokens trained on; prompts are truncated from the left and
+  batches are left-padded, so generation appends at the end;
 * `encode_scoring` (encoder models that score label names, e.g. MiniLM/BERT): the sentence, plus
   every option of the task tokenised once.
 
@@ -19,14 +22,19 @@ Batch of `encode_seq2seq` (numpy, B = batch size):
   attention mask), decoder_input_ids [B, T] int32 (labels shifted right, starting with
   `decoder_start_id` = pad = 0 as T5), label_index [B] int32, weight [B] float32 (1 real row,
   0 padding row).
+Batch of `encode_causal_lm` (S prompt bucket, T answer bucket, every row right-aligned):
+  input_ids [B, S + T], attention_mask [B, S + T] (prompt + answer), labels [B, S + T] (the ids
+  shifted left: position t predicts labels[t]), label_mask [B, S + T] (1 where labels[t] is an
+  answer token or its EOS), prompt_ids [B, S], prompt_mask [B, S] (the prompt alone, for
+  generation), label_index [B], weight [B].
 Batch of `encode_scoring`:
   input_ids [B, S], attention_mask [B, S], option_ids [K, L], option_mask [K, L] (the K options
   of the task), label_index [B], weight [B].
 
 Padding rows hold one real token (source: the tokenisation of "" -- EOS for T5, [CLS] [SEP] for
-BERT; target: EOS with label_mask 1) so that per-row normalisations never divide by zero; their
-label_index is 0. Losses and accuracies must weight rows by `weight` and normalise by the global
-sum of weights.
+BERT; a causal LM's prompt: its BOS, else EOS; target: EOS with label_mask 1) so that per-row
+normalisations never divide by zero; their label_index is 0. Losses and accuracies must weight
+rows by `weight` and normalise by the global sum of weights.
 
 Training order (`TrainStream`): epoch e visits the examples in the permutation drawn by
 `np.random.default_rng((seed, e))`; the global batch of step s is slice s mod steps_per_epoch of
@@ -202,6 +210,202 @@ def encode_seq2seq(examples: Sequence[Example], tokenizer: Any, *, max_source_le
       pad_id=pad_id, eos_id=eos_id,
       decoder_start_id=pad_id if decoder_start_id is None else decoder_start_id,
       filler=_filler(tokenizer, pad_id),
+      tasks=tuple(dict.fromkeys(e.task for e in examples)))
+
+
+def _pad_left(seqs: Sequence[Sequence[int]], rows: int, length: int, pad_id: int,
+              filler: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+  """[rows, length] ids and mask, every row right-aligned (left padding); rows past len(seqs)
+  hold `filler`."""
+  ids = np.full((rows, length), pad_id, dtype=np.int32)
+  mask = np.zeros((rows, length), dtype=np.int32)
+  for r in range(rows):
+    seq = seqs[r] if r < len(seqs) else filler
+    n = min(len(seq), length)
+    if n:
+      ids[r, length - n:] = seq[len(seq) - n:]
+      mask[r, length - n:] = 1
+  return ids, mask
+
+
+# What every O-LoRA prompt ends with (`Task.prompt`); answers are tokenised after it.
+_ANSWER_CONTEXT = "\nAnswer:"
+
+
+def prompt_prefix(tokenizer: Any) -> list[int]:
+  """The special tokens the tokenizer puts in front of a text (a BOS, or nothing).
+
+  Read off a probe text tokenised with and without `add_special_tokens`. Tokens it appends
+  (T5-style tokenizers, or `add_eos_token`, end every text with EOS) are not part of it: the
+  answer has to continue the prompt.
+  """
+  probe = _ANSWER_CONTEXT.strip()
+  plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+  full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+  for start in range(len(full) - len(plain) + 1):
+    if full[start:start + len(plain)] == plain:
+      return full[:start]
+  raise ValueError(f"the tokenizer's special tokens change the ids of {probe!r} "
+                   f"({plain} alone, {full} with them); cannot tell its prefix")
+
+
+def answer_token_ids(tokenizer: Any, labels: Sequence[str], max_length: int,
+                     eos_id: int) -> list[list[int]]:
+  """The ids a causal LM should write after an O-LoRA prompt: `" " + label`, then `eos_id`.
+
+  Each label is tokenised in the context of the prompt's end ("\\nAnswer: label") and the
+  context's own ids are dropped, so the ids are those of the label inside the full text
+  (SentencePiece's dummy prefix and BPE's leading-space pieces come out as they would there),
+  which is what generation after the prompt must produce. Should the context's ids not be a
+  prefix of the joined text's (a merge across the boundary), the label is tokenised alone.
+  Truncated to `max_length` ids, the EOS kept (as a Hugging Face tokenizer keeps T5's).
+  """
+  if max_length < 1:
+    raise ValueError(f"max_length must be >= 1, got {max_length}")
+  if not labels:
+    return []
+  context = list(tokenizer(_ANSWER_CONTEXT, add_special_tokens=False)["input_ids"])
+  joined = tokenizer([f"{_ANSWER_CONTEXT} {label}" for label in labels],
+                     add_special_tokens=False)["input_ids"]
+  out = []
+  for label, ids in zip(labels, joined):
+    ids = list(ids)
+    if ids[:len(context)] == context:
+      ids = ids[len(context):]
+    else:
+      ids = list(tokenizer(" " + label, add_special_tokens=False)["input_ids"])
+    out.append(ids[:max_length - 1] + [eos_id])
+  return out
+
+
+def encode_causal_options(tokenizer: Any, labels: Sequence[str], eos_id: int,
+                          max_length: int = 50,
+                          min_bucket: int = 8) -> tuple[np.ndarray, np.ndarray]:
+  """A task's options as a causal LM's answers (`answer_token_ids`): ids and mask [K, T],
+  right-padded, T a bucket of the longest (rank classification)."""
+  ids = answer_token_ids(tokenizer, list(labels), max_length, eos_id)
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  length = bucket_for(max(len(x) for x in ids), length_buckets(max_length, min_bucket))
+  return _pad(ids, len(ids), length, pad_id, [pad_id])
+
+
+@dataclasses.dataclass
+class CausalLMData:
+  """Examples tokenised for a decoder-only model. Build with `encode_causal_lm`.
+
+  A batch serves training and generation alike: the prompt + answer sequence with its loss
+  mask, and the prompt alone (both left-padded), so one `encode` per split feeds both the
+  train step and `predict`.
+  """
+
+  prompt_ids: list[list[int]]
+  answer_ids: list[list[int]]
+  label_index: np.ndarray
+  prompt_buckets: tuple[int, ...]
+  answer_buckets: tuple[int, ...]
+  pad_id: int
+  eos_id: int
+  filler: list[int]
+  tasks: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    self._prompt_len = np.asarray([len(s) for s in self.prompt_ids], dtype=np.int64)
+    self._answer_len = np.asarray([len(t) for t in self.answer_ids], dtype=np.int64)
+
+  def __len__(self) -> int:
+    return len(self.prompt_ids)
+
+  @property
+  def source_lengths(self) -> np.ndarray:
+    """Prompt lengths (what `eval_batches` sorts by)."""
+    return self._prompt_len
+
+  def lengths(self, indices: np.ndarray) -> tuple[int, int]:
+    idx = np.asarray(indices, dtype=np.int64)
+    prompt = int(self._prompt_len[idx].max()) if idx.size else 1
+    answer = int(self._answer_len[idx].max()) if idx.size else 1
+    return bucket_for(prompt, self.prompt_buckets), bucket_for(answer, self.answer_buckets)
+
+  def collate(self, indices: np.ndarray, batch_size: int,
+              lengths: tuple[int, int] | None = None) -> Batch:
+    idx = [int(i) for i in np.asarray(indices).reshape(-1)]
+    if len(idx) > batch_size:
+      raise ValueError(f"{len(idx)} examples do not fit a batch of {batch_size}")
+    prompt_len, answer_len = lengths or self.lengths(np.asarray(idx, dtype=np.int64))
+    prompts = [self.prompt_ids[i] for i in idx]
+    prompts += [self.filler] * (batch_size - len(idx))
+    answers = [self.answer_ids[i] for i in idx]
+    answers += [[self.eos_id]] * (batch_size - len(idx))
+    prompt_ids, prompt_mask = _pad_left(prompts, batch_size, prompt_len, self.pad_id,
+                                        self.filler)
+    total = prompt_len + answer_len
+    input_ids, attention_mask = _pad_left([p + a for p, a in zip(prompts, answers)],
+                                          batch_size, total, self.pad_id, self.filler)
+    # Position t predicts token t + 1: labels are the ids shifted left, counted where the next
+    # token is an answer token (the answer fills the last len(answer) columns).
+    labels = np.full_like(input_ids, self.pad_id)
+    labels[:, :-1] = input_ids[:, 1:]
+    label_mask = np.zeros_like(input_ids)
+    for r, answer in enumerate(answers):
+      label_mask[r, total - 1 - len(answer):total - 1] = 1
+    label_index = np.zeros((batch_size,), np.int32)
+    label_index[:len(idx)] = self.label_index[idx]
+    weight = np.zeros((batch_size,), np.float32)
+    weight[:len(idx)] = 1.0
+    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                label_mask=label_mask, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+                label_index=label_index, weight=weight)
+
+
+def encode_causal_lm(examples: Sequence[Example], tokenizer: Any, *, eos_id: int | None = None,
+                     max_prompt_length: int = 512, max_answer_length: int = 50,
+                     min_bucket: int = 16, min_answer_bucket: int = 8,
+                     prompt_buckets: Sequence[int] | None = None,
+                     answer_buckets: Sequence[int] | None = None) -> CausalLMData:
+  """Tokenises O-LoRA prompts and their answers once, for a decoder-only model.
+
+  The prompt is `Task.prompt(sentence)` (the text `encode_seq2seq` gives T5) behind the special
+  tokens the tokenizer itself adds in front (`prompt_prefix`: SmolLM2 adds none, a Llama-2
+  tokenizer its BOS); a trailing EOS the tokenizer may append is left out, as the answer
+  follows. Long prompts lose tokens from the *left* (just after the prefix): generation
+  continues from the prompt's last token, so the final "...\\nAnswer:" cue must survive, while
+  the task header and instruction the left end holds repeat in every example of a task. The
+  answer is `" " + label` + EOS (`answer_token_ids`), at most `max_answer_length` ids; only it
+  is trained on.
+
+  Args:
+    examples: examples of one or several tasks (each is prompted with its own task).
+    tokenizer: the model's Hugging Face tokenizer.
+    eos_id: the token ending an answer (None: the tokenizer's EOS).
+    max_prompt_length, max_answer_length: truncation lengths (prefix and EOS included).
+    min_bucket, min_answer_bucket: the smallest prompt / answer bucket.
+    prompt_buckets, answer_buckets: explicit buckets (their last entry must be the max length).
+  """
+  eos_id = tokenizer.eos_token_id if eos_id is None else eos_id
+  if eos_id is None:
+    raise ValueError("the tokenizer has no EOS token; a causal-LM answer needs one")
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+  prefix = prompt_prefix(tokenizer)
+  keep = max_prompt_length - len(prefix)
+  if keep < 1:
+    raise ValueError(f"max_prompt_length {max_prompt_length} leaves no room for a prompt after "
+                     f"the {len(prefix)} prefix token(s)")
+  prompts = [tasks_lib.get_task(e.task).prompt(e.sentence) for e in examples]
+  content = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
+  prompt_ids = [prefix + list(c)[-keep:] for c in content]
+  # Few distinct labels: tokenise each once.
+  unique = sorted({e.label for e in examples})
+  label_ids = dict(zip(unique, answer_token_ids(tokenizer, unique, max_answer_length, eos_id)))
+  return CausalLMData(
+      prompt_ids=prompt_ids,
+      answer_ids=[label_ids[e.label] for e in examples],
+      label_index=np.asarray([e.label_index for e in examples], dtype=np.int32),
+      prompt_buckets=tuple(prompt_buckets or length_buckets(max_prompt_length, min_bucket)),
+      answer_buckets=tuple(answer_buckets or length_buckets(max_answer_length,
+                                                            min_answer_bucket)),
+      pad_id=pad_id, eos_id=eos_id,
+      # Padding rows prompt with the prefix (or one EOS): a real token to attend to.
+      filler=prefix or [eos_id],
       tasks=tuple(dict.fromkeys(e.task for e in examples)))
 
 
