@@ -112,12 +112,19 @@ def cells(grid: str) -> dict[str, list[str]]:
   return out
 
 
+# `python -m lbcl_jax.main`'s exit status when the training loss became NaN or infinite.
+DIVERGED = 3
+
+
 def run_cell(name: str, flags: list[str], workdir: pathlib.Path, data_dir: str, env) -> None:
   """Runs one cell unless its results exist; records its wall time in bench.json."""
   cell_dir = workdir / name
   bench_file = cell_dir / "bench.json"
   if (cell_dir / "results.json").exists() and bench_file.exists():
     print(f"[{name}] done already", flush=True)
+    return
+  if bench_file.exists() and json.loads(bench_file.read_text()).get("diverged"):
+    print(f"[{name}] diverged already (never averaged)", flush=True)
     return
   cmd = [sys.executable, "-m", "lbcl_jax.main", f"--config={CONFIG}", f"--workdir={cell_dir}",
          f"--config.data.data_dir={data_dir}",
@@ -127,6 +134,14 @@ def run_cell(name: str, flags: list[str], workdir: pathlib.Path, data_dir: str, 
   t0 = time.perf_counter()
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
   wall = time.perf_counter() - t0
+  if proc.returncode == DIVERGED:
+    # A NaN/inf loss: the driver wrote no results.json, so `collect` never averages the cell.
+    line = proc.stderr.strip().splitlines()[-1]
+    files.atomic_write_text(bench_file, json.dumps(
+        {"cell": name, "flags": flags, "wall_seconds": round(wall, 1), "diverged": True,
+         "error": line}, indent=2))
+    print(f"[{name}] diverged: {line}", flush=True)
+    return
   if proc.returncode:
     cell_dir.mkdir(parents=True, exist_ok=True)
     files.atomic_write_text(cell_dir / "bench_error.txt", proc.stderr[-20000:])

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import pathlib
+import shutil
 from typing import Any
 
 import jax
@@ -64,6 +65,39 @@ def check_workdir_config(workdir: str | os.PathLike, config: ml_collections.Conf
     atomic_write_text(path, json.dumps(mine, indent=2, sort_keys=True))
 
 
+class WorkdirLock:
+  """One run per workdir: an exclusive `flock` on `<workdir>/.lock`, held for the process's
+  life. The kernel drops it when the process dies, however it dies, so a killed run never
+  leaves it stuck."""
+
+  def __init__(self, workdir: str | os.PathLike):
+    self.path = pathlib.Path(workdir) / ".lock"
+    self._file = None
+
+  def acquire(self) -> "WorkdirLock":
+    import fcntl  # pylint: disable=g-import-not-at-top
+    f = open(self.path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      f.seek(0)
+      holder = f.read().strip() or "unknown"
+      f.close()
+      raise InputError(f"workdir {self.path.parent} is in use by another run (pid {holder}); "
+                       "wait for it to finish or use another --workdir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    self._file = f
+    return self
+
+  def release(self) -> None:
+    if self._file is not None:
+      self._file.close()  # closing the file drops the lock
+      self._file = None
+
+
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
   if isinstance(a, dict) and isinstance(b, dict):
     out = []
@@ -87,10 +121,17 @@ class RunCheckpointer:
   ITEMS = ("old", "trainable", "opt_state", "rng")
 
   def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
-    self._mngr = ocp.CheckpointManager(
-        pathlib.Path(directory).absolute(),
+    self._directory = pathlib.Path(directory).absolute()
+    self._max_to_keep = max(1, int(max_to_keep))
+    self._mngr = self._manager()
+
+  def _manager(self) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        self._directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True,
+            # Retention is ours (`_prune`): the newest `max_to_keep`, plus the newest stage
+            # boundary, so a damaged newest checkpoint always has an intact one behind it.
+            max_to_keep=None, create=True,
             # Synchronous saves: a save has landed before training moves on, so a kill right
             # after it resumes from there.
             enable_async_checkpointing=False),
@@ -100,6 +141,10 @@ class RunCheckpointer:
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
 
+  def all_steps(self) -> list[int]:
+    """Every checkpointed step, oldest first."""
+    return sorted(self._mngr.all_steps())
+
   def save(self, step: int, trees: dict[str, Any], progress: dict[str, Any]) -> None:
     unknown = set(trees) - set(self.ITEMS)
     if unknown:
@@ -108,6 +153,40 @@ class RunCheckpointer:
     self._mngr.save(step, args=ocp.args.Composite(progress=ocp.args.JsonSave(progress), **args),
                     force=True)
     self._mngr.wait_until_finished()
+    self._prune()
+
+  def _is_boundary(self, step: int) -> bool:
+    path = self._directory / str(step) / "progress" / "metadata"
+    try:
+      return json.loads(path.read_text(encoding="utf-8")).get("phase") == "stage_start"
+    except (OSError, ValueError):
+      return False
+
+  def _prune(self) -> None:
+    """Keeps the newest `max_to_keep` checkpoints and the newest stage boundary."""
+    steps = self.all_steps()
+    keep = set(steps[-self._max_to_keep:])
+    boundaries = [s for s in steps if self._is_boundary(s)]
+    if boundaries:
+      keep.add(boundaries[-1])
+    if jax.process_index() == 0:
+      for s in steps:
+        if s not in keep:
+          self._mngr.delete(s)
+
+  def quarantine(self, step: int) -> pathlib.Path:
+    """Moves a damaged checkpoint out of the way (beside the checkpoints, not deleted, so it
+    can be inspected), so the run can go on from an older one and save that step again."""
+    target = self._directory.parent / "damaged_checkpoints" / str(step)
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      if target.exists():
+        shutil.rmtree(target)
+      os.replace(self._directory / str(step), target)
+    # The manager caches the steps it has seen: start a fresh one.
+    self._mngr.close()
+    self._mngr = self._manager()
+    return target
 
   def items(self, step: int) -> set[str]:
     """Names of the array trees saved at `step`."""

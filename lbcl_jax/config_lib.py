@@ -166,6 +166,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Write the PNG plots at the end of the run.
   config.plots = True
 
+  config.export = ml_collections.ConfigDict()
+  # Write the merged export of the last stage into <workdir>/export at the end of a run.
+  config.export.final = False
+
   config.debug = ml_collections.ConfigDict()
   # Fault injection for resume tests: SIGKILL this process right after global step N (-1 = off).
   # Run-control fields under `debug` may differ between a run and its resumption.

@@ -9,3 +9,11 @@ with status 2; any other exception is a bug and keeps its traceback.
 
 class InputError(ValueError):
   """Bad input: the message names the file, key or value and what was expected."""
+
+
+class Diverged(Exception):
+  """The training loss became NaN or infinite; the message names the task, step and value."""
+
+
+class Preempted(Exception):
+  """The run was asked to stop (SIGTERM) and saved a checkpoint to resume from."""

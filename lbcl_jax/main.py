@@ -7,8 +7,10 @@ r"""Runs a whole continual-learning task sequence.
 Writes the accuracy matrix, metrics, plots and checkpoints into --workdir; running the same
 command again resumes from the last checkpoint there.
 
-Bad input (a config file, an override, a value, data, a model or a run checkpoint) ends the run
-with one `error: ...` line on stderr and exit status 2, before anything is written; anything
+Bad input (a config file, an override, a value, data, a model, a workdir in use or a run
+checkpoint) ends the run with one `error: ...` line on stderr and exit status 2, before
+anything is written. A diverged loss (NaN or inf) ends it with exit status 3 and no results;
+SIGTERM with a checkpoint and exit status 75 (run the same command again to resume). Anything
 else that goes wrong is a bug and shows its traceback.
 """
 
@@ -28,10 +30,16 @@ import ml_collections
 from ml_collections import config_flags
 
 from lbcl_jax import config_lib
-from lbcl_jax.errors import InputError
+from lbcl_jax.errors import Diverged, InputError, Preempted
 
 FLAGS = flags.FLAGS
 EXIT_BAD_INPUT = 2
+# The training loss became NaN or infinite: no results were written, the last good checkpoint
+# is kept.
+EXIT_DIVERGED = 3
+# Stopped on SIGTERM after a checkpoint (a preempted VM): run the same command again to resume
+# (EX_TEMPFAIL, "try again later", so a scheduler can requeue on it).
+EXIT_PREEMPTED = 75
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Directory for checkpoints, logs and results.")
 _MULTIHOST = flags.DEFINE_bool(
@@ -40,11 +48,11 @@ _MULTIHOST = flags.DEFINE_bool(
     "Default: when the environment names a coordinator or a TPU worker list.")
 
 
-def fail(message: str) -> NoReturn:
-  """Reports bad input as one line on stderr and exits with status 2."""
+def fail(message: str, status: int = EXIT_BAD_INPUT, prefix: str = "error") -> NoReturn:
+  """Reports bad input (or another expected stop) as one line on stderr and exits."""
   line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
-  print(f"error: {line}", file=sys.stderr, flush=True)
-  sys.exit(EXIT_BAD_INPUT)
+  print(f"{prefix}: {line}", file=sys.stderr, flush=True)
+  sys.exit(status)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,6 +183,10 @@ def main(argv):
     train.train_and_evaluate(config, _WORKDIR.value)
   except InputError as e:
     fail(str(e))
+  except Diverged as e:
+    fail(f"training diverged: {e}", EXIT_DIVERGED)
+  except Preempted as e:
+    fail(str(e), EXIT_PREEMPTED, prefix="preempted")
 
 
 def run():

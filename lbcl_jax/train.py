@@ -22,6 +22,8 @@ import dataclasses
 import json
 import os
 import signal
+import sys
+import threading
 import time
 from typing import Any, Callable, Optional
 
@@ -47,7 +49,7 @@ from lbcl_jax import sharding
 from lbcl_jax import tasks as tasks_lib
 from lbcl_jax.data import pipeline
 from lbcl_jax.data import task_data
-from lbcl_jax.errors import InputError
+from lbcl_jax.errors import Diverged, InputError, Preempted
 
 
 class Timings:
@@ -370,6 +372,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   opt_settings = optimizer_settings(config)
 
   os.makedirs(workdir, exist_ok=True)
+  lock = checkpointing.WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
+  try:
+    with _StopOnSigterm() as stop:
+      return _run(config, workdir, timings, method, loop, mesh, tasks, key, backbone, base,
+                  data, opt_settings, stop)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _run(config, workdir, timings, method, loop, mesh, tasks, key, backbone, base, data,
+         opt_settings, stop) -> dict[str, Any]:
+  """The stage loop of `train_and_evaluate`, in a locked workdir."""
   checkpointing.check_workdir_config(workdir, config)
   writer = metric_writer.MetricWriter(workdir, just_logging=jax.process_index() > 0)
   writer.write_hparams(_flat_hparams(config))
@@ -377,7 +392,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                        loop.checkpoint_max_to_keep)
   kept = Kept()
   stage = Stage(backbone=backbone, method=method, base=base, data=data, loop=loop,
-                optimizer_settings=opt_settings, key=key, kept=kept)
+                optimizer_settings=opt_settings, key=key, kept=kept, stop=stop)
 
   stages = method.stages(tasks)
   progress = Progress(stages=[", ".join(s) for s in stages])
@@ -386,32 +401,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # The base with every old adapter merged in: what the next stage's forward pass starts from.
   # Evaluation computes it at the end of a stage; a resumed run computes it afresh.
   base_eff = None
-  resume_step = ckpt.latest_step()
-  if resume_step is not None:
-    progress = Progress.from_json(ckpt.restore_progress(resume_step))
-    logging.info("Resuming %s from checkpoint %d: stage %d, step %d, phase %s", workdir,
-                 resume_step, progress.stage, progress.step, progress.phase)
+  resumed = None
 
   predict = kept.get("predict", lambda: jax.jit(backbone.predict))
   with mesh:
+    with timings.phase("stage_setup"):
+      resumed = _resume(ckpt, stage, stages, key, workdir)
+    if resumed is not None:
+      progress, resumed = resumed
     while progress.stage < len(stages):
       names = stages[progress.stage]
       label = progress.stages[progress.stage]
       stage_key = jax.random.fold_in(key, progress.stage)
       with timings.phase("stage_setup"):
-        if resume_step is not None:
-          old, params, trainable, optimizer, opt_state = stage.restore(
-              ckpt, resume_step, progress, stage_key, names)
-          resume_step = None
+        if resumed is not None:
+          old, params, trainable, optimizer, opt_state = resumed
+          resumed = None
         else:
           trainable, optimizer, opt_state = stage.begin(old, params, stage_key, names, progress)
         if base_eff is None:
           base_eff = stage.merge(params, old)
 
       with timings.phase("train"):
-        trainable, opt_state = stage.train(ckpt, writer, progress, old, params, base_eff,
-                                           trainable, optimizer, opt_state, stage_key, names,
-                                           label, timings)
+        try:
+          trainable, opt_state = stage.train(ckpt, writer, progress, old, params, base_eff,
+                                             trainable, optimizer, opt_state, stage_key, names,
+                                             label, timings)
+        except (Diverged, Preempted):
+          ckpt.close()
+          writer.flush()
+          writer.close()
+          raise
       del opt_state, base_eff
 
       # Evaluate every task seen so far with all adapters folded in (no task id).
@@ -438,6 +458,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       progress.phase = "stage_start"
       with timings.phase("checkpoint"):
         stage.save(ckpt, progress, old, params, None, None)
+      if progress.stage < len(stages) and stop.requested(progress.global_step):
+        ckpt.close()
+        writer.flush()
+        writer.close()
+        raise Preempted(f"stopped on SIGTERM at the end of stage {label} (global step "
+                        f"{progress.global_step}), checkpointed in {workdir}; run the same "
+                        "command again to resume")
 
   ckpt.close()
   with timings.phase("results"):
@@ -450,10 +477,76 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # This invocation's wall seconds by phase (a resumed run counts only its own part).
     late = lambda: {"timings": timings.as_dict()}
     if jax.process_index() == 0:
+      if config.export.final:
+        # The merged model of the last stage as a Hugging Face checkpoint directory.
+        from lbcl_jax import export  # pylint: disable=g-import-not-at-top
+        export.export_run(workdir, os.path.join(workdir, "export"), overwrite=True)
       doc = results_lib.write_results(workdir, doc, plots=loop.plots, late_fields=late)
     writer.flush()
     writer.close()
   return {**doc, **late()}
+
+
+class _StopOnSigterm:
+  """SIGTERM (a preemptible VM or spot GPU about to be taken) asks the run to stop at the
+  next step boundary, after a checkpoint. On several hosts every process must stop at the same
+  step: JAX's preemption sync point (`jax.distributed` registers its own SIGTERM notifier)
+  decides; on one, the handler's flag does."""
+
+  def __init__(self):
+    self._flag = False
+    self._previous = None
+
+  def __enter__(self) -> "_StopOnSigterm":
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+  def _on_sigterm(self, signum, frame) -> None:
+    del signum, frame
+    logging.warning("SIGTERM: stopping at the next step boundary, after a checkpoint")
+    self._flag = True
+
+  def requested(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      try:
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+      except RuntimeError:  # no preemption service (distributed runtime without it)
+        return self._flag
+    return self._flag
+
+
+def _resume(ckpt, stage: "Stage", stages: list, key: jax.Array, workdir: str):
+  """(progress, restored state) from the newest intact checkpoint, or None for a fresh run.
+
+  A checkpoint that fails to restore is named in one line and moved aside, and the next older
+  one is tried (the run keeps the newest stage boundary besides the newest checkpoints)."""
+  steps = ckpt.all_steps()
+  for step in reversed(steps):
+    try:
+      progress = Progress.from_json(ckpt.restore_progress(step))
+      logging.info("Resuming %s from checkpoint %d: stage %d, step %d, phase %s", workdir,
+                   step, progress.stage, progress.step, progress.phase)
+      if progress.stage >= len(stages):
+        return progress, None
+      stage_key = jax.random.fold_in(key, progress.stage)
+      state = stage.restore(ckpt, step, progress, stage_key, stages[progress.stage])
+      return progress, state
+    except checkpointing.CheckpointRestoreError as e:
+      moved = ckpt.quarantine(step)
+      print(f"warning: {e}; moved it to {moved} and trying an older checkpoint",
+            file=sys.stderr, flush=True)
+  if steps:
+    raise InputError(f"no checkpoint in {workdir}/checkpoints could be restored (tried "
+                     f"{', '.join(map(str, reversed(steps)))}); delete the workdir to start "
+                     "afresh")
+  return None
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -477,6 +570,7 @@ class Stage:
   optimizer_settings: methods_lib.OptimizerSettings
   key: jax.Array
   kept: Kept
+  stop: Any = None  # asks for a checkpoint and an exit at the next step (`_StopOnSigterm`)
 
   # -- adapters ---------------------------------------------------------------------------------
 
@@ -604,17 +698,34 @@ class Stage:
     bar = tqdm.tqdm(total=num_steps, initial=start, desc=f"train {label}", unit="step",
                     disable=jax.process_index() != 0, dynamic_ncols=True)
     replicated = self.backbone.replicated_keys
+    # The first non-finite loss of the stage and its step, tracked on device (no host sync
+    # per step) and read whenever the host looks anyway: at logging and before a checkpoint.
+    watch = self.kept.get("watch", lambda: jax.jit(_watch_loss))
+    first_bad = (jnp.int32(-1), jnp.float32(0.0))
+
+    def check_finite():
+      bad_step = int(first_bad[0])
+      if bad_step >= 0:
+        bar.close()
+        raise Diverged(f"the training loss of task {label} became {float(first_bad[1])} at "
+                       f"step {bad_step} of the stage; the run stopped without results (the "
+                       "checkpoints written before are kept). Lower "
+                       "--config.optim.learning_rate or clip gradients "
+                       "(--config.optim.grad_clip=1.0)")
+
     t0, window_t, window_n = time.time(), time.time(), 0
     for step in range(start, num_steps):
       batch = sharding.global_batch(stream.batch(step), mesh, replicated_keys=replicated)
       trainable, opt_state, loss = step_fn(trainable, opt_state, base_eff, old or {}, batch,
                                            jax.random.fold_in(train_key, step))
+      first_bad = watch(first_bad, loss, step + 1)
       progress.step = step + 1
       progress.global_step += 1
       window_n += 1
       bar.update(1)
       last = step + 1 == num_steps
       if progress.step % loop.log_every_steps == 0 or last:
+        check_finite()
         loss_v = float(loss)
         rate = window_n / max(time.time() - window_t, 1e-9)
         window_t, window_n = time.time(), 0
@@ -622,17 +733,24 @@ class Stage:
         bar.set_postfix(loss=f"{loss_v:.4f}", steps_per_s=f"{rate:.2f}")
         writer.write_scalars(progress.global_step,
                              {f"train_loss/{label}": loss_v, "steps_per_second": rate})
-      if loop.checkpoint_every_steps and progress.step % loop.checkpoint_every_steps == 0 \
-          and not last:
+      stopping = self.stop is not None and not last and self.stop.requested(progress.global_step)
+      if (loop.checkpoint_every_steps and progress.step % loop.checkpoint_every_steps == 0
+          and not last) or stopping:
+        check_finite()  # never checkpoint a diverged state
         progress.train_seconds += time.time() - t0
         with timings.phase("checkpoint"):
           self.save(ckpt, progress, old, params, trainable, opt_state)
         t0 = time.time()
+      if stopping:
+        bar.close()
+        raise Preempted(f"stopped on SIGTERM at global step {progress.global_step} (task "
+                        f"{label}), checkpointed; run the same command again to resume")
       if loop.kill_at_step >= 0 and progress.global_step == loop.kill_at_step:
         logging.warning("debug.kill_at_step=%d: killing this process with SIGKILL",
                         loop.kill_at_step)
         os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
+    check_finite()
     progress.train_seconds += time.time() - t0
     return trainable, opt_state
 
@@ -692,6 +810,14 @@ class Stage:
           step, {"trainable": _abstract_with_shardings(self.base.params)})["trainable"]
     trainable, optimizer, opt_state = self.begin(old, params, stage_key, names, progress)
     return old, params, trainable, optimizer, opt_state
+
+
+def _watch_loss(first_bad, loss, step):
+  """(step, loss) of the first non-finite loss so far ((-1, 0) while there is none)."""
+  bad_step, bad_value = first_bad
+  hit = (bad_step < 0) & ~jnp.isfinite(loss)
+  return (jnp.where(hit, jnp.int32(step), bad_step),
+          jnp.where(hit, loss.astype(jnp.float32), bad_value))
 
 
 def _abstract_with_shardings(tree):

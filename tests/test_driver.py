@@ -132,25 +132,6 @@ def test_missing_data_dir_names_it(tmp_path):
   _assert_one_line_error(proc, f"{tmp_path}/nowhere")
 
 
-def test_corrupt_checkpoint_is_named_in_one_line(tmp_path):
-  """A checkpoint whose array files were cut short: the rerun names it, without a traceback."""
-  args = [*du.FAST, *du.tiny_bert(tmp_path), "--config.checkpoint.every_steps=2",
-          "--config.optim.max_steps_per_task=4", "--config.plots=False"]
-  wd = tmp_path / "wd"
-  proc = du.run_main(wd, *args, "--config.debug.kill_at_step=3", check=False)
-  assert proc.returncode == -9, proc.stderr[-3000:]
-  (latest,) = [d for d in (wd / "checkpoints").iterdir() if d.name == "2"]
-  damaged = 0
-  for f in (latest / "trainable").rglob("*"):
-    if f.is_file() and f.stat().st_size > 16 and "ocdbt" not in f.name and f.suffix != ".json":
-      f.write_bytes(f.read_bytes()[:8])
-      damaged += 1
-  assert damaged
-  proc = du.run_main(wd, *args, check=False)
-  _assert_one_line_error(proc, f"checkpoint {latest} could not be restored")
-  assert not (wd / "results.json").exists()
-
-
 def test_a_bug_keeps_its_traceback(tmp_path):
   """Only bad input is shortened to one line: any other exception is a bug and shows in full."""
   code = ("import sys; from lbcl_jax import main, train\n"
