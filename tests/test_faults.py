@@ -27,6 +27,15 @@ def _args(tmp_path, *more):
           "--config.plots=False", *more]
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """(args, workdir) of one uninterrupted run, which the resumed runs below must equal."""
+  tmp = tmp_path_factory.mktemp("straight")
+  args = _args(tmp, "--config.optim.max_steps_per_task=12")
+  du.run_main(tmp / "wd", *args)
+  return args, tmp / "wd"
+
+
 def _last_line(proc):
   return proc.stderr.strip().splitlines()[-1]
 
@@ -43,12 +52,10 @@ def test_non_finite_loss_stops_the_run_without_results(tmp_path):
   assert not (wd / "results.json").exists()
 
 
-def test_damaged_newest_checkpoint_falls_back_and_ends_identical(tmp_path):
-  args = _args(tmp_path)
-  straight = tmp_path / "straight"
-  du.run_main(straight, *args)
+def test_damaged_newest_checkpoint_falls_back_and_ends_identical(tmp_path, straight):
+  args, straight = straight
   wd = tmp_path / "wd"
-  proc = du.run_main(wd, *args, "--config.debug.kill_at_step=9", check=False)
+  proc = du.run_main(wd, *args, "--config.debug.kill_at_step=17", check=False)
   assert proc.returncode == -9
   ckpts = wd / "checkpoints"
   newest = max(int(d.name) for d in ckpts.iterdir() if d.name.isdigit())
@@ -76,10 +83,8 @@ def test_no_intact_checkpoint_is_one_error_line(tmp_path):
   assert not (wd / "results.json").exists()
 
 
-def test_sigterm_at_a_random_point_checkpoints_and_resumes_identical(tmp_path):
-  args = _args(tmp_path, "--config.optim.max_steps_per_task=12")
-  straight = tmp_path / "straight"
-  du.run_main(straight, *args)
+def test_sigterm_at_a_random_point_checkpoints_and_resumes_identical(tmp_path, straight):
+  args, straight = straight
   wd = tmp_path / "wd"
   env = dict(os.environ, PYTHONPATH=str(du.REPO_ROOT))
   proc = subprocess.Popen([sys.executable, "-m", "lbcl_jax.main", f"--workdir={wd}", *args],
