@@ -2,9 +2,23 @@
 
 `InputError` (a `ValueError`) marks a problem with what the user gave: a config value, a data
 file, a model checkpoint, a workdir or a run checkpoint. Its message names the file, key or
-value and says what was expected. `lbcl_jax.main` prints it as one `error: ...` line and exits
-with status 2; any other exception is a bug and keeps its traceback.
+value and says what was expected. The command lines (`lbcl_jax.main`, `lbcl_jax.export`) print
+it with `exit_with` as one `error: ...` line and exit with status 2; any other exception is a
+bug and keeps its traceback.
 """
+
+import sys
+from typing import NoReturn
+
+EXIT_BAD_INPUT = 2
+
+
+def exit_with(message: str, status: int = EXIT_BAD_INPUT, prefix: str = "error") -> NoReturn:
+  """Reports bad input (or another expected stop) as one `prefix: message` line on stderr and
+  exits with `status`."""
+  line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+  print(f"{prefix}: {line}", file=sys.stderr, flush=True)
+  sys.exit(status)
 
 
 class InputError(ValueError):

@@ -40,13 +40,13 @@ import os
 import pathlib
 import re
 import shutil
-import sys
 import tempfile
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from lbcl_jax.errors import InputError
+from lbcl_jax import files
+from lbcl_jax.errors import InputError, exit_with
 
 FORMATS = ("merged", "peft")
 # Written beside the model files: which run, stage and method the export came from.
@@ -204,10 +204,8 @@ def load_run(workdir: str | os.PathLike, stage: Optional[int] = None,
 
     # Every checkpoint after stage k holds the k finished adapters as one stack ("old").
     num_old = int(progress["stage"])
-    one = jax.eval_shape(lambda k: adapters_lib.init_new(k, base.params, base.adapter_config,
-                                                         base.paths), key)
-    stack = jax.tree.map(lambda x: jax.ShapeDtypeStruct((num_old,) + x.shape, x.dtype), one)
-    old = ckpt.restore(steps[0], {"old": abstract(stack)})["old"]
+    stack = train.abstract_adapter(base, key, num_tasks=num_old)
+    old = ckpt.restore(steps[0], {"old": stack})["old"]
     old = jax.tree.map(lambda x: np.asarray(x)[:stage], jax.device_get(old))
     return RunModel(config=config, backbone=backbone, trains_base=False,
                     params=jax.device_get(base.params),
@@ -327,40 +325,16 @@ def export_run(workdir: str | os.PathLike, out: str | os.PathLike, *,
     (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     # mkdtemp (and safetensors) make private files; an export is an ordinary directory.
     for path in [tmp, *tmp.rglob("*")]:
-      path.chmod((0o777 if path.is_dir() else 0o666) & ~_umask())
-    if target.exists():
-      # An empty directory is replaced by the rename itself; a full one (overwrite) is moved
-      # aside first and removed once the new one is in place.
-      if any(target.iterdir()):
-        aside = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, aside / target.name)
-        os.replace(tmp, target)
-        shutil.rmtree(aside, ignore_errors=True)
-      else:
-        target.rmdir()
-        os.replace(tmp, target)
-    else:
-      os.replace(tmp, target)
+      path.chmod((0o777 if path.is_dir() else 0o666) & ~files.process_umask())
+    files.replace_directory(tmp, target)
   finally:
     if tmp.exists():
       shutil.rmtree(tmp, ignore_errors=True)
   return target
 
 
-def _umask() -> int:
-  from lbcl_jax.files import process_umask  # pylint: disable=g-import-not-at-top
-  return process_umask()
-
-
 # ---------------------------------------------------------------------------------------------
 # Command line.
-
-
-def _fail(message: str):
-  """One `error: ...` line on stderr, exit status 2 (as lbcl_jax.main reports bad input)."""
-  line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
-  print(f"error: {line}", file=sys.stderr, flush=True)
-  sys.exit(2)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -368,7 +342,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
   class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own report is usage + a line; ours is one line
-      _fail(message)
+      exit_with(message)
 
   parser = _Parser(prog="python -m lbcl_jax.export", description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True, help="the run's --workdir")
@@ -380,7 +354,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   try:
     path = export_run(args.workdir, args.out, stage=args.stage, fmt=args.fmt)
   except InputError as e:
-    _fail(str(e))
+    exit_with(str(e))
   print(path)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import tempfile
 import threading
 from typing import Optional
@@ -74,3 +75,17 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
   """Writes `text` as UTF-8 to `path` atomically (no newline translation)."""
   atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def replace_directory(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
+  """Puts the complete directory `tmp` at `target` by renames: an existing `target` is moved
+  aside first and removed once the new one is in place, so a reader sees the old directory or
+  the new one, never a half-written one."""
+  tmp, target = pathlib.Path(tmp), pathlib.Path(target)
+  if target.exists():
+    aside = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, aside / target.name)
+    os.replace(tmp, target)
+    shutil.rmtree(aside, ignore_errors=True)
+  else:
+    os.replace(tmp, target)

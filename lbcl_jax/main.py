@@ -20,8 +20,7 @@ import difflib
 import importlib.util
 import os
 import re
-import sys
-from typing import NoReturn, Sequence
+from typing import Sequence
 
 from absl import app
 from absl import flags
@@ -30,10 +29,11 @@ import ml_collections
 from ml_collections import config_flags
 
 from lbcl_jax import config_lib
+from lbcl_jax import errors
 from lbcl_jax.errors import Diverged, InputError, Preempted
 
 FLAGS = flags.FLAGS
-EXIT_BAD_INPUT = 2
+EXIT_BAD_INPUT = errors.EXIT_BAD_INPUT
 # The training loss became NaN or infinite: no results were written, the last good checkpoint
 # is kept.
 EXIT_DIVERGED = 3
@@ -48,11 +48,7 @@ _MULTIHOST = flags.DEFINE_bool(
     "Default: when the environment names a coordinator or a TPU worker list.")
 
 
-def fail(message: str, status: int = EXIT_BAD_INPUT, prefix: str = "error") -> NoReturn:
-  """Reports bad input (or another expected stop) as one line on stderr and exits."""
-  line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
-  print(f"{prefix}: {line}", file=sys.stderr, flush=True)
-  sys.exit(status)
+fail = errors.exit_with
 
 
 # ---------------------------------------------------------------------------------------------

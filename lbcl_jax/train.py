@@ -771,14 +771,7 @@ class Stage:
     ckpt.save(progress.global_step, trees, progress.to_json())
 
   def _abstract_adapter(self, stage_key: jax.Array, num_tasks: int | None = None):
-    """Shapes and shardings of one task's adapter, or of a stack of `num_tasks` of them."""
-    one = jax.eval_shape(self._init_new, stage_key)
-    if num_tasks is not None:
-      one = jax.tree.map(lambda x: jax.ShapeDtypeStruct((num_tasks,) + x.shape, x.dtype), one)
-    specs = sharding.adapter_logical_specs(one, self.base.kernel_specs)
-    shardings = sharding.logical_to_sharding(specs, one, self.base.mesh, self.base.rules)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        one, shardings)
+    return abstract_adapter(self.base, stage_key, num_tasks)
 
   def restore(self, ckpt, step: int, progress: Progress, stage_key: jax.Array, names):
     """Restores the checkpointed state: (old, params, trainable, optimizer, opt_state)."""
@@ -818,6 +811,19 @@ def _watch_loss(first_bad, loss, step):
   hit = (bad_step < 0) & ~jnp.isfinite(loss)
   return (jnp.where(hit, jnp.int32(step), bad_step),
           jnp.where(hit, loss.astype(jnp.float32), bad_value))
+
+
+def abstract_adapter(base: Base, key: jax.Array, num_tasks: int | None = None):
+  """Shapes and shardings of one task's adapter on `base`, or of a stack of `num_tasks` of
+  them (what checkpoints hold): the targets to restore them onto."""
+  one = jax.eval_shape(
+      lambda k: adapters_lib.init_new(k, base.params, base.adapter_config, base.paths), key)
+  if num_tasks is not None:
+    one = jax.tree.map(lambda x: jax.ShapeDtypeStruct((num_tasks,) + x.shape, x.dtype), one)
+  specs = sharding.adapter_logical_specs(one, base.kernel_specs)
+  shardings = sharding.logical_to_sharding(specs, one, base.mesh, base.rules)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      one, shardings)
 
 
 def _abstract_with_shardings(tree):

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lbcl_jax import files
 from lbcl_jax.errors import InputError
 
 CONFIG_NAME = "config.json"
@@ -401,13 +402,7 @@ def save_pretrained(model: nn.Module, params: Mapping[str, Any],
     # transformers refuses safetensors files without a 'format' entry.
     safetensors.numpy.save_file(tensors, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
     tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is an ordinary directory.
-    if target.exists():
-      old = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-      os.replace(target, old / target.name)
-      os.replace(tmp, target)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, target)
+    files.replace_directory(tmp, target)
   finally:
     if tmp.exists():
       shutil.rmtree(tmp, ignore_errors=True)
