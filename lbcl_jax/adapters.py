@@ -534,7 +534,8 @@ def lowrank_term(x: jax.Array, u, s, v, scaling: float = 1.0, *, dtype=None,
 
 
 @contextlib.contextmanager
-def intercept(adapters: PyTree, scaling: float = 1.0):
+def intercept(adapters: PyTree, scaling: float = 1.0, *, dropout: float = 0.0,
+              rng: Optional[jax.Array] = None):
   """Context manager adding the low-rank adapter terms to targeted `nn.Dense` calls.
 
   Inside `model.apply`, a Dense module's `module.path` is its params path without the
@@ -549,11 +550,25 @@ def intercept(adapters: PyTree, scaling: float = 1.0):
     adapters: a stack tree (`[K, ...]` leaves), a single-task 'new' tree, or a full adapter
       state `{'old', 'new'}` (old and new applied as two einsum chains).
     scaling: the static adapter scaling.
+    dropout: LoRA dropout (PEFT's `lora_dropout`, O-LoRA uses 0.1): the adapter path sees
+      `dropout(x)` while `x @ W0` sees `x`. Only with `rng`; 0 or no `rng` turns it off.
+    rng: the dropout key; every adapted call draws its own mask (folded from the key by the
+      layer's path and the call's order in the trace, so the same trace draws the same masks).
 
   Yields:
     Nothing; model calls inside the block see `x @ W0 + b + scaling * sum_k ...`.
   """
   terms = _layer_terms(adapters)
+  drop = rng is not None and dropout > 0.0
+  if drop and not 0.0 < dropout < 1.0:
+    raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+  calls = [0]  # adapted calls traced so far: each gets its own mask
+
+  def dropped(x, path):
+    calls[0] += 1
+    key = jax.random.fold_in(jax.random.fold_in(rng, _path_seed(path)), calls[0])
+    keep = jax.random.bernoulli(key, 1.0 - dropout, x.shape)
+    return jnp.where(keep, x / (1.0 - dropout), jnp.zeros((), x.dtype)).astype(x.dtype)
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
@@ -564,6 +579,8 @@ def intercept(adapters: PyTree, scaling: float = 1.0):
       return next_fun(*args, **kwargs)
     y = next_fun(*args, **kwargs)
     x = args[0] if args else kwargs["inputs"]
+    if drop:
+      x = dropped(x, "/".join(module.path))
     for u, s, v in entry:  # at most two stacks (old, new); each is one einsum over k
       extra = lowrank_term(x, u, s, v, scaling, dtype=module.dtype, precision=module.precision)
       y = y + extra.astype(y.dtype)

@@ -9,6 +9,7 @@ e.g. `--config.method=olora --config.order=4 --config.adapters.rank=4`.
 import os
 
 import ml_collections
+from ml_collections import config_dict
 
 from lbcl_jax.errors import InputError
 
@@ -51,8 +52,16 @@ def base_config() -> ml_collections.ConfigDict:
   # Adapted layers: "qv" (the q and v projections of every attention, as O-LoRA),
   # "all_linear", or a regular expression over module paths.
   config.adapters.targets = "qv"
-  # Multiplier of every adapter's output (LoRA's alpha / r).
-  config.adapters.scaling = 1.0
+  # Multiplier of every adapter's output (LoRA's alpha / r). None: the method's default,
+  # O-LoRA's 32 / r for inclora, olora and mtl (its lora_alpha 32), 1 for the SVD family.
+  config.adapters.scaling = config_dict.placeholder(float)
+  # Dropout on the adapter's input while training (PEFT's lora_dropout). None: the method's
+  # default, O-LoRA's 0.1 for inclora, olora and mtl, 0 for the SVD family.
+  config.adapters.dropout = config_dict.placeholder(float)
+  # Weight of AdaLoRA's regulariser ||U^T U - I||^2 + ||V V^T - I||^2 (mean over layers) on the
+  # new SVD adapter (nlnbcl, lcl, bcl, lbcl). None: the SVD family's default, chosen on
+  # validation (BENCHMARKS.md); AdaLoRA/PEFT use 0.5.
+  config.adapters.orth_reg_weight = config_dict.placeholder(float)
   # How the adapter joins the layer while training: "lowrank" (x V^T sigma U^T) or "merged"
   # (materialise W0 + U sigma V); empty picks the measured default of lbcl_jax.adapters.
   config.adapters.apply_mode = ""
@@ -62,9 +71,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.injection.num_seed_samples = 8
   # Inject sigma too ("with sigma"); False injects only U and V.
   config.injection.with_sigma = True
-  # Layers to inject: "all", an integer n (top n layers) or a comma-separated list of paths.
+  # Layers to inject: "all"; "depth:N", the adapted layers of the top N transformer blocks
+  # (decoder blocks first for T5); "score:N" (or "N"), the N layers with the highest total
+  # triplet score; or one regular expression over layer paths ("encoder/layer_(4|5)/.*").
   config.injection.layers = "all"
-  # Importance aggregation over seed samples: "mean", "adalora" or "fisher".
+  # Importance aggregation over seed samples: "mean" (the paper's), "adalora" (mean importance
+  # x mean absolute deviation) or "fisher" (mean squared gradient); see lbcl_jax.sensitivity.
   config.injection.aggregation = "mean"
   # Restrict sensitivity to layers matching this regular expression (empty = every adapted layer).
   config.injection.sensitivity_layers = ""
@@ -94,6 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.train_per_class = 0
   # Test examples per task (0 = the whole test split).
   config.data.max_test_examples = 0
+  # Validation examples per task, carved from the train split with a fixed seed (the same
+  # for every run seed) and never trained on; 0 = no validation split.
+  config.data.validation_examples = 0
   # Truncation lengths of the source prompt and the target label (the paper: 512 / 50).
   config.data.max_source_length = 512
   config.data.max_target_length = 50
@@ -124,6 +139,16 @@ def base_config() -> ml_collections.ConfigDict:
   # "generate" (greedy decoding + exact match, as O-LoRA) or "rank" (highest-likelihood option).
   # Encoder families always use label-name scoring.
   config.eval.mode = "generate"
+  # The split the accuracy matrix is measured on: "test", or "validation" (choosing
+  # hyper-parameters; needs data.validation_examples > 0).
+  config.eval.split = "test"
+  # The options a prediction chooses among: "seen", the union of the labels of every task
+  # trained so far (no task identity, the paper's protocol), or "task", the evaluated task's
+  # own labels (which tells the model the task). Free-text generation is scored by exact match
+  # either way; label scoring (encoders) and eval.mode="rank" score the options of the space.
+  config.eval.label_space = "seen"
+  # Further label spaces also measured and recorded in results.json ("task", "seen,task", ...).
+  config.eval.extra_label_spaces = ""
   # Evaluation batch size (global).
   config.eval.batch_size = 64
   # Tokens generated per example in "generate" mode.
@@ -250,6 +275,8 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 _EVAL_MODES = ("generate", "rank")
+_LABEL_SPACES = ("seen", "task")
+_EVAL_SPLITS = ("test", "validation")
 _TRAIN_PADDINGS = ("task", "batch")
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -260,6 +287,12 @@ def looks_local(path: str) -> bool:
   return bool(path) and (os.path.exists(path) or not hf.looks_like_hub_id(path))
 
 
+def extra_label_spaces(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """`config.eval.extra_label_spaces` as names, the primary `label_space` left out."""
+  names = [s.strip() for s in str(config.eval.extra_label_spaces).split(",") if s.strip()]
+  return tuple(dict.fromkeys(n for n in names if n != config.eval.label_space))
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks what can be checked before any work starts; raises `InputError` naming the field.
 
@@ -268,7 +301,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """
   # Imported here: the registries pull in more than a config file should.
   # pylint: disable=g-import-not-at-top
-  from lbcl_jax import adapters, data, methods, sensitivity, tasks
+  from lbcl_jax import adapters, data, injection, methods, sensitivity, tasks
   # pylint: enable=g-import-not-at-top
 
   methods.get_method(config.method)
@@ -283,6 +316,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ("dtype", "param_dtype"):
     if config.model[field] not in _DTYPES:
       raise InputError(f"config.model.{field}={config.model[field]!r}: expected one of {_DTYPES}")
+  if config.eval.label_space not in _LABEL_SPACES:
+    raise InputError(f"config.eval.label_space={config.eval.label_space!r}: expected one of "
+                     f"{_LABEL_SPACES}")
+  for space in extra_label_spaces(config):
+    if space not in _LABEL_SPACES:
+      raise InputError(f"config.eval.extra_label_spaces={config.eval.extra_label_spaces!r}: "
+                       f"{space!r} is not one of {_LABEL_SPACES}")
+  if config.eval.split not in _EVAL_SPLITS:
+    raise InputError(f"config.eval.split={config.eval.split!r}: expected one of {_EVAL_SPLITS}")
+  if config.data.validation_examples < 0:
+    raise InputError(f"config.data.validation_examples={config.data.validation_examples}: "
+                     "must be >= 0")
+  if config.eval.split == "validation" and not config.data.validation_examples:
+    raise InputError("config.eval.split='validation' needs config.data.validation_examples > 0")
+  for field in ("scaling", "dropout", "orth_reg_weight"):
+    value = config.adapters[field]
+    if value is not None and value < 0:
+      raise InputError(f"config.adapters.{field}={value}: must be >= 0 (or None for the "
+                       "method's default)")
+  if config.adapters.dropout is not None and config.adapters.dropout >= 1:
+    raise InputError(f"config.adapters.dropout={config.adapters.dropout}: must be < 1")
+  injection.parse_layers(config.injection.layers)
   if config.adapters.rank < 1:
     raise InputError(f"config.adapters.rank={config.adapters.rank}: must be >= 1")
   if config.injection.aggregation not in sensitivity.AGGREGATIONS:

@@ -15,6 +15,7 @@ arg-max: no decoding, so no malformed answers. Inputs are tiled over options in 
 
 from __future__ import annotations
 
+import dataclasses
 import string
 from typing import Any, Callable, Mapping, Sequence
 
@@ -143,7 +144,7 @@ def local_rows(batch: Mapping[str, Any], replicated: Sequence[str] = ()) -> dict
 
 def evaluate(backbone: Any, predict_fn: Callable[[Any, Mapping[str, Any]], Any], params: Any,
              data: pipeline.BatchSource, task: str | tasks_lib.Task, *, batch_size: int,
-             mesh: Any) -> float:
+             mesh: Any, labels: Sequence[str] | None = None) -> float:
   """Accuracy on `data` (a task's test split) with `params` (every adapter already merged).
 
   Args:
@@ -156,12 +157,22 @@ def evaluate(backbone: Any, predict_fn: Callable[[Any, Mapping[str, Any]], Any],
     task: the task (its labels score the predictions; no task id reaches the model).
     batch_size: the global evaluation batch size (divisible by the data-parallel size).
     mesh: the device mesh; every process evaluates its rows, predictions are gathered.
+    labels: the label space, the options predictions choose among (None: the task's own
+      labels). It must hold every label of the task; `tasks.label_union` of the tasks
+      trained so far is the "seen" space, which tells the model nothing about the task.
 
   Returns:
     The weighted fraction of rows whose prediction names their label.
   """
   task = tasks_lib.get_task(task)
-  extras = backbone.eval_extras(task)
+  space = task.labels if labels is None else tuple(labels)
+  missing = [label for label in task.labels if label not in space]
+  if missing:
+    raise ValueError(f"the label space lacks {missing} of task {task.name!r}")
+  # The task as the model is asked it: options are the space's; gold indices move with them.
+  scored = dataclasses.replace(task, labels=space)
+  gold_of = np.asarray([space.index(label) for label in task.labels], np.int64)
+  extras = backbone.eval_extras(scored)
   replicated = backbone.replicated_keys
   correct = total = 0.0
   for batch in pipeline.eval_batches(data, batch_size, process_index=0, process_count=1):
@@ -169,9 +180,10 @@ def evaluate(backbone: Any, predict_fn: Callable[[Any, Mapping[str, Any]], Any],
     pred = predict_fn(params, sharding.global_batch(local_rows(batch, replicated), mesh,
                                                     replicated_keys=replicated))
     pred = np.asarray(multihost_utils.process_allgather(pred, tiled=True))
-    index = backbone.to_options(pred, task)
+    index = backbone.to_options(pred, scored)
     weight = np.asarray(batch["weight"])
-    hit = (np.asarray(index) == np.asarray(batch["label_index"])).astype(np.float64)
+    gold = gold_of[np.clip(np.asarray(batch["label_index"]), 0, len(gold_of) - 1)]
+    hit = (np.asarray(index) == gold).astype(np.float64)
     correct += float((hit * weight).sum())
     total += float(weight.sum())
   return correct / max(total, 1.0)

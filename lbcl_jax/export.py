@@ -178,7 +178,7 @@ def load_run(workdir: str | os.PathLike, stage: Optional[int] = None,
 
     # The frozen base exactly as the driver made it (loaded, or re-initialised from the
     # seed), on one device: exporting gathers everything on this host anyway.
-    loop = train.LoopConfig.from_config(config)
+    loop = train.LoopConfig.from_config(config, method)
     backbone = backbones.build(backbones.BackboneConfig.from_config(config))
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     key = jax.random.key(config.seed)

@@ -13,11 +13,18 @@ and initialises the new adapter as the alpha-weighted sum of the old triplets:
 The "without sigma" variant injects only U and V and keeps the fresh sigma. Layers that are
 not selected keep the fresh initialisation.
 
-Layer selection `layers=n` (an int) keeps the n adapted layers with the highest *total*
-score `sum_{k,i} S^k_i` (a model-agnostic rule; for "the last n decoder blocks" pass an
-explicit list of paths or a regex through `adapters.select_layers`).
+Which layers are injected (`layers`):
+* 'all': every scored layer;
+* `TopBlocks(n)`: every adapted layer of the top n transformer blocks by depth, decoder
+  blocks before encoder blocks (`top_block_layers`). The paper's motivating experiment
+  copies the *top* 4 or 9 layers and finds copying all of them catastrophic;
+* an int n: the n adapted layers with the highest *total* score `sum_{k,i} S^k_i`;
+* a regex (fullmatch on the path) or a list of paths.
+`parse_layers` reads the run config's spelling of these.
 """
 
+import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
@@ -26,8 +33,60 @@ import jax.numpy as jnp
 import numpy as np
 
 from lbcl_jax import adapters as adapters_lib
+from lbcl_jax.errors import InputError
 
 PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TopBlocks:
+  """The adapted layers of the top `n` transformer blocks by depth (decoder side first)."""
+
+  n: int
+
+
+def parse_layers(spec: Any) -> Any:
+  """`config.injection.layers` -> what `inject` and `SVDFamily.inject_layers` take.
+
+  'all'; 'depth:N' -> `TopBlocks(N)`; 'score:N' or a bare 'N' -> the int N (top N layers by
+  score); anything else is one regular expression over layer paths (fullmatch), commas
+  included ('layer_(4|5)/.*', 'block_{10,11}/.*'): several paths are spelled 'a|b'.
+
+  Raises:
+    InputError: naming the field, for a negative N or a regex that does not compile.
+  """
+  text = str(spec).strip()
+  if text == "all":
+    return "all"
+  m = re.fullmatch(r"(depth:|score:)?\s*(-?\d+)", text)
+  if m:
+    n = int(m.group(2))
+    if n < 0:
+      raise InputError(f"config.injection.layers={spec!r}: N must be >= 0")
+    return TopBlocks(n) if m.group(1) == "depth:" else n
+  try:
+    re.compile(text)
+  except re.error as e:
+    raise InputError(f"config.injection.layers={spec!r}: expected 'all', 'depth:N', 'score:N' "
+                     f"or a regular expression over layer paths ({e})") from None
+  return text
+
+
+def block_of(path: str, block_pattern: str) -> Optional[tuple[str, int]]:
+  """(stack, block index) of a layer path, by the family's `BLOCK_PATTERN` (groups `stack`
+  and `index`); None for a path outside every block."""
+  m = re.search(block_pattern, path)
+  return None if m is None else (m.group("stack") or "", int(m.group("index")))
+
+
+def top_block_layers(paths: Sequence[str], n: int, block_pattern: str) -> tuple[str, ...]:
+  """The paths in the top `n` blocks by depth: decoder blocks from the last down, then the
+  other stacks' blocks from the last down (T5: the decoder's top blocks first; BERT and
+  Llama: their single stack's top blocks). In `paths` order."""
+  blocks = {b for b in (block_of(p, block_pattern) for p in paths) if b is not None}
+  ranked = sorted(blocks, key=lambda b: (b[0] != "decoder", -b[1], b[0]))
+  chosen = set(ranked[:max(int(n), 0)])
+  return tuple(p for p in paths if block_of(p, block_pattern) in chosen)
 
 
 def _flat_scores(scores: Mapping[str, Any]) -> dict[str, Any]:

@@ -71,6 +71,14 @@ def results_document(*, method: str, tasks: Sequence[str], stages: Sequence[str]
   return _json_safe(doc)
 
 
+def label_space_summaries(matrices: Mapping[str, Any], *, joint: bool = False
+                          ) -> dict[str, dict[str, Any]]:
+  """{space: {"accuracy_matrix", metrics...}} for the further label spaces a run measured."""
+  return {space: _json_safe({"accuracy_matrix": metrics.as_matrix(m),
+                             **metrics.summarize(metrics.as_matrix(m), None, joint=joint)})
+          for space, m in matrices.items()}
+
+
 def _csv(doc: Mapping[str, Any]) -> str:
   buf = io.StringIO()
   writer = csv.writer(buf, lineterminator="\n")

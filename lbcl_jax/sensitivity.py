@@ -1,18 +1,33 @@
 """Parameter sensitivity and triplet scores ("learn more": which old knowledge to inject).
 
-The sensitivity of a parameter w on one sample is AdaLoRA's importance `s(w) = |w * dL/dw|`,
-a first-order estimate of the loss change when w is zeroed. Before training task t, LB-CL
-scores every old triplet `(u_i, sigma_i, v_i)` of every earlier task k on a few seed samples
-of task t:
+The importance of a parameter w on one sample n is AdaLoRA's sensitivity
+
+    I_n(w) = |w * dL_n/dw|,
+
+a first-order estimate of the loss change when w is zeroed. LB-CL's score s(w) is this
+importance averaged over a few seed samples of the new task (aggregation 'mean', the
+default). Before training task t, LB-CL scores every old triplet `(u_i, sigma_i, v_i)` of
+every earlier task k on those seed samples:
 
     S_i = s(sigma_i) + mean_j s(U_ji) + mean_j s(V_ij)
 
-(AdaLoRA's `_combine_ipt`). Per-sample gradients come from `jax.vmap(jax.grad(loss))`,
-evaluated in chunks with `lax.map` so the seed samples fit in memory on large models.
+(the form of AdaLoRA's `_combine_ipt`). Aggregations of the per-sample I_n and g_n = dL_n/dw
+(see `parameter_sensitivity`):
+
+* 'mean'    (LB-CL, default): `mean_n I_n`.
+* 'adalora': AdaLoRA's final "sensitivity x uncertainty" score `I_bar * U_bar`, with
+  RankAllocator's EMAs over *training steps* replaced by plain averages over the
+  (exchangeable, unordered) seed samples: `I_bar = mean_n I_n`,
+  `U_bar = mean_n |I_n - I_bar|`. This is order-independent; it is not AdaLoRA's
+  step-by-step EMA, which has no meaning across a set of seed samples.
+* 'fisher':  empirical Fisher diagonal `mean_n g_n^2` (ignores w).
+
+Per-sample gradients come from `jax.vmap(jax.grad(loss))`, evaluated chunk by chunk so the
+seed samples fit in memory on large models.
 
 References:
   Zhang et al., "Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning" (AdaLoRA),
-  ICLR 2023: RankAllocator's smoothed importance x uncertainty.
+  ICLR 2023: importance |w * grad|, and RankAllocator's smoothed importance x uncertainty.
   Qiao & Mahdavi, "Learn More, But Bother Less: Parameter-Efficient Continual Learning for
   Large Language Models", NeurIPS 2024.
 """
@@ -70,35 +85,63 @@ def _importance(w, g):
   return jnp.abs(w.astype(jnp.float32) * g.astype(jnp.float32))
 
 
+def _chunked_sum(
+    term_fn: Callable[[PyTree], PyTree],
+    grad_fn: Callable[[PyTree, PyTree], PyTree],
+    wrt: PyTree,
+    samples: PyTree,
+    n: int,
+    c: int,
+) -> PyTree:
+  """`sum_n term_fn(grads)` over all samples, `c` samples per vmapped gradient call.
+
+  `term_fn` maps a chunk of per-sample gradients (leading axis = chunk) to a float32 pytree
+  like `wrt` (already summed over the chunk). Full chunks go through `lax.scan`; the ragged
+  tail is one more, smaller call. Only one chunk of per-sample gradients is alive at a time.
+  """
+  zeros = jax.tree_util.tree_map(lambda w: jnp.zeros(jnp.shape(w), jnp.float32), wrt)
+  n_full = n // c
+  main = jax.tree_util.tree_map(lambda x: x[: n_full * c].reshape((n_full, c) + x.shape[1:]),
+                                samples)
+
+  def body(carry, chunk):
+    return jax.tree_util.tree_map(jnp.add, carry, term_fn(grad_fn(wrt, chunk))), None
+
+  total = jax.lax.scan(body, zeros, main)[0]
+  if n_full * c < n:  # the ragged tail
+    tail = jax.tree_util.tree_map(lambda x: x[n_full * c:], samples)
+    total = jax.tree_util.tree_map(jnp.add, total, term_fn(grad_fn(wrt, tail)))
+  return total
+
+
 def parameter_sensitivity(
     loss_fn: Callable[[PyTree, PyTree], jax.Array],
     wrt: PyTree,
     samples: PyTree,
     aggregation: str = "mean",
-    beta1: float = 0.85,
-    beta2: float = 0.85,
     chunk_size: Optional[int] = None,
 ) -> PyTree:
   """Element-wise sensitivity of `wrt` aggregated over samples.
 
-  Aggregations (I_n = |w * g_n| is the importance on sample n):
+  With g_n = dL_n/dw and the per-sample importance I_n = |w * g_n| (AdaLoRA's sensitivity):
 
-  * 'mean': `mean_n I_n` (default; LB-CL's score).
-  * 'adalora': AdaLoRA's RankAllocator run over the samples in order, from zeros:
-    `I_bar = b1 I_bar + (1 - b1) I_n`, then `U_bar = b2 U_bar + (1 - b2) |I_n - I_bar|`;
-    the score is `I_bar * U_bar`.
+  * 'mean' (default; LB-CL's score s(w)): `mean_n I_n`.
+  * 'adalora': AdaLoRA's "sensitivity x uncertainty" score with the EMAs over training
+    steps replaced by averages over the (exchangeable) samples, so it does not depend on
+    their order: `I_bar = mean_n I_n`, `U_bar = mean_n |I_n - I_bar|`, score
+    `I_bar * U_bar`. Needs two passes over the samples (the mean, then the mean absolute
+    deviation); per-sample gradients are recomputed in the second pass rather than stored.
   * 'fisher': empirical Fisher diagonal `mean_n g_n^2` (ignores w).
 
   Samples are processed chunk by chunk (`lax.scan` over chunks of `chunk_size`, vmapped
-  gradients inside), so only one chunk of per-sample gradients is alive at a time.
+  gradients inside, plus a ragged tail), so only one chunk of per-sample gradients is alive
+  at a time.
 
   Args:
     loss_fn: `loss_fn(wrt, sample) -> scalar` on one sample.
     wrt: pytree of parameters to score.
     samples: pytree with a leading sample axis N.
     aggregation: 'mean' | 'adalora' | 'fisher'.
-    beta1: AdaLoRA's importance EMA coefficient.
-    beta2: AdaLoRA's uncertainty EMA coefficient.
     chunk_size: samples per vmapped gradient call; None = all at once.
 
   Returns:
@@ -109,47 +152,30 @@ def parameter_sensitivity(
   n = _num_samples(samples)
   c = n if chunk_size is None else max(1, min(int(chunk_size), n))
   grad_fn = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))
-  zeros = jax.tree_util.tree_map(lambda w: jnp.zeros(jnp.shape(w), jnp.float32), wrt)
 
-  if aggregation == "adalora":
-    init = (zeros, zeros)
+  def importance_sum(grads):
+    return jax.tree_util.tree_map(lambda w, g: _importance(w[None], g).sum(0), wrt, grads)
 
-    def fold_one(carry, g):
-      i_bar, u_bar = carry
-      imp = jax.tree_util.tree_map(_importance, wrt, g)
-      i_bar = jax.tree_util.tree_map(lambda a, i: beta1 * a + (1 - beta1) * i, i_bar, imp)
-      u_bar = jax.tree_util.tree_map(
-          lambda a, i, m: beta2 * a + (1 - beta2) * jnp.abs(i - m), u_bar, imp, i_bar)
-      return (i_bar, u_bar), None
+  if aggregation == "fisher":
+    total = _chunked_sum(
+        lambda grads: jax.tree_util.tree_map(
+            lambda g: jnp.square(g.astype(jnp.float32)).sum(0), grads),
+        grad_fn, wrt, samples, n, c)
+    return jax.tree_util.tree_map(lambda a: a / n, total)
 
-    def fold(carry, grads):  # samples of a chunk in order, as AdaLoRA sees its steps
-      return jax.lax.scan(fold_one, carry, grads)[0]
-  else:
-    init = zeros
+  i_bar = jax.tree_util.tree_map(
+      lambda a: a / n, _chunked_sum(importance_sum, grad_fn, wrt, samples, n, c))
+  if aggregation == "mean":
+    return i_bar
 
-    def fold(carry, grads):
-      if aggregation == "mean":
-        term = jax.tree_util.tree_map(lambda w, g: _importance(w[None], g).sum(0), wrt, grads)
-      else:
-        term = jax.tree_util.tree_map(lambda g: jnp.square(g.astype(jnp.float32)).sum(0), grads)
-      return jax.tree_util.tree_map(jnp.add, carry, term)
+  # 'adalora': second pass, mean absolute deviation of I_n around I_bar.
+  def deviation_sum(grads):
+    return jax.tree_util.tree_map(
+        lambda w, g, m: jnp.abs(_importance(w[None], g) - m[None]).sum(0), wrt, grads, i_bar)
 
-  n_full = n // c
-  main = jax.tree_util.tree_map(lambda x: x[: n_full * c].reshape((n_full, c) + x.shape[1:]),
-                                samples)
-
-  def body(carry, chunk):
-    return fold(carry, grad_fn(wrt, chunk)), None
-
-  carry = jax.lax.scan(body, init, main)[0]
-  if n_full * c < n:  # the ragged tail, one more (smaller) vmapped call
-    tail = jax.tree_util.tree_map(lambda x: x[n_full * c:], samples)
-    carry = fold(carry, grad_fn(wrt, tail))
-
-  if aggregation == "adalora":
-    i_bar, u_bar = carry
-    return jax.tree_util.tree_map(jnp.multiply, i_bar, u_bar)
-  return jax.tree_util.tree_map(lambda a: a / n, carry)
+  u_bar = jax.tree_util.tree_map(
+      lambda a: a / n, _chunked_sum(deviation_sum, grad_fn, wrt, samples, n, c))
+  return jax.tree_util.tree_map(jnp.multiply, i_bar, u_bar)
 
 
 def triplet_scores(
@@ -182,8 +208,6 @@ def score_old_triplets(
     *,
     layers: Union[None, str, Sequence[str]] = None,
     aggregation: str = "mean",
-    beta1: float = 0.85,
-    beta2: float = 0.85,
     chunk_size: Optional[int] = None,
     jit: bool = True,
 ) -> dict[str, jax.Array]:
@@ -196,9 +220,8 @@ def score_old_triplets(
     samples: seed samples of the new task (leading axis N, default N = 8 in LB-CL).
     layers: restrict to these layers (None/'all', regex or list of paths); the others are
       passed as constants, so they are not differentiated.
-    aggregation: see `parameter_sensitivity`.
-    beta1: AdaLoRA importance EMA coefficient.
-    beta2: AdaLoRA uncertainty EMA coefficient.
+    aggregation: 'mean' (LB-CL, default) | 'adalora' | 'fisher'; see
+      `parameter_sensitivity`.
     chunk_size: samples per vmapped gradient call.
     jit: compile the whole scoring once.
 
@@ -216,7 +239,7 @@ def score_old_triplets(
     def loss(w, sample):
       return loss_of_stack(adapters_lib.unflatten_layers({**const, **w}), sample)
 
-    sens = parameter_sensitivity(loss, wrt, samples, aggregation, beta1, beta2, chunk_size)
+    sens = parameter_sensitivity(loss, wrt, samples, aggregation, chunk_size)
     return triplet_scores(sens)
 
   if jit:

@@ -187,6 +187,12 @@ def get_task(name: str | Task) -> Task:
     raise InputError(f"unknown task {name!r}; registered tasks: {', '.join(TASKS)}") from None
 
 
+def label_union(names: Sequence[str | Task]) -> tuple[str, ...]:
+  """Every label of the tasks `names`, each string once, in first-seen order: the options of
+  the "seen" label space (tasks sharing a label string, e.g. amazon and yelp, share it)."""
+  return tuple(dict.fromkeys(label for n in names for label in get_task(n).labels))
+
+
 def resolve_order(order: int | str | Sequence[str]) -> tuple[Task, ...]:
   """The tasks of an order, in training order.
 

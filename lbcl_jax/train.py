@@ -41,6 +41,7 @@ from lbcl_jax import backbones
 from lbcl_jax import checkpointing
 from lbcl_jax import config_lib
 from lbcl_jax import evaluation
+from lbcl_jax import injection
 from lbcl_jax import methods as methods_lib
 from lbcl_jax import metric_writer
 from lbcl_jax import results as results_lib
@@ -114,7 +115,8 @@ class Progress:
     step: the step within the stage.
     global_step: steps over the whole run.
     phase: "stage_start" (the stage's adapter and optimizer are still to be made) or "train".
-    accuracy_matrix: one row per finished stage.
+    accuracy_matrix: one row per finished stage, in the run's label space.
+    label_space_matrices: the same in each further label space measured (`eval.extra_label_spaces`).
     losses: stage name -> [[global step, loss], ...] at the logging interval.
     sensitivity: stage name -> {layer: [K][r] scores of the old triplets}, for methods that
       score them.
@@ -127,6 +129,7 @@ class Progress:
   global_step: int = 0
   phase: str = "stage_start"
   accuracy_matrix: list = dataclasses.field(default_factory=list)
+  label_space_matrices: dict = dataclasses.field(default_factory=dict)
   losses: dict = dataclasses.field(default_factory=dict)
   sensitivity: dict = dataclasses.field(default_factory=dict)
   train_seconds: float = 0.0
@@ -161,10 +164,24 @@ class LoopConfig:
   adapter_targets: str
   adapter_rank: int
   adapter_scaling: float
+  adapter_dropout: float
   apply_mode: str
+  eval_split: str
+  label_space: str
+  extra_label_spaces: tuple
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> "LoopConfig":
+  def from_config(cls, config: ml_collections.ConfigDict,
+                  method: methods_lib.Method) -> "LoopConfig":
+    """The loop's fields; the adapters' scaling and dropout default to `method`'s."""
+    a = config.adapters
+    scaling = method.scaling(a.rank) if a.scaling is None else float(a.scaling)
+    dropout = method.adapter_dropout if a.dropout is None else float(a.dropout)
+    apply_mode = a.apply_mode or adapters_lib.AdapterConfig.apply_mode
+    if dropout and apply_mode == "merged" and not method.trains_base:
+      raise InputError(f"config.adapters.dropout={dropout} needs apply_mode 'lowrank' (dropout "
+                       "acts on the adapter's input, which merged kernels do not have); set "
+                       "--config.adapters.apply_mode=lowrank or --config.adapters.dropout=0")
     return cls(
         seed=config.seed, global_batch_size=config.optim.global_batch_size,
         grad_accum_steps=config.optim.grad_accum_steps, num_epochs=config.optim.num_epochs,
@@ -177,19 +194,20 @@ class LoopConfig:
         sensitivity_layers=config.injection.sensitivity_layers or None,
         sensitivity_chunk_size=config.injection.chunk_size or None,
         adapter_targets=config.adapters.targets, adapter_rank=config.adapters.rank,
-        adapter_scaling=config.adapters.scaling,
-        apply_mode=config.adapters.apply_mode or adapters_lib.AdapterConfig.apply_mode)
+        adapter_scaling=scaling, adapter_dropout=dropout, apply_mode=apply_mode,
+        eval_split=config.eval.split, label_space=config.eval.label_space,
+        extra_label_spaces=config_lib.extra_label_spaces(config))
 
 
 def method_settings(config: ml_collections.ConfigDict) -> methods_lib.MethodSettings:
   """The method-related fields of a run config."""
   return methods_lib.MethodSettings(
       inject_sigma=config.injection.with_sigma,
-      inject_layers=_injection_layers(config.injection.layers),
+      inject_layers=injection.parse_layers(config.injection.layers),
       num_seed_samples=config.injection.num_seed_samples,
       score_aggregation=config.injection.aggregation,
       olora_lambda1=config.olora.lambda1, olora_lambda2=config.olora.lambda2,
-      projection_rtol=config.projection.rtol)
+      projection_rtol=config.projection.rtol, orth_reg_weight=config.adapters.orth_reg_weight)
 
 
 def optimizer_settings(config: ml_collections.ConfigDict) -> methods_lib.OptimizerSettings:
@@ -205,13 +223,17 @@ def optimizer_settings(config: ml_collections.ConfigDict) -> methods_lib.Optimiz
       transform_after_adam=config.projection.after_adam)
 
 
-def _injection_layers(spec: str):
-  spec = str(spec).strip()
-  if spec == "all":
-    return "all"
-  if spec.isdigit():
-    return int(spec)
-  return [p.strip() for p in spec.split(",") if p.strip()]
+def resolve_injection_layers(method: methods_lib.Method, backbone: backbones.Backbone,
+                             paths: list) -> methods_lib.Method:
+  """`method` with a depth choice (`injection.TopBlocks`) turned into the layer paths it
+  names, by the backbone's block pattern (the method never sees the model)."""
+  layers = getattr(method, "inject_layers", None)
+  if not isinstance(layers, injection.TopBlocks):
+    return method
+  chosen = injection.top_block_layers(paths, layers.n, backbone.model_module.BLOCK_PATTERN)
+  logging.info("Injection into the top %d blocks: %d layers (%s ...)", layers.n, len(chosen),
+               ", ".join(chosen[:4]))
+  return dataclasses.replace(method, inject_layers=chosen)
 
 
 class Kept:
@@ -301,7 +323,7 @@ def _check_batch_sizes(loop: LoopConfig, mesh: jax.sharding.Mesh) -> None:
 
 def make_train_step(backbone: Any, method: methods_lib.Method,
                     optimizer: optax.GradientTransformation, *, scaling: float = 1.0,
-                    apply_mode: str = "lowrank", mesh: Optional[jax.sharding.Mesh] = None,
+                    dropout: float = 0.0, apply_mode: str = "lowrank", mesh: Optional[jax.sharding.Mesh] = None,
                     trainable_shardings: Any = None, opt_shardings: Any = None) -> Callable:
   """The jitted `step(trainable, opt_state, base_eff, old, batch, rng) -> (trainable,
   opt_state, loss)`.
@@ -317,6 +339,7 @@ def make_train_step(backbone: Any, method: methods_lib.Method,
     method: the method (its `trains_base` and `regularizer`).
     optimizer: the stage's optimizer (`methods.build_optimizer`).
     scaling: the adapters' output multiplier.
+    dropout: dropout on the new adapter's input ("lowrank" only), drawn from the step's rng.
     apply_mode: "lowrank" or "merged".
     mesh: with the shardings, pins the outputs' layout (the loss is replicated).
     trainable_shardings, opt_shardings: the outputs' shardings (None: jit's choice).
@@ -330,7 +353,8 @@ def make_train_step(backbone: Any, method: methods_lib.Method,
       if apply_mode == "merged":
         loss = backbone.loss(adapters_lib.merge(base_eff, stack, scaling), batch, rng)
       else:
-        with adapters_lib.intercept(stack, scaling):
+        drop_rng = jax.random.fold_in(rng, 0xAD) if dropout else None
+        with adapters_lib.intercept(stack, scaling, dropout=dropout, rng=drop_rng):
           loss = backbone.loss(base_eff, batch, rng)
     penalty = method.regularizer(trainable, old or None)
     return loss if penalty is None else loss + penalty
@@ -342,6 +366,8 @@ def make_train_step(backbone: Any, method: methods_lib.Method,
     return trainable, opt_state, loss
 
   out_shardings = None
+  if dropout and apply_mode == "merged":
+    raise ValueError("adapter dropout needs apply_mode='lowrank'")
   if trainable_shardings is not None:
     out_shardings = (trainable_shardings, opt_shardings, sharding.replicated(mesh))
   return jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)
@@ -358,7 +384,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   timings = Timings()
   # Everything is built, and so checked against the config, before the workdir is touched.
   method = methods_lib.get_method(config.method, method_settings(config))
-  loop = LoopConfig.from_config(config)
+  loop = LoopConfig.from_config(config, method)
   mesh = sharding.make_mesh(config.mesh)
   _check_batch_sizes(loop, mesh)
   tasks = tasks_lib.run_tasks(config.order, config.num_tasks)
@@ -366,6 +392,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   with timings.phase("model_load"):
     backbone = backbones.build(backbones.BackboneConfig.from_config(config))
     base = place_base(backbone, method, loop, key, mesh, tuple(config.mesh.logical_axis_rules))
+    method = resolve_injection_layers(method, backbone, base.paths)
   with timings.phase("data"):
     data = task_data.load_task_data(task_data.DataConfig.from_config(config), tasks,
                                     backbone.encode)
@@ -441,14 +468,22 @@ def _run(config, workdir, timings, method, loop, mesh, tasks, key, backbone, bas
         else:
           old = adapters_lib.append_task({"old": old or {}, "new": trainable})["old"]
         eval_params = stage.merge(params, old)
-        row = [None] * len(tasks)
-        for name in [n for s in stages[:progress.stage + 1] for n in s]:
-          row[tasks.index(name)] = float(evaluation.evaluate(
-              backbone, predict, eval_params, data[name].test, name,
-              batch_size=loop.eval_batch_size, mesh=mesh))
+        trained = [n for s in stages[:progress.stage + 1] for n in s]
+        rows = {}
+        for space in (loop.label_space, *loop.extra_label_spaces):
+          # "seen": every label of the tasks trained so far; no task identity reaches the model.
+          labels = tasks_lib.label_union(trained) if space == "seen" else None
+          rows[space] = row = [None] * len(tasks)
+          for name in trained:
+            row[tasks.index(name)] = float(evaluation.evaluate(
+                backbone, predict, eval_params, data[name].split(loop.eval_split), name,
+                batch_size=loop.eval_batch_size, mesh=mesh, labels=labels))
+        row = rows[loop.label_space]
         base_eff = eval_params
         del eval_params
       progress.accuracy_matrix.append(row)
+      for space in loop.extra_label_spaces:
+        progress.label_space_matrices.setdefault(space, []).append(rows[space])
       seen = {n: row[tasks.index(n)] for s in stages[:progress.stage + 1] for n in s}
       logging.info("Accuracy after %s: %s", label, seen)
       writer.write_scalars(progress.global_step, {f"accuracy/{n}": v for n, v in seen.items()})
@@ -473,6 +508,9 @@ def _run(config, workdir, timings, method, loop, mesh, tasks, key, backbone, bas
         matrix=progress.accuracy_matrix, joint=any(len(s) > 1 for s in stages),
         global_steps=progress.global_step, train_seconds=progress.train_seconds,
         sensitivity=progress.sensitivity, losses=progress.losses,
+        eval_split=loop.eval_split, label_space=loop.label_space,
+        label_spaces=results_lib.label_space_summaries(
+            progress.label_space_matrices, joint=any(len(s) > 1 for s in stages)),
         config=checkpointing.config_to_dict(config))
     # This invocation's wall seconds by phase (a resumed run counts only its own part).
     late = lambda: {"timings": timings.as_dict()}
@@ -690,6 +728,7 @@ class Stage:
     step_fn = self.kept.get("step", lambda: make_train_step(
         self.backbone, self.method, optimizer,
         scaling=adapter.scaling if adapter else 1.0,
+        dropout=loop.adapter_dropout if adapter else 0.0,
         apply_mode=adapter.apply_mode if adapter else "lowrank", mesh=mesh,
         trainable_shardings=tsh, opt_shardings=osh), depends_on=optimizer)
     train_key = jax.random.fold_in(stage_key, 3)

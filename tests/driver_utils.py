@@ -163,8 +163,10 @@ def make_config(*overrides: str):
       node[leaf] = value == "True"
     elif isinstance(current, int):
       node[leaf] = int(value)
-    elif isinstance(current, float):
-      node[leaf] = float(value)
+    elif isinstance(current, float) or (current is None and value != "None"):
+      node[leaf] = float(value)  # None: an optional number (a placeholder)
+    elif current is None:
+      node[leaf] = None
     else:
       node[leaf] = value
   config.lock()

@@ -258,3 +258,29 @@ def test_intercept_keeps_dense_dtype():
   assert y.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(y, np.float32) - np.asarray(base, np.float32),
                              0.5 * 2 * 5, rtol=1e-2)
+
+
+def test_intercept_dropout_acts_on_the_adapter_input_only():
+  """With U = V = I and sigma = 1 the adapter term is exactly dropout(x): every entry is 0 or
+  x / (1 - p), about p of them 0; the base path sees x; the same key draws the same mask."""
+  d, p = 64, 0.25
+  dense = nn.Dense(d, use_bias=False)
+  params = {"params": {"kernel": jnp.zeros((d, d))}}  # base output 0: y is the adapter term
+  eye = jnp.eye(d)
+  new = {"U": eye, "sigma": jnp.ones((d,)), "V": eye}
+  x = jax.random.normal(jax.random.key(0), (32, d)) + 3.0  # no exact zeros
+
+  def run(rng, dropout):
+    # A top-level Dense has the empty path: its adapter lives under the key "".
+    with adapters.intercept({"": jax.tree.map(lambda a: a[None], new)}, 1.0, dropout=dropout,
+                            rng=rng):
+      return dense.apply(params, x)
+
+  plain = run(None, p)  # no key: no dropout
+  np.testing.assert_allclose(plain, x, rtol=1e-6)
+  y = np.asarray(run(jax.random.key(1), p))
+  kept = y != 0
+  np.testing.assert_allclose(y[kept], np.asarray(x / (1 - p))[kept], rtol=1e-5)
+  assert abs((~kept).mean() - p) < 0.03
+  np.testing.assert_array_equal(y, run(jax.random.key(1), p))
+  assert not np.array_equal(y, run(jax.random.key(2), p))

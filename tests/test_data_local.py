@@ -9,6 +9,7 @@ import pytest
 from conftest import require_shared
 from lbcl_jax import tasks
 from lbcl_jax.data import DataError
+from lbcl_jax.errors import InputError
 from lbcl_jax.data import load_split
 from lbcl_jax.data import local
 
@@ -156,3 +157,27 @@ def test_bad_labels_file(tmp_path):
 def test_root_is_required():
   with pytest.raises(ValueError, match="needs root="):
     load_split("sst-2", "train", "local")
+
+
+def test_validation_split_is_carved_from_train_and_fixed_across_seeds(tmp_path):
+  """Validation rows come out of the train file, the same for every run seed; the per-class
+  training sample is drawn from the rest; the test split is untouched."""
+  from lbcl_jax.data import task_data  # pylint: disable=g-import-not-at-top
+  rows = [{"label": ("Good", "Bad")[i % 2], "sentence": f"Text: review {i} . "}
+          for i in range(60)]
+  _write_task(tmp_path, rows=rows, split="train")
+  _write_task(tmp_path, rows=GOOD, split="test")
+
+  def load(seed, n=10):
+    config = task_data.DataConfig(source="local", data_dir=str(tmp_path), train_per_class=12,
+                                  seed=seed, validation_examples=n)
+    return task_data.load_task_data(config, ["sst-2"], lambda ex, task: list(ex))["sst-2"]
+  a, b = load(0), load(1)
+  assert len(a.validation) == 10 and a.validation == b.validation
+  assert collections.Counter(e.label for e in a.train_examples) == {"Good": 12, "Bad": 12}
+  assert not {e.sentence for e in a.validation} & {e.sentence for e in a.train_examples}
+  assert {e.sentence for e in a.train_examples} != {e.sentence for e in b.train_examples}
+  assert a.test == [e for e in load_split("sst-2", "test", "local", root=tmp_path)]
+  assert a.split("validation") is a.validation and a.split("test") is a.test
+  with pytest.raises(InputError, match="validation_examples=60"):
+    load(0, n=60)

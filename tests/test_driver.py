@@ -107,6 +107,8 @@ def test_refuses_workdir_of_another_config(tmp_path):
     ("--config.optim.global_batch_size=12", "not divisible by the data-parallel size 8"),
     ("--config.model.path=/nonexistent/model", "/nonexistent/model"),
     ("--config.data.source=local", "data_dir"),
+    ("--config.eval.label_space=all", "config.eval.label_space='all'"),
+    ("--config.eval.split=validation", "validation_examples > 0"),
 ])
 def test_bad_input_fails_before_any_work(tmp_path, override, message):
   wd = tmp_path / "wd"

@@ -189,3 +189,74 @@ def test_evaluate_rank_classification_weights(tok):
   # Rows 0, 1 right, row 2 wrong; the padding row of the batch of 4 (weight 0) is ignored.
   assert evaluation.evaluate(FakeRanker(), predict, None, Rigged(), "agnews", batch_size=4,
                              mesh=mesh) == pytest.approx(2 / 3)
+
+
+class _Answers:
+  """A tiny test split of `task`: each row holds (gold label, the label the model will pick)."""
+
+  def __init__(self, task, rows):
+    self.task, self.rows = tasks.get_task(task), rows
+    self.source_lengths = np.ones(len(rows), np.int64)
+
+  def __len__(self):
+    return len(self.rows)
+
+  def lengths(self, idx):
+    return (1,)
+
+  def collate(self, idx, batch_size, lengths=None):
+    idx = list(np.asarray(idx).reshape(-1))
+    picks = np.full((batch_size, 1), -1, np.int64)
+    gold = np.zeros((batch_size,), np.int32)
+    weight = np.zeros((batch_size,), np.float32)
+    for b, i in enumerate(idx):
+      label, pick = self.rows[i]
+      gold[b], weight[b] = self.task.label_index(label), 1.0
+      picks[b, 0] = _code(pick)
+    return {"pick": picks, "label_index": gold, "weight": weight}
+
+
+def _code(label):
+  return sum(ord(c) * 31 ** i for i, c in enumerate(label)) % 1_000_003
+
+
+class _LabelScorer:
+  """A scoring backbone that picks, among the options it is given, the one each row names
+  (option 0 when the named label is not an option)."""
+
+  replicated_keys = ("option_code",)
+
+  def eval_extras(self, task):
+    return {"option_code": np.asarray([_code(label) for label in task.labels], np.int64)}
+
+  def to_options(self, predictions, task):
+    del task
+    return predictions
+
+
+def _pick(params, batch):
+  del params
+  return jnp.argmax(batch["pick"] == batch["option_code"][None, :], axis=1)
+
+
+def test_label_space_seen_scores_every_seen_label_without_task_identity():
+  """In the "seen" space an answer naming another task's label is a wrong answer that the
+  task's own space cannot even express; gold indices follow the union's order."""
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  rows = [("Sports", "Sports"), ("Business", "Business"), ("Sports", "negative"),
+          ("World", "very positive"), ("Science or Technology", "Science or Technology")]
+  data = _Answers("agnews", rows)
+  seen = tasks.label_union(["amazon", "yelp", "agnews"])
+  assert seen == ("very negative", "negative", "neutral", "positive", "very positive",
+                  "World", "Sports", "Business", "Science or Technology")
+
+  def acc(labels):
+    return evaluation.evaluate(_LabelScorer(), _pick, None, data, "agnews", batch_size=8,
+                               mesh=mesh, labels=labels)
+  # Task space: the two sentiment answers are not options, so argmax falls to option 0
+  # ("World"), which happens to be row 3's gold: 4 of 5 right.
+  assert acc(None) == pytest.approx(4 / 5)
+  # Seen space: both sentiment answers are chosen, and wrong: 3 of 5.
+  assert acc(seen) == pytest.approx(3 / 5)
+  with pytest.raises(ValueError, match="lacks"):
+    acc(tasks.label_union(["amazon"]))

@@ -7,6 +7,10 @@ import pytest
 
 from lbcl_jax import adapters
 from lbcl_jax import injection
+from lbcl_jax.errors import InputError
+from lbcl_jax.models import bert as bert_lib
+from lbcl_jax.models import llama as llama_lib
+from lbcl_jax.models import t5 as t5_lib
 
 K, R = 3, 4
 SHAPES = {"dec/block_0/q": (6, 5), "dec/block_0/v": (6, 7), "dec/block_1/q": (6, 5)}
@@ -136,3 +140,38 @@ def test_injection_with_sigma_adds_a_copy_of_the_old_update_without_sigma_adds_n
   without = injection.inject(old, scores, with_sigma=False, fresh=fresh)
   np.testing.assert_array_equal(adapters.delta(layer(without)), 0.0)
   np.testing.assert_allclose(adapters.flatten_layers(without)["q"]["U"], old["q"]["U"][0])
+
+
+@pytest.mark.parametrize("spec, parsed", [
+    ("all", "all"), ("depth:4", injection.TopBlocks(4)), ("score:3", 3), ("2", 2),
+    # One regex, commas and all (a comma-split list of regexes used to break these).
+    ("encoder/layer_(4|5)/.*", "encoder/layer_(4|5)/.*"),
+    ("decoder/block_[0-9]{1,2}/.*", "decoder/block_[0-9]{1,2}/.*"),
+])
+def test_parse_layers(spec, parsed):
+  assert injection.parse_layers(spec) == parsed
+
+
+@pytest.mark.parametrize("spec", ["depth:-1", "layer_(4"])
+def test_parse_layers_bad_input_names_the_field(spec):
+  with pytest.raises(InputError, match="config.injection.layers"):
+    injection.parse_layers(spec)
+
+
+def test_top_blocks_by_depth_decoder_first():
+  t5 = [f"{side}/block_{i}/layer_{j}/{att}/{m}" for side in ("encoder", "decoder")
+        for i in range(3) for j, att in ((0, "SelfAttention"), (1, "EncDecAttention"))
+        if not (side == "encoder" and j == 1) for m in ("q", "v")]
+  pattern = t5_lib.BLOCK_PATTERN
+  top2 = injection.top_block_layers(t5, 2, pattern)
+  assert top2 == tuple(p for p in t5 if p.startswith(("decoder/block_1/", "decoder/block_2/")))
+  top4 = injection.top_block_layers(t5, 4, pattern)  # all 3 decoder blocks, then encoder's top
+  assert {p.split("/layer_")[0] for p in top4} == {
+      "decoder/block_0", "decoder/block_1", "decoder/block_2", "encoder/block_2"}
+  assert injection.top_block_layers(t5, 99, pattern) == tuple(t5)
+  assert injection.top_block_layers(t5, 0, pattern) == ()
+  # Block 10 is above block 9 (numbers, not strings).
+  bert = [f"encoder/layer_{i}/attention/self/{m}" for i in (9, 10, 2) for m in ("query", "value")]
+  assert injection.top_block_layers(bert, 1, bert_lib.BLOCK_PATTERN) == tuple(bert[2:4])
+  llama = [f"model/layers_{i}/self_attn/q_proj" for i in range(30)]
+  assert injection.top_block_layers(llama, 3, llama_lib.BLOCK_PATTERN) == tuple(llama[27:])

@@ -182,9 +182,11 @@ def test_method_through_the_train_step(name):
     sigma_moved = not np.array_equal(leaf["sigma"], first_init[path]["sigma"])
     assert sigma_moved != row.frozen_sigma, path
   if not row.joint:
-    # The regulariser exists exactly when the method has one and old adapters exist.
-    assert history[0]["regularizer"] is None
-    assert (history[1]["regularizer"] is not None) == row.regularized
+    # The regulariser exists exactly when the method has one and old adapters exist (or,
+    # for AdaLoRA's orthogonality term of the SVD family, whenever its weight is set).
+    orth = getattr(method, "orth_reg_weight", 0.0) > 0
+    assert (history[0]["regularizer"] is not None) == orth
+    assert (history[1]["regularizer"] is not None) == (row.regularized or orth)
     if row.regularized:
       assert float(history[1]["regularizer"]) > 0
     # Injection: with one old task alpha = 1, so the second task starts from a copy of the
@@ -214,6 +216,48 @@ def test_projection_after_adam_keeps_new_task_exactly_orthogonal():
   for name in ("bcl", "lbcl"):
     _, _, _, history = _run_method(name, transform_after_adam=True)
     assert _in_span_fraction(history[1]) <= 1e-5  # f32 round-off
+
+
+def test_orthogonality_regularizer_matches_numpy():
+  """AdaLoRA's R = ||U^T U - I||_F^2 + ||V V^T - I||_F^2, averaged over layers; zero exactly
+  for orthonormal factors; the SVD family adds weight * R to the loss from the first task."""
+  rng = np.random.default_rng(0)
+  new = {"a": {"q": {"U": rng.normal(size=(7, 3)), "sigma": rng.normal(size=3),
+                     "V": rng.normal(size=(3, 5))}},
+         "b": {"U": rng.normal(size=(4, 3)), "sigma": rng.normal(size=3),
+               "V": rng.normal(size=(3, 6))}}
+  ref = np.mean([np.sum((l["U"].T @ l["U"] - np.eye(3)) ** 2) +
+                 np.sum((l["V"] @ l["V"].T - np.eye(3)) ** 2)
+                 for l in (new["a"]["q"], new["b"])])
+  got = methods.svd.orthogonality_regularizer(jax.tree.map(jnp.asarray, new))
+  np.testing.assert_allclose(got, ref, rtol=1e-5)
+  q, _ = np.linalg.qr(rng.normal(size=(7, 3)))
+  p, _ = np.linalg.qr(rng.normal(size=(5, 3)))
+  assert float(methods.svd.orthogonality_regularizer(
+      {"q": {"U": jnp.asarray(q), "sigma": jnp.ones(3), "V": jnp.asarray(p.T)}})) < 1e-10
+  lbcl = methods.get_method("lbcl", methods.MethodSettings(orth_reg_weight=0.5))
+  np.testing.assert_allclose(lbcl.regularizer(jax.tree.map(jnp.asarray, new), None), 0.5 * ref,
+                             rtol=1e-5)
+  assert methods.get_method("lbcl", orth_reg_weight=0.0).regularizer(new, None) is None
+
+
+@pytest.mark.parametrize("name, scaling, dropout", [
+    ("inclora", 4.0, 0.1), ("olora", 4.0, 0.1), ("mtl", 4.0, 0.1), ("lbcl", 1.0, 0.0),
+    ("seqft", 1.0, 0.0)])
+def test_adapter_scaling_and_dropout_defaults(name, scaling, dropout):
+  """O-LoRA's LoRA settings (alpha 32, so 4 at r = 8; dropout 0.1) for the LoRA family and
+  MTL, AdaLoRA's scaling 1 for the SVD family; the run config overrides either."""
+  config = du.make_config(f"--config.method={name}")
+  method = methods.get_method(name, train.method_settings(config))
+  loop = train.LoopConfig.from_config(config, method)
+  assert (loop.adapter_scaling, loop.adapter_dropout) == (scaling, dropout)
+  config = du.make_config(f"--config.method={name}", "--config.adapters.rank=4")
+  assert train.LoopConfig.from_config(config, method).adapter_scaling == (
+      1.0 if scaling == 1.0 else 32 / 4)
+  config = du.make_config(f"--config.method={name}", "--config.adapters.scaling=2",
+                          "--config.adapters.dropout=0")
+  loop = train.LoopConfig.from_config(config, method)
+  assert (loop.adapter_scaling, loop.adapter_dropout) == (2.0, 0.0)
 
 
 def test_registry_and_labels():

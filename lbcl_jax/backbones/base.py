@@ -142,7 +142,9 @@ class Backbone(abc.ABC):
     """Tokenised examples of one task, ready to batch."""
 
   def eval_extras(self, task: tasks_lib.Task) -> dict[str, np.ndarray]:
-    """Arrays added to every evaluation batch of `task` (none by default)."""
+    """Arrays added to every evaluation batch of `task` (none by default). `task.labels` is
+    the label space of the evaluation (see `evaluation.evaluate`), options that scoring
+    families (label names, rank classification) must score."""
     del task
     return {}
 

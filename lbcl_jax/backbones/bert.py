@@ -40,6 +40,12 @@ class BertBackbone(Backbone):
                                    max_length=self.config.max_source_length,
                                    option_max_length=self.config.max_target_length)
 
+  def eval_extras(self, task: tasks_lib.Task) -> dict[str, Any]:
+    # The options of the label space being scored (the task's own, or every seen label).
+    option_ids, option_mask = pipeline.encode_options(self.tokenizer, task.labels,
+                                                      self.config.max_target_length)
+    return {"option_ids": option_ids, "option_mask": option_mask}
+
   def _scores(self, params, batch, rng=None):
     deterministic = self._deterministic(rng)
     return bert_lib.label_scores(

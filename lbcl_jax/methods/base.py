@@ -38,12 +38,15 @@ class MethodSettings:
   """
 
   inject_sigma: bool = True
+  # 'all' | int n (top n by score) | injection.TopBlocks(n) | regex | tuple of paths.
   inject_layers: Any = "all"
   num_seed_samples: int = 8
   score_aggregation: str = "mean"
   olora_lambda1: float = 0.5
   olora_lambda2: float = 0.0
   projection_rtol: float = 1e-6
+  # AdaLoRA's orthogonality regulariser on the new SVD adapter (None: the method's default).
+  orth_reg_weight: Optional[float] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,16 +73,26 @@ class Method:
     adapter_init: the new adapter's parametrisation, 'adalora' (SVD form, sigma = 0) or
       'lora' (U = 0, sigma = 1), see `lbcl_jax.adapters.init_layer`.
     train_sigma: sigma trains (False freezes it at its initial value: LoRA's `B A`).
+    lora_alpha: the adapters' scaling is `lora_alpha / r` unless the run sets one (None:
+      scaling 1, AdaLoRA's choice for SVD adapters).
+    adapter_dropout: dropout on the adapter path's input while training unless the run sets
+      one (PEFT's `lora_dropout`).
   """
 
   name: str = ""
   description: str = ""
   adapter_init: str = "adalora"
   train_sigma: bool = True
+  lora_alpha: Optional[float] = None
+  adapter_dropout: float = 0.0
 
   def __post_init__(self):
     if self.adapter_init not in adapters.INITS:
       raise ValueError(f"adapter_init must be one of {adapters.INITS}, got {self.adapter_init!r}")
+
+  def scaling(self, rank: int) -> float:
+    """The adapters' default output multiplier at rank `rank`."""
+    return 1.0 if self.lora_alpha is None else float(self.lora_alpha) / rank
 
   # -- hooks --------------------------------------------------------------------------------
 

@@ -21,6 +21,10 @@ class LoRAFamily(Method):
   """A new LoRA per task, old ones frozen; O-LoRA adds `lambda1 sum |A_old A_new^T| +
   lambda2 |new|` to the loss once there are old adapters.
 
+  The scaling and dropout defaults are official O-LoRA's (`src/run_uie_lora.py`:
+  `LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1)`): scaling 32 / r (4 at r = 8) and
+  dropout 0.1 on the adapter input; `config.adapters.scaling` / `.dropout` override them.
+
   Attributes:
     olora: add O-LoRA's orthogonality (+ L2) loss.
     olora_lambda1: the orthogonality weight.
@@ -31,6 +35,8 @@ class LoRAFamily(Method):
   description: str = "a new LoRA per task, old ones frozen, no constraint"
   adapter_init: str = "lora"
   train_sigma: bool = False
+  lora_alpha: Optional[float] = 32.0
+  adapter_dropout: float = 0.1
   olora: bool = False
   olora_lambda1: float = 0.5
   olora_lambda2: float = 0.0

@@ -6,6 +6,10 @@ Every task gets an AdaLoRA-style adapter `U diag(sigma) V` (sigma starts at 0).
   (`lbcl_jax.injection`).
 - **Bother less** (`project`): the new U and V gradients are projected off the old tasks' U
   columns and V rows (`lbcl_jax.projection.orthogonal_projection`).
+
+Every member trains the new adapter with AdaLoRA's orthogonality regulariser (`orth_reg_weight`
+times `orthogonality_regularizer`), which keeps the columns of U and the rows of V near
+orthonormal, so that the triplets are the singular vectors injection mixes.
 """
 
 from __future__ import annotations
@@ -16,14 +20,43 @@ from collections.abc import Mapping
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import optax
 
+from lbcl_jax import adapters as adapters_lib
 from lbcl_jax import injection
 from lbcl_jax import projection
 from lbcl_jax import sensitivity
 from lbcl_jax.methods.base import Method, MethodSettings, ScoreFn
 
 PyTree = Any
+
+
+def orthogonality_regularizer(new: PyTree) -> jax.Array:
+  """AdaLoRA's `R = ||U^T U - I||_F^2 + ||V V^T - I||_F^2`, averaged over the adapted layers.
+
+  The squared Frobenius norms are the AdaLoRA paper's (eq. 5); the mean over layers (PEFT's
+  `AdaLoraModel` averages its norms over matrices) makes a weight mean the same thing whatever
+  the number of adapted layers.
+
+  Args:
+    new: a single-task adapter tree, leaves `{'U': [d_out, r], 'sigma': [r], 'V': [r, d_in]}`.
+
+  Returns:
+    A float32 scalar (0 for an empty tree).
+  """
+  layers = adapters_lib.flatten_layers(new)
+  if not layers:
+    return jnp.zeros((), jnp.float32)
+  hi = jax.lax.Precision.HIGHEST
+  total = jnp.zeros((), jnp.float32)
+  for leaf in layers.values():
+    u = jnp.asarray(leaf["U"], jnp.float32)
+    v = jnp.asarray(leaf["V"], jnp.float32)
+    eye = jnp.eye(u.shape[-1], dtype=jnp.float32)
+    total += jnp.sum(jnp.square(jnp.matmul(u.T, u, precision=hi) - eye))
+    total += jnp.sum(jnp.square(jnp.matmul(v, v.T, precision=hi) - eye))
+  return total / len(layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,10 +67,13 @@ class SVDFamily(Method):
     inject: initialise the new adapter from sensitivity-weighted old triplets.
     project: project the new U/V gradients off the old subspaces.
     inject_sigma: inject sigma too (False: the paper's "without sigma" variant).
-    inject_layers: 'all' | int n (top n by total score) | tuple of paths, see `injection`.
+    inject_layers: 'all' | int n (the n layers with the highest total score) |
+      `injection.TopBlocks(n)` (the top n blocks by depth; the driver turns it into paths) |
+      a regex | a tuple of paths, see `lbcl_jax.injection`.
     num_seed_samples: samples of the new task used to score old triplets.
     score_aggregation: 'mean' | 'adalora' | 'fisher', see `lbcl_jax.sensitivity`.
     projection_rtol: rank tolerance of the projection bases.
+    orth_reg_weight: weight of AdaLoRA's orthogonality regulariser (0: none).
   """
 
   name: str = "nlnbcl"
@@ -49,6 +85,7 @@ class SVDFamily(Method):
   num_seed_samples: int = 8
   score_aggregation: str = "mean"
   projection_rtol: float = 1e-6
+  orth_reg_weight: float = 0.0
 
   def __post_init__(self):
     super().__post_init__()
@@ -68,6 +105,12 @@ class SVDFamily(Method):
                                layers=self.inject_layers)
     return jax.jit(lambda o, s, f: inject(o, s, fresh=f))(old, scores, fresh), scores
 
+  def regularizer(self, new: PyTree, old: Optional[PyTree]) -> Optional[jax.Array]:
+    del old
+    if not self.orth_reg_weight:
+      return None
+    return self.orth_reg_weight * orthogonality_regularizer(new)
+
   def gradient_transform(self, old: Optional[PyTree]) -> Optional[optax.GradientTransformation]:
     if not (self.project and old):
       return None
@@ -78,4 +121,6 @@ class SVDFamily(Method):
         self, inject_sigma=settings.inject_sigma, inject_layers=settings.inject_layers,
         num_seed_samples=settings.num_seed_samples,
         score_aggregation=settings.score_aggregation,
-        projection_rtol=settings.projection_rtol)
+        projection_rtol=settings.projection_rtol,
+        orth_reg_weight=(self.orth_reg_weight if settings.orth_reg_weight is None
+                         else settings.orth_reg_weight))

@@ -41,6 +41,8 @@ from lbcl_jax.models import hf
 Array = jax.Array
 DType = Any
 
+# A layer path's transformer block (`injection.TopBlocks`): the encoder's `layer_{i}`.
+BLOCK_PATTERN = r"(?P<stack>encoder)/layer_(?P<index>\d+)/"
 # q and v of every self-attention, the LoRA/O-LoRA default.
 ADAPTER_TARGETS = r"(^|.*/)attention/self/(query|value)$"
 # Every encoder linear (the unused pooler excluded): q, k, v, attention output, both FFN linears.

@@ -57,6 +57,8 @@ from lbcl_jax.models import hf
 Array = jax.Array
 DType = Any
 
+# A layer path's transformer block (`injection.TopBlocks`): the decoder's `layers_{i}`.
+BLOCK_PATTERN = r"(?P<stack>model)/layers_(?P<index>\d+)/"
 # q and v of every self-attention, the LoRA/O-LoRA default.
 ADAPTER_TARGETS = r"(^|.*/)self_attn/(q_proj|v_proj)$"
 # Every linear of the decoder layers (the lm_head excluded): attention q/k/v/o and the SwiGLU.

@@ -71,6 +71,8 @@ from lbcl_jax.models import hf
 Array = jax.Array
 Dtype = Any
 
+# A layer path's transformer block (`injection.TopBlocks`): `{encoder,decoder}/block_{i}`.
+BLOCK_PATTERN = r"(?P<stack>encoder|decoder)/block_(?P<index>\d+)/"
 # Default adapter targets: q and v of every attention (self and cross).
 ADAPTER_TARGETS = r"(^|.*/)(SelfAttention|EncDecAttention)/(q|v)$"
 # Every linear layer of the blocks: attention q/k/v/o and the feed-forward matrices.
