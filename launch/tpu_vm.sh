@@ -8,6 +8,9 @@
 #   EXTRA="--config.order=1 --config.data.data_dir=/data/CL_Benchmark" \
 #   bash launch/tpu_vm.sh [create|install|run|delete|all]
 #
+# DRY_RUN=1 prints the gcloud commands instead of running them (tests/test_multiprocess.py
+# checks them).
+#
 # WORKDIR may be a gs:// path (orbax and TensorBoard write there directly) so that a preempted
 # slice resumes from the same place when the command is run again.
 set -euo pipefail
@@ -19,12 +22,20 @@ WORKDIR="${WORKDIR:?set WORKDIR (a gs:// path is best)}"
 EXTRA="${EXTRA:-}"
 STEP="${1:-all}"
 
+gcloud_() {
+  if [ "${DRY_RUN:-0}" = "1" ]; then
+    printf 'gcloud'; printf ' %q' "$@"; printf '\n'
+  else
+    gcloud "$@"
+  fi
+}
+
 ssh_all() {
-  gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "$1"
+  gcloud_ compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "$1"
 }
 
 create() {
-  gcloud compute tpus tpu-vm create "$TPU_NAME" --zone "$ZONE" \
+  gcloud_ compute tpus tpu-vm create "$TPU_NAME" --zone "$ZONE" \
       --accelerator-type "$ACCELERATOR" --version "$VERSION"
 }
 
@@ -35,12 +46,13 @@ install() {
 }
 
 run() {
-  # Every worker runs the same command; JAX wires them into one program.
+  # Every worker runs the same command; JAX detects the pod slice (TPU_WORKER_HOSTNAMES) and
+  # wires them into one program.
   ssh_all "cd lbcl_jax && python3 -m lbcl_jax.main --multihost --config='$CONFIG' --workdir='$WORKDIR' $EXTRA"
 }
 
 delete() {
-  gcloud compute tpus tpu-vm delete "$TPU_NAME" --zone "$ZONE" --quiet
+  gcloud_ compute tpus tpu-vm delete "$TPU_NAME" --zone "$ZONE" --quiet
 }
 
 case "$STEP" in

@@ -118,6 +118,7 @@ class RunCheckpointer:
   to rebuild the optimizer whose state is read next).
   """
 
+  # "rng" is read by nothing: checkpoints before the key moved into the progress record had it.
   ITEMS = ("old", "trainable", "opt_state", "rng")
 
   def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
@@ -169,10 +170,11 @@ class RunCheckpointer:
     boundaries = [s for s in steps if self._is_boundary(s)]
     if boundaries:
       keep.add(boundaries[-1])
-    if jax.process_index() == 0:
-      for s in steps:
-        if s not in keep:
-          self._mngr.delete(s)
+    # Every process calls delete: orbax removes the files on the primary one and then waits
+    # for all of them at a barrier (a delete on process 0 alone would hang the run).
+    for s in steps:
+      if s not in keep:
+        self._mngr.delete(s)
 
   def quarantine(self, step: int) -> pathlib.Path:
     """Moves a damaged checkpoint out of the way (beside the checkpoints, not deleted, so it
@@ -183,6 +185,9 @@ class RunCheckpointer:
       if target.exists():
         shutil.rmtree(target)
       os.replace(self._directory / str(step), target)
+    if jax.process_count() > 1:  # nobody looks at the checkpoints before it has moved
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"lbcl_jax quarantine {step}")
     # The manager caches the steps it has seen: start a fresh one.
     self._mngr.close()
     self._mngr = self._manager()

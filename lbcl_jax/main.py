@@ -44,8 +44,18 @@ EXIT_PREEMPTED = 75
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Directory for checkpoints, logs and results.")
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", None,
-    "Call jax.distributed.initialize() before anything else (TPU pods, multi-node GPU). "
-    "Default: when the environment names a coordinator or a TPU worker list.")
+    "Join a multi-process run before anything else (TPU pods, multi-node GPU). Default: when "
+    "a coordinator is given, or the environment is a TPU VM, SLURM or MPI job.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0's coordinator (default: $JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes in the run (default: $JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process, 0 ... num_processes - 1 (default: $JAX_PROCESS_ID).")
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout", 300,
+    "Seconds to wait for every process to join before giving up with an error.")
 
 
 fail = errors.exit_with
@@ -149,13 +159,6 @@ def _parse_flags(argv: list[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _wants_distributed() -> bool:
-  if _MULTIHOST.value is not None:
-    return _MULTIHOST.value
-  return any(k in os.environ for k in (
-      "JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
-
-
 class _QuietLibraries(logging.logging.Filter):
   """Drops orbax's per-save INFO chatter; its warnings and errors still show."""
 
@@ -168,10 +171,15 @@ def main(argv):
     fail(f"unexpected arguments {argv[1:]}: settings go in --config.<field>=<value>")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   # Imported here so that flag errors answer without loading JAX.
+  from lbcl_jax import distributed  # pylint: disable=g-import-not-at-top
+  try:
+    cluster = distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                  multihost=_MULTIHOST.value)
+    distributed.initialize(cluster, timeout_s=_DISTRIBUTED_TIMEOUT.value)
+  except InputError as e:
+    fail(str(e))
   import jax  # pylint: disable=g-import-not-at-top
   from lbcl_jax import train  # pylint: disable=g-import-not-at-top
-  if _wants_distributed():
-    jax.distributed.initialize()
   config = FLAGS.config
   logging.info("JAX process %d / %d, local devices: %s",
                jax.process_index(), jax.process_count(), jax.local_devices())

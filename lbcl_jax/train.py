@@ -40,6 +40,7 @@ from lbcl_jax import adapters as adapters_lib
 from lbcl_jax import backbones
 from lbcl_jax import checkpointing
 from lbcl_jax import config_lib
+from lbcl_jax import distributed
 from lbcl_jax import evaluation
 from lbcl_jax import injection
 from lbcl_jax import methods as methods_lib
@@ -122,6 +123,7 @@ class Progress:
       score them.
     train_seconds: seconds spent in training steps, over every invocation.
     stages: the stage names.
+    rng_key: the run's PRNG key data (checked on resume).
   """
 
   stage: int = 0
@@ -134,6 +136,7 @@ class Progress:
   sensitivity: dict = dataclasses.field(default_factory=dict)
   train_seconds: float = 0.0
   stages: list = dataclasses.field(default_factory=list)
+  rng_key: list = dataclasses.field(default_factory=list)
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -380,6 +383,8 @@ def make_train_step(backbone: Any, method: methods_lib.Method,
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the task sequence of `config` in `workdir`; returns results.json's dict."""
   config_lib.validate(config)
+  distributed.check_same_everywhere(
+      json.dumps(checkpointing.config_to_dict(config), sort_keys=True), "the run config")
   workdir = os.fspath(workdir)
   timings = Timings()
   # Everything is built, and so checked against the config, before the workdir is touched.
@@ -799,7 +804,10 @@ class Stage:
     """Checkpoints the run. Mid-stage: the trainable tree and optimizer state; at a stage
     boundary: what later stages need (the old adapters, or the trained base). The frozen
     pre-trained base is never written."""
-    trees = {"rng": {"key": jax.random.key_data(self.key)}}
+    # The run's key goes into the progress record as plain integers: every array a checkpoint
+    # holds is a global jax.Array, which any number of processes can write and read back.
+    progress.rng_key = _key_ints(self.key)
+    trees = {}
     if old:
       trees["old"] = old
     if trainable is not None:
@@ -815,10 +823,7 @@ class Stage:
   def restore(self, ckpt, step: int, progress: Progress, stage_key: jax.Array, names):
     """Restores the checkpointed state: (old, params, trainable, optimizer, opt_state)."""
     saved = ckpt.items(step)
-    restored = ckpt.restore(
-        step, {"rng": {"key": jax.eval_shape(lambda: jax.random.key_data(self.key))}})
-    if not np.array_equal(np.asarray(restored["rng"]["key"]),
-                          np.asarray(jax.random.key_data(self.key))):
+    if progress.rng_key and progress.rng_key != _key_ints(self.key):
       raise InputError(f"checkpoint {step} was written with another seed")
     old = None
     if "old" in saved:
@@ -842,6 +847,11 @@ class Stage:
           step, {"trainable": _abstract_with_shardings(self.base.params)})["trainable"]
     trainable, optimizer, opt_state = self.begin(old, params, stage_key, names, progress)
     return old, params, trainable, optimizer, opt_state
+
+
+def _key_ints(key: jax.Array) -> list[int]:
+  """A PRNG key as plain integers (host values, the same on every process)."""
+  return [int(v) for v in np.asarray(jax.random.key_data(key)).reshape(-1)]
 
 
 def _watch_loss(first_bad, loss, step):
