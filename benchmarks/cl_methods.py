@@ -69,7 +69,8 @@ ORDERS = {1: "dbpedia,amazon,yelp,agnews",
           3: "yelp,amazon,agnews,dbpedia"}
 # Every cell: 200 validation sentences per task carved from its train file (fixed seed; the
 # 100-per-class training sample is drawn from the rest), and both label spaces measured.
-COMMON = ["--config.data.validation_examples=200", "--config.eval.extra_label_spaces=task"]
+COMMON = ["--config.data.validation_examples=200", "--config.eval.label_space=seen",
+          "--config.eval.extra_label_spaces=task"]
 SEEN, TASK = "seen", "task"
 
 # -- validation: the same budget (8 runs) for every family ---------------------------------------
