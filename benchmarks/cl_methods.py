@@ -166,9 +166,16 @@ def choices(records: dict[str, dict]) -> dict[str, dict] | None:
   return out
 
 
+# The paper's injection, spelled out, so that a cell means the same whatever the defaults are.
+PAPER_INJECTION = ["--config.injection.layers=all", "--config.injection.with_sigma=True"]
+
+
 def method_flags(method: str, chosen: dict[str, dict]) -> list[str]:
   flags = chosen[FAMILY[method]]["flags"]
-  if method not in INJECTS:  # the injection choice means nothing to the other SVD methods
+  if method in INJECTS:
+    given = {f.split("=", 1)[0] for f in flags}
+    flags = [f for f in PAPER_INJECTION if f.split("=", 1)[0] not in given] + flags
+  else:  # the injection choice means nothing to the other SVD methods
     flags = [f for f in flags if not f.startswith("--config.injection.")]
   return [f"--config.method={method}", *flags]
 
@@ -540,7 +547,11 @@ def build_report(records: dict[str, dict], data_dir: str) -> dict:
   return {
       "settings": {"config": str(CONFIG.relative_to(ROOT)), "common_flags": COMMON,
                    "orders": ORDERS, "data_dir": data_dir, "seed": 0},
-      "validation": {"budget_per_family": VALIDATION_BUDGET, "chosen": chosen},
+      "validation": {"budget_per_family": VALIDATION_BUDGET, "chosen": chosen,
+                     "cells": {n: {"flags": r["flags"], "validation_average": r.get("average_accuracy"),
+                                   "validation_average_task": (r["label_spaces"]["task"]["average_accuracy"]
+                                                               if "label_spaces" in r else None)}
+                               for n, r in records.items() if n.startswith("val_")}},
       "table1": table1(records, SEEN),
       "table1_task": table1(records, TASK),
       "projection_after_adam": {

@@ -59,8 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
   # default, O-LoRA's 0.1 for inclora, olora and mtl, 0 for the SVD family.
   config.adapters.dropout = config_dict.placeholder(float)
   # Weight of AdaLoRA's regulariser ||U^T U - I||^2 + ||V V^T - I||^2 (mean over layers) on the
-  # new SVD adapter (nlnbcl, lcl, bcl, lbcl). None: the SVD family's default, chosen on
-  # validation (BENCHMARKS.md); AdaLoRA/PEFT use 0.5.
+  # new SVD adapter (nlnbcl, lcl, bcl, lbcl). None: the SVD family's default, 0, chosen on
+  # validation (BENCHMARKS.md: AdaLoRA / PEFT's 0.5 scored 29.5 / 23.2 / 21.1 against
+  # 30.1 / 34.0 / 2.9 without it at lr 3e-3 / 1e-2 / 3e-2).
   config.adapters.orth_reg_weight = config_dict.placeholder(float)
   # How the adapter joins the layer while training: "lowrank" (x V^T sigma U^T) or "merged"
   # (materialise W0 + U sigma V); empty picks the measured default of lbcl_jax.adapters.
@@ -69,8 +70,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.injection = ml_collections.ConfigDict()
   # Seed samples of the new task used to score old triplets.
   config.injection.num_seed_samples = 8
-  # Inject sigma too ("with sigma"); False injects only U and V.
-  config.injection.with_sigma = True
+  # Inject sigma too ("with sigma"); False injects only U and V (the paper's "without sigma"
+  # variant: the layer starts the task unchanged, U and V start in the old directions). False
+  # was chosen on validation (benchmarks/results/cl_methods.json: LB-CL on MiniLM, order 1,
+  # 41.5 without sigma vs 34.0 with it into every layer and 31.9 into the top 2 blocks).
+  config.injection.with_sigma = False
   # Layers to inject: "all"; "depth:N", the adapted layers of the top N transformer blocks
   # (decoder blocks first for T5); "score:N" (or "N"), the N layers with the highest total
   # triplet score; or one regular expression over layer paths ("encoder/layer_(4|5)/.*").

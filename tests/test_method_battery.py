@@ -265,7 +265,7 @@ def test_registry_and_labels():
     methods.get_method("lora")
   lbcl = methods.get_method("lbcl")
   assert lbcl.inject and lbcl.project and lbcl.adapter_init == "adalora"
-  assert methods.get_method("lbcl", inject_sigma=False).inject_sigma is False
+  assert methods.get_method("lbcl", inject_sigma=True).inject_sigma is True
   configured = methods.get_method("lbcl", methods.MethodSettings(num_seed_samples=3))
   assert configured.num_seed_samples == 3
   listed = methods.get_method("lcl", inject_layers=["a/q", "a/v"])

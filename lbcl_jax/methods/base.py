@@ -37,7 +37,7 @@ class MethodSettings:
   Each method reads the fields it uses in `Method.configured`.
   """
 
-  inject_sigma: bool = True
+  inject_sigma: bool = False
   # 'all' | int n (top n by score) | injection.TopBlocks(n) | regex | tuple of paths.
   inject_layers: Any = "all"
   num_seed_samples: int = 8

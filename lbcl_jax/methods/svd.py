@@ -66,21 +66,23 @@ class SVDFamily(Method):
   Attributes:
     inject: initialise the new adapter from sensitivity-weighted old triplets.
     project: project the new U/V gradients off the old subspaces.
-    inject_sigma: inject sigma too (False: the paper's "without sigma" variant).
+    inject_sigma: inject sigma too (False, the default chosen on validation: the paper's
+      "without sigma" variant).
     inject_layers: 'all' | int n (the n layers with the highest total score) |
       `injection.TopBlocks(n)` (the top n blocks by depth; the driver turns it into paths) |
       a regex | a tuple of paths, see `lbcl_jax.injection`.
     num_seed_samples: samples of the new task used to score old triplets.
     score_aggregation: 'mean' | 'adalora' | 'fisher', see `lbcl_jax.sensitivity`.
     projection_rtol: rank tolerance of the projection bases.
-    orth_reg_weight: weight of AdaLoRA's orthogonality regulariser (0: none).
+    orth_reg_weight: weight of AdaLoRA's orthogonality regulariser (0: none, the default
+      chosen on validation; see `config_lib`).
   """
 
   name: str = "nlnbcl"
   description: str = "SVD adapters, neither injection nor projection"
   inject: bool = False
   project: bool = False
-  inject_sigma: bool = True
+  inject_sigma: bool = False
   inject_layers: Any = "all"
   num_seed_samples: int = 8
   score_aggregation: str = "mean"
