@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import pytest
 
@@ -72,4 +73,21 @@ def test_model_path_may_name_a_gguf_file(tmp_path):
     config_lib.validate(config)
   config.model.path = str(tmp_path / "missing_dir")
   with pytest.raises(ValueError, match="no such model directory"):
+    config_lib.validate(config)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("eval.label_space", "all", "config.eval.label_space='all'"),
+    ("eval.extra_label_spaces", "task,every", "'every' is not one of"),
+    ("eval.split", "validation", "needs config.data.validation_examples > 0"),
+    ("eval.split", "dev", "config.eval.split='dev'"),
+    ("adapters.dropout", 1.0, "config.adapters.dropout=1.0: must be < 1"),
+    ("adapters.orth_reg_weight", -0.5, "config.adapters.orth_reg_weight=-0.5"),
+    ("injection.layers", "layer_(4", "config.injection.layers='layer_(4'"),
+])
+def test_validate_names_the_bad_field(field, value, message):
+  config = config_lib.default_config()
+  section, name = field.split(".")
+  config[section][name] = value
+  with pytest.raises(ValueError, match=re.escape(message)):
     config_lib.validate(config)
