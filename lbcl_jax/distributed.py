@@ -27,7 +27,6 @@ import dataclasses
 import hashlib
 import os
 import re
-import sys
 import threading
 from typing import Mapping, Optional
 
@@ -137,12 +136,9 @@ def initialize(cluster: Cluster, *, timeout_s: int = 300) -> None:
 
   def watchdog():
     if not joined.wait(timeout_s):
-      # Not `sys.exit`: that would end only this thread, while the main one is blocked in JAX.
-      sys.stderr.write(f"error: could not join {where} within {timeout_s} s ({hint}; check "
-                       "that every process was started with the same --coordinator_address "
-                       "and --num_processes, and that the address is reachable)\n")
-      sys.stderr.flush()
-      os._exit(errors.EXIT_BAD_INPUT)  # pylint: disable=protected-access
+      errors.exit_with(f"could not join {where} within {timeout_s} s ({hint}; check that every "
+                       "process was started with the same --coordinator_address and "
+                       "--num_processes, and that the address is reachable)", from_thread=True)
 
   threading.Thread(target=watchdog, name="distributed-watchdog", daemon=True).start()
   try:

@@ -7,17 +7,22 @@ it with `exit_with` as one `error: ...` line and exit with status 2; any other e
 bug and keeps its traceback.
 """
 
+import os
 import sys
 from typing import NoReturn
 
 EXIT_BAD_INPUT = 2
 
 
-def exit_with(message: str, status: int = EXIT_BAD_INPUT, prefix: str = "error") -> NoReturn:
+def exit_with(message: str, status: int = EXIT_BAD_INPUT, prefix: str = "error", *,
+              from_thread: bool = False) -> NoReturn:
   """Reports bad input (or another expected stop) as one `prefix: message` line on stderr and
-  exits with `status`."""
+  exits with `status`. `from_thread`: end the whole process at once (`os._exit`), as a
+  watchdog thread must while the main thread is blocked; `sys.exit` would end only the thread."""
   line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
   print(f"{prefix}: {line}", file=sys.stderr, flush=True)
+  if from_thread:
+    os._exit(status)  # pylint: disable=protected-access
   sys.exit(status)
 
 

@@ -427,7 +427,14 @@ def _run(config, workdir, timings, method, loop, mesh, tasks, key, backbone, bas
                 optimizer_settings=opt_settings, key=key, kept=kept, stop=stop)
 
   stages = method.stages(tasks)
+  joint = any(len(s) > 1 for s in stages)
   progress = Progress(stages=[", ".join(s) for s in stages])
+
+  def close_outputs():  # before a run stops early (diverged, preempted)
+    ckpt.close()
+    writer.flush()
+    writer.close()
+
   old = None  # stacked frozen adapters of finished tasks (None before the first)
   params = base.params  # the base model's weights: the pre-trained ones, or SeqFT's latest
   # The base with every old adapter merged in: what the next stage's forward pass starts from.
@@ -460,9 +467,7 @@ def _run(config, workdir, timings, method, loop, mesh, tasks, key, backbone, bas
                                              trainable, optimizer, opt_state, stage_key, names,
                                              label, timings)
         except (Diverged, Preempted):
-          ckpt.close()
-          writer.flush()
-          writer.close()
+          close_outputs()
           raise
       del opt_state, base_eff
 
@@ -489,7 +494,7 @@ def _run(config, workdir, timings, method, loop, mesh, tasks, key, backbone, bas
       progress.accuracy_matrix.append(row)
       for space in loop.extra_label_spaces:
         progress.label_space_matrices.setdefault(space, []).append(rows[space])
-      seen = {n: row[tasks.index(n)] for s in stages[:progress.stage + 1] for n in s}
+      seen = {n: row[tasks.index(n)] for n in trained}
       logging.info("Accuracy after %s: %s", label, seen)
       writer.write_scalars(progress.global_step, {f"accuracy/{n}": v for n, v in seen.items()})
 
@@ -499,9 +504,7 @@ def _run(config, workdir, timings, method, loop, mesh, tasks, key, backbone, bas
       with timings.phase("checkpoint"):
         stage.save(ckpt, progress, old, params, None, None)
       if progress.stage < len(stages) and stop.requested(progress.global_step):
-        ckpt.close()
-        writer.flush()
-        writer.close()
+        close_outputs()
         raise Preempted(f"stopped on SIGTERM at the end of stage {label} (global step "
                         f"{progress.global_step}), checkpointed in {workdir}; run the same "
                         "command again to resume")
@@ -510,12 +513,12 @@ def _run(config, workdir, timings, method, loop, mesh, tasks, key, backbone, bas
   with timings.phase("results"):
     doc = results_lib.results_document(
         method=config.method, tasks=tasks, stages=progress.stages,
-        matrix=progress.accuracy_matrix, joint=any(len(s) > 1 for s in stages),
+        matrix=progress.accuracy_matrix, joint=joint,
         global_steps=progress.global_step, train_seconds=progress.train_seconds,
         sensitivity=progress.sensitivity, losses=progress.losses,
         eval_split=loop.eval_split, label_space=loop.label_space,
         label_spaces=results_lib.label_space_summaries(
-            progress.label_space_matrices, joint=any(len(s) > 1 for s in stages)),
+            progress.label_space_matrices, joint=joint),
         config=checkpointing.config_to_dict(config))
     # This invocation's wall seconds by phase (a resumed run counts only its own part).
     late = lambda: {"timings": timings.as_dict()}

@@ -177,7 +177,7 @@ def test_validation_split_is_carved_from_train_and_fixed_across_seeds(tmp_path):
   assert collections.Counter(e.label for e in a.train_examples) == {"Good": 12, "Bad": 12}
   assert not {e.sentence for e in a.validation} & {e.sentence for e in a.train_examples}
   assert {e.sentence for e in a.train_examples} != {e.sentence for e in b.train_examples}
-  assert a.test == [e for e in load_split("sst-2", "test", "local", root=tmp_path)]
+  assert a.test == load_split("sst-2", "test", "local", root=tmp_path)
   assert a.split("validation") is a.validation and a.split("test") is a.test
   with pytest.raises(InputError, match="validation_examples=60"):
     load(0, n=60)

@@ -4,9 +4,11 @@
 before training starts, so bad data fails before any work is done.
 
 A validation split (`validation_examples` > 0) is carved from each task's train split with a
-fixed seed, the same whatever the run's seed, before the training sample is drawn from the
-rest: runs that choose hyper-parameters on it and the runs they choose for train on the same
-examples, and no validation example is ever trained on or drawn from the test split.
+fixed seed, the same whatever the run's seed: runs that choose hyper-parameters on it and the
+runs they choose for train on the same examples, and no validation example is ever trained on
+or drawn from the test split. For the local source the carving comes first and the per-class
+training sample is drawn from the rest; the other sources sample their own training split
+(their protocol sizes), and the validation rows come out of that sample.
 """
 
 from __future__ import annotations

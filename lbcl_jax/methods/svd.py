@@ -7,9 +7,10 @@ Every task gets an AdaLoRA-style adapter `U diag(sigma) V` (sigma starts at 0).
 - **Bother less** (`project`): the new U and V gradients are projected off the old tasks' U
   columns and V rows (`lbcl_jax.projection.orthogonal_projection`).
 
-Every member trains the new adapter with AdaLoRA's orthogonality regulariser (`orth_reg_weight`
+Any member can train the new adapter with AdaLoRA's orthogonality regulariser (`orth_reg_weight`
 times `orthogonality_regularizer`), which keeps the columns of U and the rows of V near
-orthonormal, so that the triplets are the singular vectors injection mixes.
+orthonormal, so that the triplets are singular vectors. Its weight is 0 by default: validation
+on the MiniLM benchmark chose none (see `config_lib`).
 """
 
 from __future__ import annotations
