@@ -129,7 +129,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim.warmup_steps = 0
   # Global clip norm (0 = no clipping).
   config.optim.grad_clip = 0.0
-  # Epochs per task, and a cap on steps per task (0 = no cap).
+  # Epochs per task, and a cap on steps per task (0 = no cap; a joint stage of n tasks, as MTL's,
+  # gets n times the cap, so every method trains the same number of steps in all).
   config.optim.num_epochs = 1
   config.optim.max_steps_per_task = 0
   # Global batch size, summed over all devices and hosts.

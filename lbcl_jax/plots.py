@@ -28,9 +28,19 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> None:
 def accuracy_heatmap(matrix: Sequence[Sequence[float | None]], tasks: Sequence[str],
                      rows: Sequence[str], path: str | os.PathLike, title: str = "") -> None:
   """R[i][j]: accuracy on task j (columns) after training stage i (rows)."""
-  r = np.array([[np.nan if v is None else 100.0 * v for v in row] for row in matrix], dtype=float)
   fig = Figure(figsize=(1.2 + 0.9 * len(tasks), 1.0 + 0.6 * len(rows)))
   ax = fig.subplots()
+  im = draw_accuracy_heatmap(ax, matrix, tasks, rows)
+  fig.colorbar(im, ax=ax, label="accuracy (%)")
+  ax.set_title(title or "accuracy matrix")
+  save_figure(fig, path)
+
+
+def draw_accuracy_heatmap(ax, matrix: Sequence[Sequence[float | None]], tasks: Sequence[str],
+                          rows: Sequence[str]):
+  """Draws R (fractions; None for a task not yet evaluated) as percentages on `ax`; returns the
+  image (for a colour bar)."""
+  r = np.array([[np.nan if v is None else 100.0 * v for v in row] for row in matrix], dtype=float)
   im = ax.imshow(r, vmin=0, vmax=100, cmap="viridis")
   ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
   ax.set_yticks(range(len(rows)), [f"after {x}" for x in rows])
@@ -39,9 +49,7 @@ def accuracy_heatmap(matrix: Sequence[Sequence[float | None]], tasks: Sequence[s
       if not np.isnan(r[i, j]):
         ax.text(j, i, f"{r[i, j]:.1f}", ha="center", va="center",
                 color="white" if r[i, j] < 60 else "black", fontsize=8)
-  fig.colorbar(im, ax=ax, label="accuracy (%)")
-  ax.set_title(title or "accuracy matrix")
-  save_figure(fig, path)
+  return im
 
 
 def sensitivity_plot(records: Mapping[str, Mapping[str, Sequence[Sequence[float]]]],

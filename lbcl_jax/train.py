@@ -729,7 +729,8 @@ class Stage:
         train_padding=loop.train_padding)
     num_steps = stream.num_steps_per_epoch * loop.num_epochs * loop.grad_accum_steps
     if loop.max_steps_per_task:
-      num_steps = min(num_steps, loop.max_steps_per_task)
+      # Per task: a joint stage (MTL) of n tasks gets the budget of n sequential stages.
+      num_steps = min(num_steps, loop.max_steps_per_task * len(names))
     tsh = jax.tree.map(lambda x: x.sharding, trainable)
     osh = jax.tree.map(lambda x: x.sharding, opt_state)
     adapter = self.base.adapter_config

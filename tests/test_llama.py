@@ -251,6 +251,22 @@ def test_decode_cache_steps_match_full_forward():
   assert rel_diff(np.concatenate(steps, axis=1), full, MASK) < 1e-5
 
 
+def test_logits_at_gathers_positions_of_the_full_forward():
+  """`logits_at` returns exactly the named columns of the full logits, per row; prefill's too."""
+  model = llama.LlamaForCausalLM(tiny_config("gqa_untied", initializer_range=0.3))
+  params = llama.init_params(model, jax.random.key(3))
+  full = np.asarray(jax.jit(model.apply)({"params": params}, IDS, MASK))
+  at = np.stack([np.arange(len(IDS)) % IDS.shape[1], np.full(len(IDS), IDS.shape[1] - 1),
+                 np.arange(len(IDS)) + 1], axis=1).astype(np.int32)
+  got = np.asarray(jax.jit(model.apply)({"params": params}, IDS, MASK, logits_at=at))
+  assert got.shape == (len(IDS), 3, full.shape[-1])
+  np.testing.assert_allclose(got, np.take_along_axis(full, at[..., None], axis=1), rtol=1e-5,
+                             atol=1e-6)
+  prefill = jax.jit(llama.prefill, static_argnums=(0, 4))
+  logits, _ = prefill(model, params, IDS, MASK, IDS.shape[1] + 2, at[:, 1:2])
+  np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, -1], rtol=1e-5, atol=1e-6)
+
+
 def test_bfloat16_compute_tracks_float32():
   config = tiny_config("gqa_tied", initializer_range=0.3)
   params = llama.init_params(llama.LlamaForCausalLM(config), jax.random.key(4))

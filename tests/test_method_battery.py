@@ -294,3 +294,5 @@ def test_method_through_the_driver(tmp_path, name):
   assert all(math.isfinite(v) for curve in r["losses"].values() for _, v in curve)
   assert bool(r["sensitivity"]) == row.injects
   assert (r["bwt"] is None) == row.joint
+  # The step cap is per task: a joint stage of both tasks trains as many steps as two stages.
+  assert sum(len(curve) for curve in r["losses"].values()) == 2 * 3

@@ -89,12 +89,18 @@ class LlamaBackbone(Backbone):
 
   def loss(self, params, batch, rng):
     deterministic = self._deterministic(rng)
+    # The answer fills the last T columns of every row, so only the columns from the prompt's
+    # last one (S - 1, which predicts the first answer token) on carry a label: the head runs
+    # on those alone.
+    start = batch["prompt_ids"].shape[1] - 1
+    columns = jnp.arange(start, batch["input_ids"].shape[1])
     # Positions come from the attention mask (cumsum - 1), so left padding changes nothing.
     logits = self.model.apply(
         {"params": params}, batch["input_ids"], batch["attention_mask"],
-        deterministic=deterministic, rngs=None if deterministic else {"dropout": rng})
+        deterministic=deterministic, rngs=None if deterministic else {"dropout": rng},
+        logits_at=jnp.broadcast_to(columns, (batch["input_ids"].shape[0], columns.size)))
     mask = batch["label_mask"] * batch["weight"][:, None].astype(batch["label_mask"].dtype)
-    return llama_lib.causal_lm_loss(logits, batch["labels"], mask)
+    return llama_lib.causal_lm_loss(logits, batch["labels"][:, start:], mask[:, start:])
 
   def seq_logprob(self, params, prompt_ids, prompt_mask, answer_ids, answer_mask) -> jax.Array:
     """Summed log-probability of each answer [B, T] (right-padded) after its left-padded
@@ -102,9 +108,10 @@ class LlamaBackbone(Backbone):
     length = prompt_ids.shape[1]
     ids = jnp.concatenate([prompt_ids, answer_ids], axis=1)
     mask = jnp.concatenate([prompt_mask, answer_mask], axis=1)
-    logits = self.model.apply({"params": params}, ids, mask)
     # The prompt's last token (column S - 1 under left padding) predicts answer token 0.
-    logits = logits[:, length - 1:length - 1 + answer_ids.shape[1]]
+    columns = jnp.arange(length - 1, length - 1 + answer_ids.shape[1])
+    logits = self.model.apply({"params": params}, ids, mask,
+                              logits_at=jnp.broadcast_to(columns, (ids.shape[0], columns.size)))
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     safe = jnp.where(answer_mask.astype(bool), answer_ids, 0).astype(jnp.int32)
     token = jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]

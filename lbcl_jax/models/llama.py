@@ -341,6 +341,10 @@ class LlamaForCausalLM(nn.Module):
   covers only the new tokens, and default positions continue after the real tokens already
   cached. Appending more than `max_decode_length` tokens in total is not checked (the writes
   would be clamped by `dynamic_update_slice`).
+
+  `logits_at [B, n]` (int positions) returns only those positions' logits `[B, n, vocab]`. The
+  head is a quarter of SmolLM2's FLOPs per token, and training scores only the answer while
+  generation needs only the prompt's last token, so the rest would be computed to be dropped.
   """
 
   config: LlamaConfig
@@ -348,7 +352,8 @@ class LlamaForCausalLM(nn.Module):
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
                position_ids: Optional[Array] = None, *, deterministic: bool = True,
-               decode: bool = False, max_decode_length: Optional[int] = None) -> Array:
+               decode: bool = False, max_decode_length: Optional[int] = None,
+               logits_at: Optional[Array] = None) -> Array:
     cfg = self.config
     input_ids = jnp.asarray(input_ids)
     batch, length = input_ids.shape
@@ -385,6 +390,8 @@ class LlamaForCausalLM(nn.Module):
     model = LlamaModel(cfg, name="model")
     hidden = model(input_ids, jnp.asarray(position_ids), attn_mask, deterministic, decode,
                    cache_index)
+    if logits_at is not None:
+      hidden = jnp.take_along_axis(hidden, jnp.asarray(logits_at, jnp.int32)[..., None], axis=1)
     if cfg.tie_word_embeddings:
       logits = model.embed_tokens.attend(hidden)
     else:
@@ -429,10 +436,12 @@ def param_logical_specs(model: LlamaForCausalLM) -> dict:
 
 
 def prefill(model: LlamaForCausalLM, params: Any, input_ids: Array, attention_mask: Array,
-            max_decode_length: int) -> tuple[Array, dict]:
-  """Logits `[B, L, vocab]` of the prompt and a new cache of `max_decode_length` slots."""
+            max_decode_length: int, logits_at: Optional[Array] = None) -> tuple[Array, dict]:
+  """Logits `[B, L, vocab]` of the prompt (`[B, n, vocab]` at `logits_at [B, n]`) and a new
+  cache of `max_decode_length` slots."""
   logits, mutated = model.apply({"params": params}, input_ids, attention_mask, decode=True,
-                                max_decode_length=max_decode_length, mutable=["cache"])
+                                max_decode_length=max_decode_length, logits_at=logits_at,
+                                mutable=["cache"])
   return logits, mutated["cache"]
 
 
@@ -496,10 +505,11 @@ def greedy_generate(model: LlamaForCausalLM, params: Any, input_ids: Array,
   attention_mask = jnp.asarray(attention_mask).astype(jnp.int32)
   if max_new_tokens == 0:
     return jnp.zeros((batch, 0), jnp.int32)
-  logits, cache = prefill(model, params, input_ids, attention_mask, length + max_new_tokens)
   # The next token follows each row's last real token (the last column under left padding).
   last = jnp.max(jnp.where(attention_mask > 0, jnp.arange(length), 0), axis=-1)
-  first_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+  logits, cache = prefill(model, params, input_ids, attention_mask, length + max_new_tokens,
+                          logits_at=last[:, None])
+  first_logits = logits[:, 0]
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
   def is_eos(token):

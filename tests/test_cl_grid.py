@@ -1,0 +1,174 @@
+"""The benchmark grids' machinery (`benchmarks/cl_grid.py`) on synthetic records: validation
+choices, Table 1 and its standard error, seed spread, the analyses, sensitivity by depth and the
+written outputs, for the MiniLM grid (two label spaces) and the generative one (exact match)."""
+
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import cl_grid  # pylint: disable=g-import-not-at-top,wrong-import-position
+import cl_methods  # pylint: disable=g-import-not-at-top,wrong-import-position
+import generative_cl  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+TASKS = ["dbpedia", "amazon", "yelp", "agnews"]
+
+
+def _matrix(rng, k=4):
+  return [[float(rng.uniform(0.1, 0.9)) if j <= i else None for j in range(k)] for i in range(k)]
+
+
+def _record(name, flags, rng, spaces=("seen", "task"), avg=None, n=48, sensitivity=None):
+  """A record shaped as `cl_grid.make_record` writes it, with consistent metrics."""
+  def metrics(m):
+    final = m[-1]
+    return {"accuracy_matrix": m, "average_accuracy": round(100 * float(np.mean(final)), 1)
+            if avg is None else avg,
+            "bwt": round(100 * float(np.mean([final[j] - m[j][j] for j in range(3)])), 1),
+            "forgetting": 0.0}
+  main = metrics(_matrix(rng))
+  return {"cell": name, "flags": flags, "wall_seconds": 10.0, "train_seconds": 5.0,
+          "tasks": TASKS, "eval_split": "test", "label_space": spaces[0] or "seen", **main,
+          "label_spaces": {s: metrics(_matrix(rng)) for s in spaces[1:]}, "n_eval": n,
+          "sensitivity": sensitivity or {}, "machine": "test"}
+
+
+def test_test_se_is_the_binomial_standard_error_of_the_mean():
+  row = [0.5, 0.9, None, 0.2]
+  want = 100 * np.sqrt(0.25 / 40 + 0.09 / 40 + 0.16 / 40) / 3
+  assert cl_grid.test_se(row, 40) == round(want, 1)
+  assert cl_grid.test_se(row, 0) is None
+
+
+def test_choices_take_the_best_validation_cell_and_wait_for_the_whole_sweep():
+  spec = generative_cl.SPEC
+  rng = np.random.default_rng(0)
+  records = {}
+  first = spec.validation_cells(records)
+  # The SVD family's orthogonality cell waits for its learning-rate cells.
+  assert "val_svd_orth0.5" not in first and len(first) == 11
+  scores = dict(zip(first, rng.permutation(len(first)).astype(float)))
+  for name, flags in first.items():
+    records[name] = _record(name, flags, rng, spaces=(None,), avg=scores[name])
+  assert cl_grid.choices(spec, records) is None  # the second stage has not run
+  cells = spec.validation_cells(records)
+  svd_lr = [n for n in first if n.startswith("val_svd_lr")]
+  best_lr = max(svd_lr, key=scores.get)
+  assert cells["val_svd_orth0.5"][:-1] == [f for f in records[best_lr]["flags"]
+                                           if "orth_reg_weight" not in f]
+  # The orthogonality cell diverged: it never wins.
+  records["val_svd_orth0.5"] = {"cell": "val_svd_orth0.5", "flags": cells["val_svd_orth0.5"],
+                                "wall_seconds": 1.0, "diverged": True, "average_accuracy": None}
+  chosen = cl_grid.choices(spec, records)
+  for family in cl_grid.FAMILIES:
+    names = [n for n in cells if n.startswith(f"val_{family}_")]
+    assert len(names) == spec.validation_budget
+    winner = max((n for n in names if n in scores), key=scores.get)
+    assert chosen[family]["cell"] == winner
+    assert not any(f.startswith(("--config.method=", "--config.order=", "--config.eval.split="))
+                   for f in chosen[family]["flags"])
+  assert [s["diverged"] for s in chosen["svd"]["sweep"]] == [False] * 3 + [True]
+
+
+def test_method_flags_spell_out_the_injection_only_for_injecting_methods():
+  chosen = {"svd": {"flags": ["--config.optim.learning_rate=1e-2",
+                              "--config.injection.with_sigma=False"]},
+            "lora": {"flags": ["--config.optim.learning_rate=3e-3"]}, "seqft": {"flags": []}}
+  lbcl = cl_grid.method_flags("lbcl", chosen)
+  assert "--config.injection.layers=all" in lbcl
+  assert "--config.injection.with_sigma=False" in lbcl
+  assert "--config.injection.with_sigma=True" not in lbcl
+  assert not any("injection" in f for f in cl_grid.method_flags("bcl", chosen))
+  assert cl_grid.method_flags("mtl", chosen) == ["--config.method=mtl",
+                                                 "--config.optim.learning_rate=3e-3"]
+
+
+def test_grid_cells_of_both_grids():
+  chosen = {f: {"flags": ["--config.optim.learning_rate=1e-3"]} for f in cl_grid.FAMILIES}
+  gen = cl_grid.grid_cells(generative_cl.SPEC, "all", chosen)
+  assert not any("after_adam" in n for n in gen)  # the generative grid has no such phase
+  assert not any(n.startswith(("o2_", "o3_")) for n in gen)  # order 1 unless asked
+  # 8 methods + zero-shot + 8 seeds + 3 ranks + 6 seed-sample counts + 3 injections.
+  assert len(gen) == 8 + 1 + 8 + 3 + 6 + 3
+  assert gen["o1_lbcl_rank2"][-1] == "--config.adapters.rank=2"
+  three = cl_grid.grid_cells(generative_cl.SPEC, "main", chosen, orders=(1, 2, 3))
+  assert len(three) == 3 * 8 + 1
+  mini = cl_grid.grid_cells(cl_methods.SPEC, "after_adam", chosen)
+  assert sorted(mini) == sorted(f"o{o}_{m}_after_adam" for o in (1, 2, 3) for m in ("bcl", "lbcl"))
+
+
+def test_table1_seed_spread_and_analyses():
+  spec = cl_methods.SPEC
+  rng = np.random.default_rng(1)
+  chosen = {f: {"flags": []} for f in cl_grid.FAMILIES}
+  cells = {**cl_grid.grid_cells(spec, "all", chosen)}
+  records = {n: _record(n, f, rng) for n, f in cells.items()}
+  records["o3_lcl"] = {"cell": "o3_lcl", "flags": [], "wall_seconds": 1.0, "diverged": True,
+                       "average_accuracy": None}
+  t1 = cl_grid.table1(spec, records, "seen")
+  want = [records[f"o{o}_olora"]["average_accuracy"] for o in (1, 2, 3)]
+  assert t1["olora"]["orders"] == want
+  assert t1["olora"]["average"] == round(float(np.mean(want)), 1)
+  ses = [cl_grid.test_se(records[f"o{o}_olora"]["accuracy_matrix"][-1], 48) for o in (1, 2, 3)]
+  assert t1["olora"]["average_test_se"] == round(float(np.sqrt(np.sum(np.square(ses))) / 3), 1)
+  assert t1["lcl"]["orders"][2] is None and t1["lcl"]["average"] is None
+  task = cl_grid.table1(spec, records, "task")
+  assert task["olora"]["orders"][0] == records["o1_olora"]["label_spaces"]["task"][
+      "average_accuracy"]
+  spread = cl_grid.seed_variance(records, "seen")
+  accs = [records[n]["average_accuracy"] for n in ("o1_lbcl", "o1_lbcl_seed1", "o1_lbcl_seed2")]
+  assert spread["lbcl"]["accuracies"] == accs
+  assert spread["lbcl"]["std"] == round(float(np.std(accs, ddof=1)), 1)
+  an = cl_grid.analyses(records)
+  assert an["rank"][8]["average_accuracy"] == records["o1_lbcl"]["average_accuracy"]
+  assert an["rank"][2]["average_accuracy"] == records["o1_lbcl_rank2"]["average_accuracy"]
+  assert an["seed_samples"][64]["average_accuracy"] == records["o1_lbcl_seeds64"][
+      "average_accuracy"]
+  # The base run (the paper's injection when nothing is chosen) fills its own column.
+  assert an["injection"]["all, with sigma"]["average_accuracy"] == records["o1_lbcl"][
+      "average_accuracy"]
+
+
+def test_sensitivity_by_depth_uses_the_model_block_pattern():
+  spec = generative_cl.SPEC
+  rng = np.random.default_rng(2)
+  sens = {"amazon": {"model/layers_0/self_attn/q_proj": [[1.0, 1.0]],
+                     "model/layers_0/self_attn/v_proj": [[2.0, 0.0]],
+                     "model/layers_11/self_attn/q_proj": [[6.0, 0.0]]}}
+  records = {"o1_lbcl": _record("o1_lbcl", [], rng, spaces=(None,), sensitivity=sens)}
+  shares = cl_grid.sensitivity_by_depth(spec, records)
+  assert shares == {"order 1: amazon": {0: 40.0, 11: 60.0}}
+  summary = cl_grid.depth_summary(shares)
+  assert summary["most_sensitive_block"] == 11 and summary["top_quarter_share"] == 60.0
+
+
+@pytest.mark.parametrize("spec", [cl_methods.SPEC, generative_cl.SPEC], ids=["minilm", "smollm2"])
+def test_outputs_are_written_from_records(tmp_path, spec):
+  rng = np.random.default_rng(3)
+  chosen_cells = spec.validation_cells({})
+  records = {n: _record(n, f, rng, spaces=spec.spaces) for n, f in chosen_cells.items()}
+  records.update({n: _record(n, f, rng, spaces=spec.spaces)
+                  for n, f in spec.validation_cells(records).items() if n not in records})
+  chosen = cl_grid.choices(spec, records)
+  assert chosen is not None
+  records.update({n: _record(n, f, rng, spaces=spec.spaces)
+                  for n, f in cl_grid.grid_cells(spec, "all", chosen).items()})
+  md = cl_grid.write_outputs(spec, records, "/data", tmp_path)
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(spec.outputs)
+  report = json.loads((tmp_path / f"{spec.name}.json").read_text())
+  assert report["validation"]["chosen"] == json.loads(json.dumps(chosen))
+  assert report["table1"]["lbcl"]["orders"][0] == records["o1_lbcl"]["average_accuracy"]
+  assert ("table1_task" in report) == ("task" in spec.spaces)
+  assert f"| LB-CL | {records['o1_lbcl']['average_accuracy']:.1f} |" in md
+  assert "sensitivity" not in report["cells"]["o1_lbcl"]  # kept out of the summary
+
+
+def test_bad_orders_flag_is_one_line(tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    cl_grid.main(generative_cl.SPEC, "", ["--orders", "1,7", "--report_only",
+                                          "--output_dir", str(tmp_path)])
+  assert "--orders=1,7" in str(e.value)
+  assert not list(tmp_path.iterdir())
