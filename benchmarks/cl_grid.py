@@ -270,6 +270,9 @@ def run_cell(spec: Spec, name: str, flags: Sequence[str], workdir: pathlib.Path,
         {"cell": name, "flags": list(flags), "wall_seconds": round(wall, 1), "diverged": True,
          "average_accuracy": None, "error": line}, indent=2) + "\n")
     return f"[{name}] diverged: {line}"
+  if proc.returncode == 2 and "is in use by another run" in proc.stderr:
+    # Another grid process (same --workdir) holds this cell: several may share one grid.
+    return f"[{name}] skipped: another grid process is running it"
   if proc.returncode:
     cell_dir.mkdir(parents=True, exist_ok=True)
     files.atomic_write_text(cell_dir / "bench_error.txt", proc.stderr[-20000:])

@@ -172,3 +172,21 @@ def test_bad_orders_flag_is_one_line(tmp_path, capsys):
                                           "--output_dir", str(tmp_path)])
   assert "--orders=1,7" in str(e.value)
   assert not list(tmp_path.iterdir())
+
+
+def test_adapter_overlap_measures_the_share_in_old_spans():
+  import adapter_overlap  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(4)
+  d, r = 12, 2
+  q, _ = np.linalg.qr(rng.normal(size=(d, 3 * r)))
+  u1, v1 = q[:, :r], q[:, :r].T
+  inside = u1 @ rng.normal(size=(r, r))  # task 2 in task 1's span
+  outside = q[:, r:2 * r]  # task 3 orthogonal to both
+  layer = {"U": np.stack([u1, inside, outside]), "sigma": np.ones((3, r)),
+           "V": np.stack([v1, v1, q[:, 2 * r:].T])}
+  rows = adapter_overlap.overlaps({"l": layer})
+  assert [row["task"] for row in rows] == [2, 3]
+  np.testing.assert_allclose([rows[0]["U"], rows[0]["V"], rows[0]["dW"]], 1.0, atol=1e-9)
+  np.testing.assert_allclose([rows[1]["U"], rows[1]["V"], rows[1]["dW"]], 0.0, atol=1e-9)
+  mixed = dict(layer, U=np.stack([u1, inside, (outside + u1) / np.sqrt(2)]))
+  np.testing.assert_allclose(adapter_overlap.overlaps({"l": mixed})[1]["U"], 0.5, atol=1e-9)
