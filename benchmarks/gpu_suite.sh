@@ -12,8 +12,10 @@
 # The benchmark data is read from DATA_DIR (default ../shared/cl_benchmark; on a device machine,
 # carry a copy of its TC/dbpedia, TC/agnews, SC/amazon and SC/yelp, 16 MB).
 #
-# Python packages the suite needs beyond the device image's (ml-collections, gguf, ...) are
-# installed from ./.whl/*.whl when that folder exists (offline, --no-deps), then checked.
+# Python packages the suite needs beyond the device image's are installed from ./.whl/*.whl
+# when that folder exists (offline, --no-deps), then checked. For the H200 image (Python 3.12,
+# which has jax, flax, optax, orbax, transformers, torch) that is ml-collections and gguf:
+#   python3 -m pip download --no-deps -d .whl ml-collections==1.1.0 gguf==0.19.0
 #
 # What runs, in order (each stage has its own time limit, so the whole stays within budget):
 #   1. gpu_parity.py: SmolLM2's logits and greedy answers on the GPU against the CPU's, float32
