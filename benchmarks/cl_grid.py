@@ -439,7 +439,8 @@ def write_plots(spec: Spec, report: dict, out_dir: pathlib.Path) -> None:
     if an.get("reference_bcl") and key == "seed_samples":
       ax.axhline(an["reference_bcl"]["average_accuracy"], ls="--", color="gray",
                  label="bcl (no injection)")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"average accuracy (%), {space}")
     ax.grid(alpha=0.3)
@@ -529,6 +530,12 @@ def markdown(spec: Spec, report: dict) -> str:
                  if not f.startswith(("--config.order", "--config.eval.split"))]
         out.append(f"| {s['cell']} | `{' '.join(shown)}` | "
                    f"{'diverged' if s['diverged'] else _f(s['validation_average'])} |")
+    out.append("")
+  elif report["validation"]["cells"]:
+    out += ["The validation sweep so far (unfinished; validation average, %):", "",
+            "| cell | avg |", "| --- | --- |"]
+    for name, c in sorted(report["validation"]["cells"].items()):
+      out.append(f"| {name} | {_f(c['validation_average'])} |")
     out.append("")
   orders = report["settings"]["main_orders"]
   if space is None:
@@ -714,6 +721,6 @@ def main(spec: Spec, description: str, argv: Sequence[str] | None = None) -> Non
   print(md)
   total = sum(r["wall_seconds"] for r in records.values())
   print(f"{len(records)} cells, {total / 60:.1f} min of runs; wrote "
-        + ", ".join(str(out_dir / o) for o in spec.outputs))
+        + ", ".join(str(out_dir / o) for o in spec.outputs if (out_dir / o).exists()))
   if failed:
     sys.exit(f"failed cells: {', '.join(failed)}")
