@@ -20,12 +20,15 @@
 # What runs, in order (each stage has its own time limit, so the whole stays within budget):
 #   1. gpu_parity.py: SmolLM2's logits and greedy answers on the GPU against the CPU's, float32
 #      and bfloat16 (-> gpu_parity.json); stops the suite if float32 differs.
-#   2. generative_cl.py --scale=gpu: orders 1-3 for seqft, inclora, olora and lbcl at paper
+#   2. gpu_step.py: one adapter train step in bfloat16, ours (inclora, lbcl K = 5) against
+#      HF PyTorch + PEFT on the same GPU and shapes: T5-large's shape at O-LoRA's batch 64 x
+#      512 / 50, and SmolLM2 at 64 x 256; steps/s, tokens/s, MFU (-> gpu_step.json).
+#   3. generative_cl.py --scale=gpu: orders 1-3 for seqft, inclora, olora and lbcl at paper
 #      scale in bfloat16 (-> generative_cl_gpu.{json,md}, records in
 #      results/generative_cells_gpu/), with the learning rates chosen on the CPU grid's
-#      validation split. Cells run JOBS at a time (default 4; the GPU is shared, memory is
-#      allocated as needed). Cells that finish within the limit are recorded; a rerun resumes.
-# The step-speed and MFU figures of the performance work join this script as a third stage.
+#      validation split, in the time left of SUITE_LIMIT (default 480 s). Cells run JOBS at a
+#      time (default 4; the GPU is shared, memory is allocated as needed). Cells that finish
+#      in time are recorded; a rerun resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,8 +38,9 @@ OUT=${2:-benchmarks/results}
 WORK=${GPU_SUITE_WORK:-/tmp/lbcl_gpu_suite}
 JOBS=${JOBS:-4}
 PYTHON=${PYTHON:-python3}
+SUITE_LIMIT=${SUITE_LIMIT:-480}
 PARITY_LIMIT=${PARITY_LIMIT:-90}
-GRID_LIMIT=${GRID_LIMIT:-360}
+STEP_LIMIT=${STEP_LIMIT:-150}
 mkdir -p "$WORK" "$OUT"
 t0=$(date +%s)
 say() { echo "[gpu_suite $(( $(date +%s) - t0 )) s] $*"; }
@@ -92,12 +96,19 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false  # several cells share the GPU
 export JAX_COMPILATION_CACHE_DIR="$WORK/jax_cache"
 
 # -- 1. parity ----------------------------------------------------------------------------------
-say "1/2 logits on the GPU against the CPU"
+say "1/3 logits on the GPU against the CPU"
 timeout "$PARITY_LIMIT" "$PYTHON" benchmarks/gpu_parity.py --model "$MODEL" \
     --output "$OUT/gpu_parity.json"
 
-# -- 2. the CL grid at paper scale ----------------------------------------------------------------
-say "2/2 orders 1-3, seqft / inclora / olora / lbcl, bfloat16 (limit ${GRID_LIMIT} s)"
+# -- 2. step speed ------------------------------------------------------------------------------
+say "2/3 train step, ours against PyTorch + PEFT, bfloat16 (limit ${STEP_LIMIT} s)"
+timeout "$STEP_LIMIT" "$PYTHON" benchmarks/gpu_step.py --gguf "$MODEL" \
+    --output "$OUT/gpu_step.json" || say "the step benchmark stopped (exit $?)"
+
+# -- 3. the CL grid at paper scale ----------------------------------------------------------------
+GRID_LIMIT=$(( SUITE_LIMIT - ($(date +%s) - t0) - 20 ))
+if [ "$GRID_LIMIT" -lt 60 ]; then GRID_LIMIT=60; fi
+say "3/3 orders 1-3, seqft / inclora / olora / lbcl, bfloat16 (limit ${GRID_LIMIT} s)"
 DATA=${DATA_DIR:-../shared/cl_benchmark}
 status=0
 timeout "$GRID_LIMIT" "$PYTHON" benchmarks/generative_cl.py --scale=gpu --grid=main \
