@@ -130,16 +130,22 @@ def best(records: Mapping[str, dict], names) -> str:
   return max(scored)[2]
 
 
-def choices(spec: Spec, records: Mapping[str, dict]) -> dict[str, dict] | None:
+def choices(spec: Spec, records: Mapping[str, dict],
+            partial: bool = False) -> dict[str, dict] | None:
   """Per family, its chosen flags (without method, order and split), or None while the
-  validation grid is unfinished. A spec with `choices_from` takes that grid's choices."""
+  validation grid is unfinished. With `partial`, the families whose sweep is complete (so a
+  grid can go on with them while another family's sweep still runs), None if there are none.
+  A spec with `choices_from` takes that grid's choices."""
   if spec.choices_from is not None:
-    return choices(spec.choices_from, load_records(spec.choices_from))
+    return choices(spec.choices_from, load_records(spec.choices_from), partial)
   cells = spec.validation_cells(records)
-  if len(cells) < len(FAMILIES) * spec.validation_budget or not all(n in records for n in cells):
+  done = [f for f in FAMILIES
+          if len(names := [n for n in cells if n.startswith(f"val_{f}_")]) ==
+          spec.validation_budget and all(n in records for n in names)]
+  if len(done) < len(FAMILIES) and not (partial and done):
     return None
   out = {}
-  for family in FAMILIES:
+  for family in done:
     names = [n for n in cells if n.startswith(f"val_{family}_")]
     chosen = best(records, names)
     flags = [f for f in records[chosen]["flags"]
@@ -167,10 +173,11 @@ def grid_cells(spec: Spec, grid: str, chosen: Mapping[str, dict],
                orders: Sequence[int] | None = None) -> dict[str, list[str]]:
   """Cell -> flags of the phases after validation (`chosen`: the validation's choices)."""
   orders = spec.main_orders if orders is None else orders
+  methods = [m for m in METHODS if FAMILY[m] in chosen]  # partial choices: the chosen families
   out = {}
   if grid in ("main", "all"):
     for order in orders:
-      for method in METHODS:
+      for method in methods:
         out[f"o{order}_{method}"] = [*method_flags(method, chosen),
                                      f"--config.order={spec.orders[order]}"]
     # The pre-trained model untouched (learning rate 0): what each task gets before training.
@@ -178,18 +185,18 @@ def grid_cells(spec: Spec, grid: str, chosen: Mapping[str, dict],
                        "--config.optim.learning_rate=0.0", "--config.optim.max_steps_per_task=1",
                        *spec.zeroshot_flags]
   if grid in ("seeds", "all"):
-    for method in SEED_METHODS:
+    for method in [m for m in SEED_METHODS if m in methods]:
       for seed in EXTRA_SEEDS:
         out[f"o1_{method}_seed{seed}"] = [*method_flags(method, chosen),
                                           f"--config.order={spec.orders[1]}",
                                           f"--config.seed={seed}"]
-  if spec.after_adam and grid in ("after_adam", "all"):
+  if spec.after_adam and grid in ("after_adam", "all") and "svd" in chosen:
     for order in orders:
       for method in ("bcl", "lbcl"):
         out[f"o{order}_{method}_after_adam"] = [*method_flags(method, chosen),
                                                 f"--config.order={spec.orders[order]}",
                                                 "--config.projection.after_adam=True"]
-  if grid in ("analyses", "all"):
+  if grid in ("analyses", "all") and "svd" in chosen:
     base = [*method_flags("lbcl", chosen), f"--config.order={spec.orders[1]}"]
     for r in RANKS:
       if r != 8:
@@ -708,12 +715,17 @@ def main(spec: Spec, description: str, argv: Sequence[str] | None = None) -> Non
       # A second stage of the sweep exists once its first stage has records.
       failed += run_cells(spec, spec.validation_cells(load_records(spec)), args, env)
     if args.grid != "validation":
-      chosen = choices(spec, load_records(spec))
+      # The families whose sweep is complete go on while another family's still runs.
+      chosen = choices(spec, load_records(spec), partial=True)
       if chosen is None:
-        sys.exit("the validation grid is unfinished (run --grid=validation first)")
+        sys.exit("no family's validation sweep is complete (run --grid=validation first)")
       phases = ("main", "seeds", "after_adam", "analyses") if args.grid == "all" else (args.grid,)
       for phase in phases:
         failed += run_cells(spec, grid_cells(spec, phase, chosen), args, env)
+      if len(chosen) < len(FAMILIES):
+        missing = ", ".join(f for f in FAMILIES if f not in chosen)
+        sys.exit(f"ran the chosen families' cells; the validation sweep of {missing} is "
+                 "unfinished: rerun when it is")
 
   records = load_records(spec)
   out_dir = pathlib.Path(args.output_dir)

@@ -54,6 +54,14 @@ def test_choices_take_the_best_validation_cell_and_wait_for_the_whole_sweep():
   for name, flags in first.items():
     records[name] = _record(name, flags, rng, spaces=(None,), avg=scores[name])
   assert cl_grid.choices(spec, records) is None  # the second stage has not run
+  # The two complete families can go on: their cells exist, the SVD family's not yet.
+  partial = cl_grid.choices(spec, records, partial=True)
+  assert sorted(partial) == ["lora", "seqft"]
+  early = cl_grid.grid_cells(spec, "all", partial)
+  assert sorted(n for n in early if not n.endswith(("_seed1", "_seed2"))) == sorted(
+      ["o1_seqft", "o1_inclora", "o1_olora", "o1_mtl", "zeroshot"])
+  assert not any("lbcl" in n or "bcl" in n for n in early)
+  assert cl_grid.choices(spec, {}, partial=True) is None
   cells = spec.validation_cells(records)
   svd_lr = [n for n in first if n.startswith("val_svd_lr")]
   best_lr = max(svd_lr, key=scores.get)
