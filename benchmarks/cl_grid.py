@@ -61,7 +61,7 @@ INJECTION_VARIANTS = {
                                     "--config.injection.with_sigma=False"],
 }
 # The paper's injection, spelled out, so that a cell means the same whatever the defaults are.
-PAPER_INJECTION = ["--config.injection.layers=all", "--config.injection.with_sigma=True"]
+PAPER_INJECTION = ("--config.injection.layers=all", "--config.injection.with_sigma=True")
 
 # Published T5-large average accuracies (%), for reference only: a different model (T5-large,
 # 770M, generating the label) trained on the full benchmark with yahoo. O-LoRA's Table 1
@@ -107,6 +107,9 @@ class Spec:
   data_tasks: tuple[str, ...] = ("TC/dbpedia", "TC/agnews", "SC/amazon", "SC/yelp")
   # A grid that reuses another grid's validation choices (a larger-scale rerun) names it here.
   choices_from: Optional["Spec"] = None
+  # The injection of L-CL and LB-CL where the validation did not choose one (spelled out, so a
+  # cell means the same whatever the config defaults are).
+  injection: tuple[str, ...] = PAPER_INJECTION
 
   @property
   def outputs(self) -> tuple[str, ...]:
@@ -159,11 +162,14 @@ def choices(spec: Spec, records: Mapping[str, dict],
   return out
 
 
-def method_flags(method: str, chosen: Mapping[str, dict]) -> list[str]:
+def method_flags(method: str, chosen: Mapping[str, dict],
+                 injection: Sequence[str] = PAPER_INJECTION) -> list[str]:
+  """A method's flags: its family's chosen ones; an injecting method also gets `injection`'s
+  flags for what the validation did not choose."""
   flags = chosen[FAMILY[method]]["flags"]
   if method in INJECTS:
     given = {f.split("=", 1)[0] for f in flags}
-    flags = [f for f in PAPER_INJECTION if f.split("=", 1)[0] not in given] + flags
+    flags = [f for f in injection if f.split("=", 1)[0] not in given] + flags
   else:  # the injection choice means nothing to the other SVD methods
     flags = [f for f in flags if not f.startswith("--config.injection.")]
   return [f"--config.method={method}", *flags]
@@ -178,7 +184,7 @@ def grid_cells(spec: Spec, grid: str, chosen: Mapping[str, dict],
   if grid in ("main", "all"):
     for order in orders:
       for method in methods:
-        out[f"o{order}_{method}"] = [*method_flags(method, chosen),
+        out[f"o{order}_{method}"] = [*method_flags(method, chosen, spec.injection),
                                      f"--config.order={spec.orders[order]}"]
     # The pre-trained model untouched (learning rate 0): what each task gets before training.
     out["zeroshot"] = ["--config.method=inclora", f"--config.order={spec.orders[1]}",
@@ -187,17 +193,17 @@ def grid_cells(spec: Spec, grid: str, chosen: Mapping[str, dict],
   if grid in ("seeds", "all"):
     for method in [m for m in SEED_METHODS if m in methods]:
       for seed in EXTRA_SEEDS:
-        out[f"o1_{method}_seed{seed}"] = [*method_flags(method, chosen),
+        out[f"o1_{method}_seed{seed}"] = [*method_flags(method, chosen, spec.injection),
                                           f"--config.order={spec.orders[1]}",
                                           f"--config.seed={seed}"]
   if spec.after_adam and grid in ("after_adam", "all") and "svd" in chosen:
     for order in orders:
       for method in ("bcl", "lbcl"):
-        out[f"o{order}_{method}_after_adam"] = [*method_flags(method, chosen),
+        out[f"o{order}_{method}_after_adam"] = [*method_flags(method, chosen, spec.injection),
                                                 f"--config.order={spec.orders[order]}",
                                                 "--config.projection.after_adam=True"]
   if grid in ("analyses", "all") and "svd" in chosen:
-    base = [*method_flags("lbcl", chosen), f"--config.order={spec.orders[1]}"]
+    base = [*method_flags("lbcl", chosen, spec.injection), f"--config.order={spec.orders[1]}"]
     for r in RANKS:
       if r != 8:
         out[f"o1_lbcl_rank{r}"] = base + [f"--config.adapters.rank={r}"]

@@ -92,6 +92,9 @@ SPEC = cl_grid.Spec(
     cells_dir=cl_grid.ROOT / "benchmarks" / "results" / "generative_cells",
     common=COMMON, validation_cells=validation_cells, validation_budget=VALIDATION_BUDGET,
     main_orders=(1,), spaces=(None,), after_adam=False,
+    # The sweep does not vary the injection: L-CL and LB-CL use the project default, chosen on
+    # MiniLM's validation split (every layer, without sigma); the analyses vary it.
+    injection=("--config.injection.layers=all", "--config.injection.with_sigma=False"),
     block_pattern=r"layers_(?P<index>\d+)/", heatmaps=True)
 
 # Paper scale on one GPU (`benchmarks/gpu_suite.sh` runs it): bfloat16 compute, prompts of 256

@@ -102,6 +102,11 @@ def test_grid_cells_of_both_grids():
   # 8 methods + zero-shot + 8 seeds + 3 ranks + 6 seed-sample counts + 3 injections.
   assert len(gen) == 8 + 1 + 8 + 3 + 6 + 3
   assert gen["o1_lbcl_rank2"][-1] == "--config.adapters.rank=2"
+  # Its injecting methods use the spec's injection (the sweep chose none), not the paper's.
+  for cell in ("o1_lbcl", "o1_lcl", "o1_lbcl_seed1"):
+    assert "--config.injection.with_sigma=False" in gen[cell]
+    assert "--config.injection.with_sigma=True" not in gen[cell]
+  assert "--config.injection.with_sigma=True" in gen["o1_lbcl_injection0"]
   three = cl_grid.grid_cells(generative_cl.SPEC, "main", chosen, orders=(1, 2, 3))
   assert len(three) == 3 * 8 + 1
   mini = cl_grid.grid_cells(cl_methods.SPEC, "after_adam", chosen)
