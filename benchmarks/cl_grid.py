@@ -142,14 +142,14 @@ def choices(spec: Spec, records: Mapping[str, dict],
   if spec.choices_from is not None:
     return choices(spec.choices_from, load_records(spec.choices_from), partial)
   cells = spec.validation_cells(records)
-  done = [f for f in FAMILIES
-          if len(names := [n for n in cells if n.startswith(f"val_{f}_")]) ==
-          spec.validation_budget and all(n in records for n in names)]
+  sweeps = {f: [n for n in cells if n.startswith(f"val_{f}_")] for f in FAMILIES}
+  done = [f for f, names in sweeps.items()
+          if len(names) == spec.validation_budget and all(n in records for n in names)]
   if len(done) < len(FAMILIES) and not (partial and done):
     return None
   out = {}
   for family in done:
-    names = [n for n in cells if n.startswith(f"val_{family}_")]
+    names = sweeps[family]
     chosen = best(records, names)
     flags = [f for f in records[chosen]["flags"]
              if not f.startswith(("--config.method=", "--config.order=", "--config.eval.split="))]
@@ -434,7 +434,8 @@ def depth_summary(shares: Mapping[str, Mapping]) -> dict | None:
           "most_sensitive_block": int(blocks[int(np.argmax(mean))])}
 
 
-def write_plots(spec: Spec, report: dict, out_dir: pathlib.Path) -> None:
+def write_plots(spec: Spec, report: dict, records: Mapping[str, dict],
+                out_dir: pathlib.Path) -> None:
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   an = report["analyses"]
   space = spec.spaces[0] or "exact match"
@@ -486,7 +487,7 @@ def write_plots(spec: Spec, report: dict, out_dir: pathlib.Path) -> None:
   plots.save_figure(fig, out_dir / f"{spec.plot_prefix}_sensitivity.png")
 
   if spec.heatmaps:
-    runs = [(m, _usable(report["cells_full"].get(f"o1_{m}"))) for m in METHODS]
+    runs = [(m, _usable(records.get(f"o1_{m}"))) for m in METHODS]
     runs = [(m, r) for m, r in runs if r]
     if runs:
       cols = 4
@@ -660,7 +661,7 @@ def write_outputs(spec: Spec, records: Mapping[str, dict], data_dir: str,
   md = markdown(spec, report)
   files.atomic_write_text(out_dir / f"{spec.name}.json", json.dumps(report, indent=1) + "\n")
   files.atomic_write_text(out_dir / f"{spec.name}.md", md)
-  write_plots(spec, {**report, "cells_full": records}, out_dir)
+  write_plots(spec, report, records, out_dir)
   return md
 
 

