@@ -138,19 +138,11 @@ def smollm2_setup(args) -> dict:
     return transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32)
 
-  def torch_loss(m, tb):
-    import torch  # pylint: disable=g-import-not-at-top
-    position_ids = torch.clamp(tb["attention_mask"].cumsum(-1) - 1, min=0)
-    labels = tb["input_ids"].masked_fill(~tb["answer_mask"].bool(), -100)
-    # HF computes every position's logits here (its `labels=` loss needs them aligned).
-    return m(input_ids=tb["input_ids"], attention_mask=tb["attention_mask"],
-             position_ids=position_ids, labels=labels).loss
-
   return dict(desc=(f"SmolLM2-135M-Instruct real weights ({path.name}); batch {n} x {length} "
                     f"left-padded tokens, loss on the last {args.answer_len}"),
               params=params, loss_fn=loss_fn, np_batch=np_batch, tokens=n * length,
               paths=adapters.find_targets(params, "qv", family=llama), torch_model=torch_model,
-              torch_loss=torch_loss, peft_targets=["q_proj", "v_proj"])
+              torch_loss=peer_step.causal_lm_torch_loss, peft_targets=["q_proj", "v_proj"])
 
 
 SETUPS = {"t5-large": t5_setup, "smollm2": smollm2_setup}

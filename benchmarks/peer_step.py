@@ -236,6 +236,17 @@ def causal_lm_batch(n: int, length: int, answer_len: int, vocab_size: int,
   return dict(input_ids=ids, attention_mask=mask.astype(np.int64), answer_mask=answer)
 
 
+def causal_lm_torch_loss(m, tb):
+  """HF's loss on a `causal_lm_batch` (torch tensors): the answer tokens only."""
+  import torch  # pylint: disable=g-import-not-at-top
+  # Positions over real tokens (as ours and HF's generate derive them from the mask).
+  position_ids = torch.clamp(tb["attention_mask"].cumsum(-1) - 1, min=0)
+  labels = tb["input_ids"].masked_fill(~tb["answer_mask"].bool(), -100)
+  # HF computes every position's logits here (its `labels=` loss needs them aligned).
+  return m(input_ids=tb["input_ids"], attention_mask=tb["attention_mask"],
+           position_ids=position_ids, labels=labels).loss
+
+
 def smollm2_setup(args, tmp: pathlib.Path) -> dict:
   """SmolLM2-135M-Instruct's real (dequantised 4-bit) weights, read from the same GGUF file by
   both stacks; a causal-LM batch whose loss covers the last `--answer-len` tokens of each row
@@ -261,20 +272,13 @@ def smollm2_setup(args, tmp: pathlib.Path) -> dict:
     return transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32)
 
-  def torch_loss(m, tb):
-    import torch  # pylint: disable=g-import-not-at-top
-    # Positions over real tokens (as ours and HF's generate derive them from the mask).
-    position_ids = torch.clamp(tb["attention_mask"].cumsum(-1) - 1, min=0)
-    labels = tb["input_ids"].masked_fill(~tb["answer_mask"].bool(), -100)
-    return m(input_ids=tb["input_ids"], attention_mask=tb["attention_mask"],
-             position_ids=position_ids, labels=labels).loss
-
   return dict(
       desc=(f"SmolLM2-135M-Instruct real weights (Q4_1 GGUF, dequantised: {path.name}); batch "
             f"{n} x {length} tokens (left-padded), loss on the last {args.answer_len} tokens"),
       params=params, loss_fn=loss_fn, batch=jbatch, np_batch=np_batch,
       paths=adapters.find_targets(params, "qv", family=llama),
-      torch_model=torch_model, torch_loss=torch_loss, peft_targets=["q_proj", "v_proj"])
+      torch_model=torch_model, torch_loss=causal_lm_torch_loss,
+      peft_targets=["q_proj", "v_proj"])
 
 
 SETUPS = {"t5": t5_setup, "minilm": minilm_setup, "smollm2": smollm2_setup}
