@@ -124,15 +124,7 @@ def smollm2_setup(args) -> dict:
   model, params = gguf.from_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   n, length = args.batch, args.seq_len
   np_batch = peer_step.causal_lm_batch(n, length, args.answer_len, model.config.vocab_size)
-  start = length - args.answer_len - 1
-
-  def loss_fn(p, b):
-    # As the backbone trains: the head runs only on the columns that predict the answer.
-    cols = jnp.broadcast_to(jnp.arange(start, length - 1), (n, length - 1 - start))
-    logits = model.apply({"params": p}, b["input_ids"], attention_mask=b["attention_mask"],
-                         logits_at=cols)
-    return llama.causal_lm_loss(logits, b["input_ids"][:, start + 1:],
-                                b["answer_mask"][:, start + 1:])
+  loss_fn = peer_step.causal_lm_answer_loss(model, n, length, args.answer_len)
 
   def torch_model(torch, transformers):
     return transformers.AutoModelForCausalLM.from_pretrained(

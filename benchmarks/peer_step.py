@@ -236,6 +236,22 @@ def causal_lm_batch(n: int, length: int, answer_len: int, vocab_size: int,
   return dict(input_ids=ids, attention_mask=mask.astype(np.int64), answer_mask=answer)
 
 
+def causal_lm_answer_loss(model, rows: int, length: int, answer_len: int):
+  """Ours on a `causal_lm_batch`, as the Llama backbone trains: the lm head runs only on the
+  columns that predict the answer (HF's `labels=` loss runs it on every column)."""
+  from lbcl_jax.models import llama  # pylint: disable=g-import-not-at-top
+  start = length - answer_len - 1
+  cols = jnp.broadcast_to(jnp.arange(start, length - 1), (rows, length - 1 - start))
+
+  def loss_fn(p, b):
+    logits = model.apply({"params": p}, b["input_ids"], attention_mask=b["attention_mask"],
+                         logits_at=cols)
+    return llama.causal_lm_loss(logits, b["input_ids"][:, start + 1:],
+                                b["answer_mask"][:, start + 1:])
+
+  return loss_fn
+
+
 def causal_lm_torch_loss(m, tb):
   """HF's loss on a `causal_lm_batch` (torch tensors): the answer tokens only."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -261,10 +277,7 @@ def smollm2_setup(args, tmp: pathlib.Path) -> dict:
   n, length = args.batch, args.seq_len
   np_batch = causal_lm_batch(n, length, args.answer_len, model.config.vocab_size)
   jbatch = {k: jnp.asarray(v) for k, v in np_batch.items()}
-
-  def loss_fn(p, b):
-    logits = model.apply({"params": p}, b["input_ids"], attention_mask=b["attention_mask"])
-    return llama.causal_lm_loss(logits[:, :-1], b["input_ids"][:, 1:], b["answer_mask"][:, 1:])
+  loss_fn = causal_lm_answer_loss(model, n, length, args.answer_len)
 
   def torch_model():
     import torch  # pylint: disable=g-import-not-at-top

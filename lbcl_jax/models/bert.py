@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lbcl_jax.models import hf
+from lbcl_jax.models import ops
 
 Array = jax.Array
 DType = Any
@@ -69,32 +70,6 @@ _IGNORED_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
 _HF_PREFIX = "bert."
 
 
-def _gelu_exact(x: Array) -> Array:
-  return nn.gelu(x, approximate=False)
-
-
-def _gelu_tanh(x: Array) -> Array:
-  return nn.gelu(x, approximate=True)
-
-
-def _quick_gelu(x: Array) -> Array:
-  return x * jax.nn.sigmoid(1.702 * x)
-
-
-# HF `ACT2FN` names -> functions. HF's "gelu" is the exact erf form (flax defaults to tanh).
-ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "gelu": _gelu_exact,
-    "gelu_new": _gelu_tanh,
-    "gelu_pytorch_tanh": _gelu_tanh,
-    "gelu_fast": _gelu_tanh,
-    "quick_gelu": _quick_gelu,
-    "relu": nn.relu,
-    "silu": nn.silu,
-    "swish": nn.silu,
-    "tanh": jnp.tanh,
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
   """BERT hyper-parameters (HF `BertConfig` names); defaults are bert-base-uncased's."""
@@ -121,9 +96,9 @@ class BertConfig:
           f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
           f"{self.num_attention_heads}"
       )
-    if self.hidden_act not in ACTIVATIONS:
+    if self.hidden_act not in ops.ACTIVATIONS:
       raise ValueError(
-          f"hidden_act {self.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}"
+          f"hidden_act {self.hidden_act!r} is not supported; use one of {sorted(ops.ACTIVATIONS)}"
       )
 
   @property
@@ -152,17 +127,28 @@ def _dense(
   )
 
 
-def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(
-      epsilon=config.layer_norm_eps,
-      dtype=config.dtype,
-      param_dtype=config.param_dtype,
-      # Two-pass variance, as torch: the fast E[x^2]-E[x]^2 form costs parity with HF.
-      use_fast_variance=False,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-      name=name,
-  )
+class LayerNorm(nn.Module):
+  """`nn.LayerNorm`'s parameters (`scale`, `bias`) over `ops.layer_norm`: two-pass variance in
+  f32 as torch, and a backward pass that keeps only the input (see `ops`)."""
+
+  epsilon: float
+  dtype: DType
+  param_dtype: DType
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    features = (x.shape[-1],)
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                             ("embed",)),
+                       features, self.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                           ("embed",)),
+                      features, self.param_dtype)
+    return ops.layer_norm(x.astype(self.dtype), scale, bias, self.epsilon)
+
+
+def _layer_norm(config: BertConfig, name: str) -> LayerNorm:
+  return LayerNorm(config.layer_norm_eps, config.dtype, config.param_dtype, name=name)
 
 
 def _constrain(x: Array, last: str = "activation_embed") -> Array:
@@ -219,8 +205,7 @@ class BertSelfAttention(nn.Module):
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(cfg.head_dim)
     # Masked keys get the lowest finite score (HF adds finfo.min): a row with no valid key
     # then attends uniformly instead of producing NaNs.
-    scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
+    probs = ops.softmax(scores, mask[:, None, None, :]).astype(cfg.dtype)
     probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
     return out.reshape(batch, length, cfg.hidden_size)
@@ -256,7 +241,7 @@ class BertIntermediate(nn.Module):
   def __call__(self, x: Array) -> Array:
     cfg = self.config
     x = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "dense")(x)
-    return _constrain(ACTIVATIONS[cfg.hidden_act](x), "activation_mlp")
+    return _constrain(ops.ACTIVATIONS[cfg.hidden_act](x), "activation_mlp")
 
 
 class BertOutput(nn.Module):

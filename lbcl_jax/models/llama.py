@@ -53,6 +53,7 @@ import numpy as np
 from jax import lax
 
 from lbcl_jax.models import hf
+from lbcl_jax.models import ops
 
 Array = jax.Array
 DType = Any
@@ -67,16 +68,6 @@ ALL_LINEAR_TARGETS = (
 )
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
-
-# HF `ACT2FN` names -> functions (HF's "gelu" is the exact erf form).
-_ACTIVATIONS = {
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "relu": jax.nn.relu,
-}
 
 _HIDDEN = ("activation_batch", "activation_length", "activation_embed")
 _HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
@@ -132,9 +123,9 @@ class LlamaConfig:
                        f"num_key_value_heads {self.num_key_value_heads}")
     if self.head_dim % 2:
       raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
-    if self.hidden_act not in _ACTIVATIONS:
+    if self.hidden_act not in ops.ACTIVATIONS:
       raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; use one of "
-                       f"{sorted(_ACTIVATIONS)}")
+                       f"{sorted(ops.ACTIVATIONS)}")
 
   @property
   def num_groups(self) -> int:
@@ -178,10 +169,8 @@ class LlamaRMSNorm(nn.Module):
   def __call__(self, x: Array) -> Array:
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
                        (x.shape[-1],), self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    y = x32 * lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
     # HF casts the normalised states back to the input dtype before scaling.
-    return scale.astype(self.dtype) * y.astype(self.dtype)
+    return ops.rms_norm(x.astype(self.dtype), scale, self.epsilon, scale_in_f32=False)
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> Array:
@@ -250,8 +239,7 @@ class LlamaAttention(nn.Module):
     scores = scores.astype(jnp.float32) * (d_head ** -0.5)
     # Masked keys get the lowest finite score (HF adds finfo.min): a padding query with no
     # visible key then attends uniformly instead of producing NaNs.
-    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
+    probs = ops.softmax(scores, mask[:, :, None]).astype(cfg.dtype)
     probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, value.astype(cfg.dtype))
     out = nn.with_logical_constraint(out.reshape(batch, length, n_heads, d_head), _HEADS)
@@ -270,7 +258,7 @@ class LlamaMLP(nn.Module):
     cfg = self.config
     gate = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, "gate_proj")(x)
     up = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, "up_proj")(x)
-    h = nn.with_logical_constraint(_ACTIVATIONS[cfg.hidden_act](gate) * up,
+    h = nn.with_logical_constraint(ops.gated(cfg.hidden_act, gate, up),
                                    ("activation_batch", "activation_length", "activation_mlp"))
     return _dense(cfg, cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, "down_proj")(h)
 

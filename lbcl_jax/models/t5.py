@@ -67,6 +67,7 @@ import numpy as np
 from jax import lax
 
 from lbcl_jax.models import hf
+from lbcl_jax.models import ops
 
 Array = jax.Array
 Dtype = Any
@@ -80,18 +81,6 @@ ALL_LINEAR_TARGETS = (
     r"(^|.*/)((SelfAttention|EncDecAttention)/(q|k|v|o)"
     r"|DenseReluDense/(wi|wi_0|wi_1|wo))$"
 )
-
-# Activations HF's ACT2FN offers that T5 checkpoints use, as jax functions.
-_ACTIVATIONS = {
-    "relu": jax.nn.relu,
-    # HF's "gelu" is the exact erf form; "gelu_new"/"gelu_pytorch_tanh" the tanh form.
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class T5Config:
@@ -131,10 +120,10 @@ class T5Config:
     if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
       raise ValueError(
           f"feed_forward_proj={self.feed_forward_proj!r} must be 'ACT' or 'gated-ACT'")
-    if self.dense_act_fn not in _ACTIVATIONS:
+    if self.dense_act_fn not in ops.ACTIVATIONS:
       raise ValueError(
           f"feed_forward_proj={self.feed_forward_proj!r}: activation {self.dense_act_fn!r} is "
-          f"not supported (one of {sorted(_ACTIVATIONS)})")
+          f"not supported (one of {sorted(ops.ACTIVATIONS)})")
 
   @property
   def is_gated_act(self) -> bool:
@@ -201,10 +190,7 @@ class T5LayerNorm(nn.Module):
   def __call__(self, x: Array) -> Array:
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
                        (x.shape[-1],), self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-    y = x32 * lax.rsqrt(variance + self.epsilon)
-    return (scale.astype(jnp.float32) * y).astype(self.dtype)
+    return ops.rms_norm(x.astype(self.dtype), scale, self.epsilon, scale_in_f32=True)
 
 
 class T5Attention(nn.Module):
@@ -296,9 +282,7 @@ class T5Attention(nn.Module):
     scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
     if position_bias is not None:
       scores = scores + position_bias.astype(jnp.float32)
-    if mask is not None:
-      scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
+    weights = ops.softmax(scores, mask).astype(cfg.dtype)
     weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, value.astype(cfg.dtype))
     out = _constrain(out, _HEADS).reshape(batch, q_len, cfg.inner_dim)
@@ -316,7 +300,7 @@ class T5DenseActDense(nn.Module):
     dense = functools.partial(nn.Dense, use_bias=False, dtype=cfg.dtype,
                               param_dtype=cfg.param_dtype)
     h = dense(cfg.d_ff, kernel_init=_normal(cfg.d_model**-0.5, ("embed", "mlp")), name="wi")(x)
-    h = _ACTIVATIONS[cfg.dense_act_fn](h)
+    h = ops.ACTIVATIONS[cfg.dense_act_fn](h)
     h = _constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
     h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
     return dense(cfg.d_model, kernel_init=_normal(cfg.d_ff**-0.5, ("mlp", "embed")),
@@ -334,8 +318,8 @@ class T5DenseGatedActDense(nn.Module):
     dense = functools.partial(nn.Dense, use_bias=False, dtype=cfg.dtype,
                               param_dtype=cfg.param_dtype)
     wi_init = _normal(cfg.d_model**-0.5, ("embed", "mlp"))
-    gate = _ACTIVATIONS[cfg.dense_act_fn](dense(cfg.d_ff, kernel_init=wi_init, name="wi_0")(x))
-    h = gate * dense(cfg.d_ff, kernel_init=wi_init, name="wi_1")(x)
+    h = ops.gated(cfg.dense_act_fn, dense(cfg.d_ff, kernel_init=wi_init, name="wi_0")(x),
+                  dense(cfg.d_ff, kernel_init=wi_init, name="wi_1")(x))
     h = _constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
     h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
     return dense(cfg.d_model, kernel_init=_normal(cfg.d_ff**-0.5, ("mlp", "embed")),
