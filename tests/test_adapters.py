@@ -1,5 +1,7 @@
 """Tests for lbcl_jax.adapters: targets, init, stacking, delta, merge and intercept."""
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -258,6 +260,24 @@ def test_intercept_keeps_dense_dtype():
   assert y.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(y, np.float32) - np.asarray(base, np.float32),
                              0.5 * 2 * 5, rtol=1e-2)
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.25, 0.5])
+def test_dropout_keep_mask_keeps_one_minus_rate(rate):
+  shape = (7, 129, 33)  # an odd number of entries: the last word is half used
+  keep, keep_prob = adapters.dropout_keep_mask(jax.random.key(3), shape, rate)
+  assert keep.shape == shape and keep.dtype == jnp.bool_
+  assert keep_prob == 1.0 - round(rate * 65536) / 65536 and abs(keep_prob - (1 - rate)) < 1e-5
+  n = keep.size
+  # Within 4 binomial standard errors of the keep probability.
+  assert abs(float(keep.mean()) - keep_prob) < 4 * math.sqrt(keep_prob * (1 - keep_prob) / n)
+  # The two 16-bit halves of a word are not the same draw.
+  flat = np.asarray(keep).reshape(-1)
+  assert not np.array_equal(flat[: n // 2], flat[(n + 1) // 2:(n + 1) // 2 + n // 2])
+  again, _ = adapters.dropout_keep_mask(jax.random.key(3), shape, rate)
+  other, _ = adapters.dropout_keep_mask(jax.random.key(4), shape, rate)
+  np.testing.assert_array_equal(keep, again)
+  assert not np.array_equal(keep, other)
 
 
 def test_intercept_dropout_acts_on_the_adapter_input_only():
