@@ -305,6 +305,9 @@ def run_cells(spec: Spec, cells: Mapping[str, list[str]], args, env) -> list[str
   failed, lock = [], threading.Lock()
 
   def one(name):
+    if (spec.cells_dir / f"{name}.json").exists():  # another grid process finished it since
+      print(f"[{name}] skipped: another grid process recorded it", flush=True)
+      return
     print(f"[{name}] {' '.join(todo[name])}", flush=True)
     try:
       line = run_cell(spec, name, todo[name], pathlib.Path(args.workdir), args.data_dir, env)

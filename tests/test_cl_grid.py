@@ -179,6 +179,24 @@ def test_outputs_are_written_from_records(tmp_path, spec):
   assert "sensitivity" not in report["cells"]["o1_lbcl"]  # kept out of the summary
 
 
+def test_run_cells_skips_a_cell_another_process_recorded_meanwhile(tmp_path, monkeypatch):
+  spec = generative_cl.SPEC
+  spec = type(spec)(**{**spec.__dict__, "cells_dir": tmp_path / "cells"})
+  spec.cells_dir.mkdir()
+  ran = []
+
+  def fake_run_cell(spec_, name, flags, workdir, data_dir, env):
+    ran.append(name)
+    # Meanwhile another grid process finishes (and records) cell "b".
+    (spec_.cells_dir / "b.json").write_text("{}")
+    return f"[{name}] done"
+
+  monkeypatch.setattr(cl_grid, "run_cell", fake_run_cell)
+  args = type("Args", (), {"only": None, "jobs": 1, "workdir": str(tmp_path), "data_dir": "/d"})
+  failed = cl_grid.run_cells(spec, {"a": ["--x"], "b": ["--y"]}, args, {})
+  assert failed == [] and ran == ["a"]
+
+
 def test_bad_orders_flag_is_one_line(tmp_path, capsys):
   with pytest.raises(SystemExit) as e:
     cl_grid.main(generative_cl.SPEC, "", ["--orders", "1,7", "--report_only",
