@@ -241,7 +241,7 @@ def causal_lm_answer_loss(model, rows: int, length: int, answer_len: int):
   columns that predict the answer (HF's `labels=` loss runs it on every column)."""
   from lbcl_jax.models import llama  # pylint: disable=g-import-not-at-top
   start = length - answer_len - 1
-  cols = jnp.broadcast_to(jnp.arange(start, length - 1), (rows, length - 1 - start))
+  cols = llama.columns(start, length - 1, rows)
 
   def loss_fn(p, b):
     logits = model.apply({"params": p}, b["input_ids"], attention_mask=b["attention_mask"],

@@ -150,3 +150,20 @@ def test_rms_norm_bf16_follows_each_models_cast():
   assert t5_like.dtype == llama_like.dtype == jnp.bfloat16
   np.testing.assert_array_equal(t5_like, (scale.astype(jnp.float32) * norm).astype(jnp.bfloat16))
   np.testing.assert_array_equal(llama_like, scale * norm.astype(jnp.bfloat16))
+
+
+def test_norms_take_statistics_from_x_as_given_and_cast_to_dtype():
+  # A model whose compute dtype is bf16 may be handed an f32 stream: the statistics come from
+  # the f32 values (as the models' norms computed them), only the result is bf16.
+  x = _x() + 5.0
+  scale, bias = _x(5, (SHAPE[-1],), 1.0), _x(6, (SHAPE[-1],), 1.0)
+  rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True) + 1e-6)
+  for scale_in_f32 in (True, False):
+    y = ops.rms_norm(x, scale, 1e-6, scale_in_f32, jnp.bfloat16)
+    assert y.dtype == jnp.bfloat16
+    want = (scale * (x * rstd)).astype(jnp.bfloat16) if scale_in_f32 else (
+        scale.astype(jnp.bfloat16) * (x * rstd).astype(jnp.bfloat16))
+    np.testing.assert_array_equal(y, want)
+  y = ops.layer_norm(x, scale, bias, 1e-12, jnp.bfloat16)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(y, ops.layer_norm(x, scale, bias, 1e-12).astype(jnp.bfloat16))

@@ -25,11 +25,6 @@ from lbcl_jax.errors import InputError
 from lbcl_jax.models import llama as llama_lib
 
 
-def _columns(start: int, stop: int, rows: int) -> jax.Array:
-  """`logits_at` for columns [start, stop) of every row: `[rows, stop - start]`."""
-  return jnp.broadcast_to(jnp.arange(start, stop), (rows, stop - start))
-
-
 class LlamaBackbone(Backbone):
   """Decoder-only Llama."""
 
@@ -103,7 +98,7 @@ class LlamaBackbone(Backbone):
     logits = self.model.apply(
         {"params": params}, batch["input_ids"], batch["attention_mask"],
         deterministic=deterministic, rngs=None if deterministic else {"dropout": rng},
-        logits_at=_columns(start, length, rows))
+        logits_at=llama_lib.columns(start, length, rows))
     mask = batch["label_mask"] * batch["weight"][:, None].astype(batch["label_mask"].dtype)
     return llama_lib.causal_lm_loss(logits, batch["labels"][:, start:], mask[:, start:])
 
@@ -114,9 +109,8 @@ class LlamaBackbone(Backbone):
     ids = jnp.concatenate([prompt_ids, answer_ids], axis=1)
     mask = jnp.concatenate([prompt_mask, answer_mask], axis=1)
     # The prompt's last token (column S - 1 under left padding) predicts answer token 0.
-    logits = self.model.apply({"params": params}, ids, mask,
-                              logits_at=_columns(length - 1, length - 1 + answer_ids.shape[1],
-                                                 ids.shape[0]))
+    cols = llama_lib.columns(length - 1, length - 1 + answer_ids.shape[1], ids.shape[0])
+    logits = self.model.apply({"params": params}, ids, mask, logits_at=cols)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     safe = jnp.where(answer_mask.astype(bool), answer_ids, 0).astype(jnp.int32)
     token = jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]

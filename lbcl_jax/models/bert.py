@@ -144,7 +144,7 @@ class LayerNorm(nn.Module):
     bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                            ("embed",)),
                       features, self.param_dtype)
-    return ops.layer_norm(x.astype(self.dtype), scale, bias, self.epsilon)
+    return ops.layer_norm(x, scale, bias, self.epsilon, self.dtype)
 
 
 def _layer_norm(config: BertConfig, name: str) -> LayerNorm:

@@ -170,7 +170,7 @@ class LlamaRMSNorm(nn.Module):
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
                        (x.shape[-1],), self.param_dtype)
     # HF casts the normalised states back to the input dtype before scaling.
-    return ops.rms_norm(x.astype(self.dtype), scale, self.epsilon, scale_in_f32=False)
+    return ops.rms_norm(x, scale, self.epsilon, False, self.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> Array:
@@ -521,6 +521,11 @@ def greedy_generate(model: LlamaForCausalLM, params: Any, input_ids: Array,
 
   state = (jnp.array(1, jnp.int32), token, cache, out, is_eos(token))
   return lax.while_loop(cond, body, state)[3]
+
+
+def columns(start: int, stop: int, rows: int) -> Array:
+  """`logits_at` for columns [start, stop) of every row: `[rows, stop - start]`."""
+  return jnp.broadcast_to(jnp.arange(start, stop), (rows, stop - start))
 
 
 def causal_lm_loss(logits: Array, labels: Array, label_mask: Array) -> Array:

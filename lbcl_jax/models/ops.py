@@ -210,12 +210,13 @@ def _as_row(v: Array, x: Array) -> Array:
   return v.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def layer_norm(x: Array, scale: Array, bias: Array, epsilon: float) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def layer_norm(x: Array, scale: Array, bias: Array, epsilon: float, dtype=None) -> Array:
   """`(x - mean) / sqrt(var + eps) * scale + bias` over the last axis.
 
   Statistics in f32 with the two-pass variance (as torch, and `nn.LayerNorm(use_fast_variance=
-  False)`); the result has x's dtype. The backward pass saves x and two f32 numbers per row
+  False)` do) from x as given; the result has `dtype` (None: x's). The backward pass saves x
+  and two f32 numbers per row
   (as torch's kernel does) and recomputes the normalised input from them.
 
   >>> import jax.numpy as jnp
@@ -223,7 +224,7 @@ def layer_norm(x: Array, scale: Array, bias: Array, epsilon: float) -> Array:
   >>> [round(float(v), 3) for v in y[0]]
   [-1.0, 1.0]
   """
-  return _layer_norm_fwd(x, scale, bias, epsilon)[0]
+  return _layer_norm_fwd(x, scale, bias, epsilon, dtype)[0]
 
 
 def _layer_norm_stats(x32: Array, epsilon: float) -> tuple[Array, Array]:
@@ -232,15 +233,15 @@ def _layer_norm_stats(x32: Array, epsilon: float) -> tuple[Array, Array]:
   return mean, lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + epsilon)
 
 
-def _layer_norm_fwd(x, scale, bias, epsilon):
+def _layer_norm_fwd(x, scale, bias, epsilon, dtype):
   x32 = x.astype(jnp.float32)
   mean, rstd = _layer_norm_stats(x32, epsilon)
-  y = ((x32 - mean) * rstd * _as_row(scale, x) + _as_row(bias, x)).astype(x.dtype)
+  y = ((x32 - mean) * rstd * _as_row(scale, x) + _as_row(bias, x)).astype(dtype or x.dtype)
   return y, (x, mean, rstd, scale, bias)
 
 
-def _layer_norm_bwd(epsilon, res, g):
-  del epsilon
+def _layer_norm_bwd(epsilon, dtype, res, g):
+  del epsilon, dtype
   x, mean, rstd, scale, bias = res
   x_hat = (x.astype(jnp.float32) - mean) * rstd
   g32 = g.astype(jnp.float32)
@@ -256,12 +257,14 @@ def _layer_norm_bwd(epsilon, res, g):
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def rms_norm(x: Array, scale: Array, epsilon: float, scale_in_f32: bool = True) -> Array:
-  """`scale * x / sqrt(mean(x^2) + eps)` over the last axis, statistics in f32; x's dtype out.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def rms_norm(x: Array, scale: Array, epsilon: float, scale_in_f32: bool = True,
+             dtype=None) -> Array:
+  """`scale * x / sqrt(mean(x^2) + eps)` over the last axis, statistics in f32 from x as given;
+  the result has `dtype` (None: x's).
 
   `scale_in_f32`: multiply by `scale` in f32 and then cast (HF's T5), or cast the normalised
-  input to x's dtype first (HF's Llama); the two agree in f32. The backward pass saves x and
+  input to `dtype` first (HF's Llama); the two agree in f32. The backward pass saves x and
   one f32 number per row.
 
   >>> import jax.numpy as jnp
@@ -269,21 +272,22 @@ def rms_norm(x: Array, scale: Array, epsilon: float, scale_in_f32: bool = True) 
   >>> [round(float(v), 3) for v in y[0]]
   [0.849, 1.131]
   """
-  return _rms_norm_fwd(x, scale, epsilon, scale_in_f32)[0]
+  return _rms_norm_fwd(x, scale, epsilon, scale_in_f32, dtype)[0]
 
 
-def _rms_norm_fwd(x, scale, epsilon, scale_in_f32):
+def _rms_norm_fwd(x, scale, epsilon, scale_in_f32, dtype):
   x32 = x.astype(jnp.float32)
   rstd = lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + epsilon)
   if scale_in_f32:
-    y = (_as_row(scale, x) * (x32 * rstd)).astype(x.dtype)
+    y = (_as_row(scale, x) * (x32 * rstd)).astype(dtype or x.dtype)
   else:
-    y = scale.astype(x.dtype) * (x32 * rstd).astype(x.dtype)
+    dtype = dtype or x.dtype
+    y = scale.astype(dtype) * (x32 * rstd).astype(dtype)
   return y, (x, rstd, scale)
 
 
-def _rms_norm_bwd(epsilon, scale_in_f32, res, g):
-  del epsilon, scale_in_f32
+def _rms_norm_bwd(epsilon, scale_in_f32, dtype, res, g):
+  del epsilon, scale_in_f32, dtype
   x, rstd, scale = res
   x_hat = x.astype(jnp.float32) * rstd
   g32 = g.astype(jnp.float32)

@@ -190,7 +190,7 @@ class T5LayerNorm(nn.Module):
   def __call__(self, x: Array) -> Array:
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
                        (x.shape[-1],), self.param_dtype)
-    return ops.rms_norm(x.astype(self.dtype), scale, self.epsilon, scale_in_f32=True)
+    return ops.rms_norm(x, scale, self.epsilon, True, self.dtype)
 
 
 class T5Attention(nn.Module):
