@@ -368,16 +368,20 @@ def table1(spec: Spec, records: Mapping[str, dict], space: Optional[str], suffix
 
 
 def seed_variance(records: Mapping[str, dict], space: Optional[str]) -> dict[str, dict]:
-  """Order 1 average accuracy over seeds 0, 1, 2 per method."""
+  """Order 1 average accuracy and BWT over seeds 0, 1, 2 per method."""
   out = {}
   for method in SEED_METHODS:
     names = [f"o1_{method}"] + [f"o1_{method}_seed{s}" for s in EXTRA_SEEDS]
-    accs = [space_of(records[n], space)["average_accuracy"] for n in names
-            if _usable(records.get(n))]
+    sp = [space_of(records[n], space) for n in names if _usable(records.get(n))]
+    accs = [s["average_accuracy"] for s in sp]
     if len(accs) > 1:
+      bwts = [s["bwt"] for s in sp]
       out[method] = {"accuracies": accs, "mean": round(float(np.mean(accs)), 1),
                      "std": round(float(np.std(accs, ddof=1)), 1),
-                     "se": round(float(np.std(accs, ddof=1) / np.sqrt(len(accs))), 1)}
+                     "se": round(float(np.std(accs, ddof=1) / np.sqrt(len(accs))), 1),
+                     "bwts": bwts,
+                     "bwt_mean": (round(float(np.mean(bwts)), 1)
+                                  if all(b is not None for b in bwts) else None)}
   return out
 
 
@@ -574,10 +578,12 @@ def markdown(spec: Spec, report: dict) -> str:
             ", ".join(f"{t} {_f(a)}" for t, a in zs["per_task"].items()) + ".", ""]
   if report["seed_variance"]:
     out += [f"Seed variance (order 1, seeds 0 / 1 / 2, {space_words[space]}):", "",
-            "| method | accuracies | mean | std | SE |", "| --- | --- | --- | --- | --- |"]
+            "| method | accuracies | mean | std | SE | BWTs | BWT mean |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
     for method, v in report["seed_variance"].items():
       out.append(f"| {PAPER_NAMES[method]} | {' / '.join(_f(a) for a in v['accuracies'])} | "
-                 f"{_f(v['mean'])} | {_f(v['std'])} | {_f(v['se'])} |")
+                 f"{_f(v['mean'])} | {_f(v['std'])} | {_f(v['se'])} | "
+                 f"{' / '.join(_f(b) for b in v.get('bwts', []))} | {_f(v.get('bwt_mean'))} |")
     out.append("")
   an = report["analyses"]
 

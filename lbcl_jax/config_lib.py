@@ -84,7 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.injection.aggregation = "mean"
   # Restrict sensitivity to layers matching this regular expression (empty = every adapted layer).
   config.injection.sensitivity_layers = ""
-  # Per-sample gradients computed this many at a time (0 = all seeds at once).
+  # Per-sample gradients computed this many at a time. 0 = the training micro-batch
+  # (global_batch_size / grad_accum_steps), so that scoring never needs more activation memory
+  # than a train step: all 64 seed samples at once ran SmolLM2 out of 24 GiB.
   config.injection.chunk_size = 0
 
   config.projection = ml_collections.ConfigDict()

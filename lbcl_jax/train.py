@@ -195,7 +195,8 @@ class LoopConfig:
         checkpoint_max_to_keep=config.checkpoint.max_to_keep,
         kill_at_step=config.debug.kill_at_step, plots=config.plots,
         sensitivity_layers=config.injection.sensitivity_layers or None,
-        sensitivity_chunk_size=config.injection.chunk_size or None,
+        sensitivity_chunk_size=(config.injection.chunk_size or max(
+            1, config.optim.global_batch_size // config.optim.grad_accum_steps)),
         adapter_targets=config.adapters.targets, adapter_rank=config.adapters.rank,
         adapter_scaling=scaling, adapter_dropout=dropout, apply_mode=apply_mode,
         eval_split=config.eval.split, label_space=config.eval.label_space,

@@ -135,6 +135,9 @@ def test_table1_seed_spread_and_analyses():
   accs = [records[n]["average_accuracy"] for n in ("o1_lbcl", "o1_lbcl_seed1", "o1_lbcl_seed2")]
   assert spread["lbcl"]["accuracies"] == accs
   assert spread["lbcl"]["std"] == round(float(np.std(accs, ddof=1)), 1)
+  bwts = [records[n]["bwt"] for n in ("o1_lbcl", "o1_lbcl_seed1", "o1_lbcl_seed2")]
+  assert spread["lbcl"]["bwts"] == bwts
+  assert spread["lbcl"]["bwt_mean"] == round(float(np.mean(bwts)), 1)
   an = cl_grid.analyses(records)
   assert an["rank"][8]["average_accuracy"] == records["o1_lbcl"]["average_accuracy"]
   assert an["rank"][2]["average_accuracy"] == records["o1_lbcl_rank2"]["average_accuracy"]

@@ -260,6 +260,17 @@ def test_adapter_scaling_and_dropout_defaults(name, scaling, dropout):
   assert (loop.adapter_scaling, loop.adapter_dropout) == (2.0, 0.0)
 
 
+def test_sensitivity_chunk_defaults_to_the_training_micro_batch():
+  """Scoring 64 seed samples in one vmap ran SmolLM2 out of memory; by default the per-sample
+  gradients go a training micro-batch at a time, and an explicit chunk size wins."""
+  method = methods.get_method("lbcl")
+  config = du.make_config("--config.optim.global_batch_size=8",
+                          "--config.optim.grad_accum_steps=2")
+  assert train.LoopConfig.from_config(config, method).sensitivity_chunk_size == 4
+  config = du.make_config("--config.injection.chunk_size=3")
+  assert train.LoopConfig.from_config(config, method).sensitivity_chunk_size == 3
+
+
 def test_registry_and_labels():
   with pytest.raises(ValueError, match="valid methods: seqft"):
     methods.get_method("lora")
