@@ -110,6 +110,15 @@ class Spec:
   # The injection of L-CL and LB-CL where the validation did not choose one (spelled out, so a
   # cell means the same whatever the config defaults are).
   injection: tuple[str, ...] = PAPER_INJECTION
+  # Injection variants this grid's analyses add to INJECTION_VARIANTS (label -> flags), such as
+  # a control that names the model's own layers by a path regex.
+  extra_injections: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+  @property
+  def injection_variants(self) -> dict[str, list[str]]:
+    """The analyses' injection variants in column order; variant i runs as cell
+    `o1_lbcl_injection{i}` unless it is the base run's own injection."""
+    return {**INJECTION_VARIANTS, **{k: list(v) for k, v in self.extra_injections.items()}}
 
   @property
   def outputs(self) -> tuple[str, ...]:
@@ -210,7 +219,7 @@ def grid_cells(spec: Spec, grid: str, chosen: Mapping[str, dict],
     for n in SEED_SAMPLES:
       if n != 8:
         out[f"o1_lbcl_seeds{n}"] = base + [f"--config.injection.num_seed_samples={n}"]
-    for i, flags in enumerate(INJECTION_VARIANTS.values()):
+    for i, flags in enumerate(spec.injection_variants.values()):
       if not same_injection(base, flags):
         out[f"o1_lbcl_injection{i}"] = [f for f in base if not f.startswith("--config.injection.")
                                         ] + flags
@@ -385,7 +394,7 @@ def seed_variance(records: Mapping[str, dict], space: Optional[str]) -> dict[str
   return out
 
 
-def analyses(records: Mapping[str, dict]) -> dict[str, dict]:
+def analyses(spec: Spec, records: Mapping[str, dict]) -> dict[str, dict]:
   def get(name):
     r = _usable(records.get(name))
     if r is None:
@@ -395,7 +404,7 @@ def analyses(records: Mapping[str, dict]) -> dict[str, dict]:
   base = records.get("o1_lbcl")
   injection = {}
   if base is not None:
-    for i, (label, flags) in enumerate(INJECTION_VARIANTS.items()):
+    for i, (label, flags) in enumerate(spec.injection_variants.items()):
       injection[label] = get("o1_lbcl" if same_injection(base["flags"], flags)
                              else f"o1_lbcl_injection{i}")
   return {
@@ -469,7 +478,9 @@ def write_plots(spec: Spec, report: dict, records: Mapping[str, dict],
   if pts:
     axes[2].bar(range(len(pts)), [p[1] for p in pts],
                 yerr=None if any(p[2] is None for p in pts) else [p[2] for p in pts], capsize=3)
-    axes[2].set_xticks(range(len(pts)), [p[0].replace(", ", "\n") for p in pts], fontsize=7)
+    short = [p[0].replace(" blocks", "").replace("without sigma", "no sigma").replace(", ", "\n")
+             for p in pts]
+    axes[2].set_xticks(range(len(pts)), short, fontsize=7)
   axes[2].set_ylabel("average accuracy (%)")
   axes[2].set_title("injection")
   fig.suptitle(f"LB-CL on order 1 ({spec.orders[1].replace(',', ', ')}), {spec.model}")
@@ -651,7 +662,7 @@ def build_report(spec: Spec, records: Mapping[str, dict], data_dir: str) -> dict
                     "per_task": dict(zip(zs["tasks"],
                                          (_pct(v) for v in zs["accuracy_matrix"][-1])))}
                    if zs else None),
-      "analyses": analyses(records),
+      "analyses": analyses(spec, records),
       "sensitivity_by_depth": shares,
       "depth_summary": depth_summary(shares),
       "paper": {"olora_table1_t5_large": PAPER_OLORA_TABLE1,

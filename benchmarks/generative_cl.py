@@ -14,10 +14,11 @@ Phases, run in this order by `--grid=all` (each is also a `--grid` of its own):
     yahoo replaced by yelp (`--orders 1,2,3` adds orders 2 and 3), and a zero-shot row;
   * seeds: seqft, inclora, olora and lbcl on order 1 with seeds 1 and 2;
   * analyses, on order 1 with lbcl: rank r in {2, 4, 8, 16}; seed samples in
-    {1, 2, 4, 8, 16, 32, 64}; injection with and without sigma, into every layer or the top 2
-    blocks; the sensitivity of the old triplets by depth (from the main grid's lbcl runs).
+    {1, 2, 4, 8, 16, 32, 64}; injection with and without sigma, into every layer, the top 2
+    blocks or (the control) the bottom 2 blocks; the sensitivity of the old triplets by depth
+    (from the main grid's lbcl runs).
 
-Sizes (`COMMON`), chosen so that the order-1 grid (41 cells) fits in about 3 hours on 2 CPU
+Sizes (`COMMON`), chosen so that the order-1 grid (43 cells) fits in about 3 hours on 2 CPU
 cores: 16 steps of 8 per task (40 training sentences per class are sampled, and each task's
 first 128 of them in the epoch's permutation train: agnews's 160 and dbpedia's 560 alike), so
 every method trains 64 steps in all (MTL too: 64 steps over the union); prompts cut to 128
@@ -95,7 +96,14 @@ SPEC = cl_grid.Spec(
     # The sweep does not vary the injection: L-CL and LB-CL use the project default, chosen on
     # MiniLM's validation split (every layer, without sigma); the analyses vary it.
     injection=("--config.injection.layers=all", "--config.injection.with_sigma=False"),
-    block_pattern=r"layers_(?P<index>\d+)/", heatmaps=True)
+    block_pattern=r"layers_(?P<index>\d+)/", heatmaps=True,
+    # The control for "top 2 blocks": the same number of injected layers at the bottom, so
+    # that depth and the count of injected layers are told apart.
+    extra_injections={
+        "bottom 2 blocks, with sigma": ("--config.injection.layers=model/layers_(0|1)/.*",
+                                        "--config.injection.with_sigma=True"),
+        "bottom 2 blocks, without sigma": ("--config.injection.layers=model/layers_(0|1)/.*",
+                                           "--config.injection.with_sigma=False")})
 
 # Paper scale on one GPU (`benchmarks/gpu_suite.sh` runs it): bfloat16 compute, prompts of 256
 # tokens, 125 steps of 8 per task (1000 training sentences of each task in the epoch's

@@ -99,8 +99,9 @@ def test_grid_cells_of_both_grids():
   gen = cl_grid.grid_cells(generative_cl.SPEC, "all", chosen)
   assert not any("after_adam" in n for n in gen)  # the generative grid has no such phase
   assert not any(n.startswith(("o2_", "o3_")) for n in gen)  # order 1 unless asked
-  # 8 methods + zero-shot + 8 seeds + 3 ranks + 6 seed-sample counts + 3 injections.
-  assert len(gen) == 8 + 1 + 8 + 3 + 6 + 3
+  # 8 methods + zero-shot + 8 seeds + 3 ranks + 6 seed-sample counts + 3 injections + the 2
+  # bottom-block controls.
+  assert len(gen) == 8 + 1 + 8 + 3 + 6 + 3 + 2
   assert gen["o1_lbcl_rank2"][-1] == "--config.adapters.rank=2"
   # Its injecting methods use the spec's injection (the sweep chose none), not the paper's.
   for cell in ("o1_lbcl", "o1_lcl", "o1_lbcl_seed1"):
@@ -138,7 +139,7 @@ def test_table1_seed_spread_and_analyses():
   bwts = [records[n]["bwt"] for n in ("o1_lbcl", "o1_lbcl_seed1", "o1_lbcl_seed2")]
   assert spread["lbcl"]["bwts"] == bwts
   assert spread["lbcl"]["bwt_mean"] == round(float(np.mean(bwts)), 1)
-  an = cl_grid.analyses(records)
+  an = cl_grid.analyses(spec, records)
   assert an["rank"][8]["average_accuracy"] == records["o1_lbcl"]["average_accuracy"]
   assert an["rank"][2]["average_accuracy"] == records["o1_lbcl_rank2"]["average_accuracy"]
   assert an["seed_samples"][64]["average_accuracy"] == records["o1_lbcl_seeds64"][
@@ -146,6 +147,33 @@ def test_table1_seed_spread_and_analyses():
   # The base run (the paper's injection when nothing is chosen) fills its own column.
   assert an["injection"]["all, with sigma"]["average_accuracy"] == records["o1_lbcl"][
       "average_accuracy"]
+
+
+def test_generative_grid_adds_the_bottom_block_injection_control():
+  """SmolLM2's analyses add injection into the bottom 2 blocks (a path regex), so that the top-2
+  result can be told apart from injecting into few layers; MiniLM's grid has no such cells."""
+  from lbcl_jax import injection
+  spec = generative_cl.SPEC
+  chosen = {f: {"flags": []} for f in cl_grid.FAMILIES}
+  cells = cl_grid.grid_cells(spec, "analyses", chosen)
+  labels = list(spec.injection_variants)
+  i = labels.index("bottom 2 blocks, with sigma")
+  flags = cells[f"o1_lbcl_injection{i}"]
+  regex = next(f.split("=", 1)[1] for f in flags if f.startswith("--config.injection.layers="))
+  paths = [f"model/layers_{b}/self_attn/{m}" for b in range(30) for m in ("q_proj", "v_proj")]
+  picked = injection.select_injected_layers({p: np.ones((1, 8)) for p in paths},
+                                            injection.parse_layers(regex))
+  assert picked == paths[:4]
+  assert "--config.injection.with_sigma=True" in flags
+  rng = np.random.default_rng(3)
+  records = {n: _record(n, f, rng) for n, f in cells.items()}
+  records["o1_lbcl"] = _record("o1_lbcl", [*spec.injection], rng)
+  an = cl_grid.analyses(spec, records)
+  assert an["injection"]["bottom 2 blocks, with sigma"]["average_accuracy"] == records[
+      f"o1_lbcl_injection{i}"]["average_accuracy"]
+  assert not any("bottom" in k for k in cl_methods.SPEC.injection_variants)
+  assert not any(k.startswith("o1_lbcl_injection4")
+                 for k in cl_grid.grid_cells(cl_methods.SPEC, "analyses", chosen))
 
 
 def test_sensitivity_by_depth_uses_the_model_block_pattern():
