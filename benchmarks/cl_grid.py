@@ -355,6 +355,11 @@ def _usable(record):
   return None if record is None or record.get("diverged") else record
 
 
+def _mean(values) -> float | None:
+  """The mean to one decimal, or None if any value is missing."""
+  return None if any(v is None for v in values) else round(float(np.mean(values)), 1)
+
+
 def table1(spec: Spec, records: Mapping[str, dict], space: Optional[str], suffix: str = "",
            methods=METHODS, orders: Sequence[int] | None = None) -> dict[str, dict]:
   orders = spec.main_orders if orders is None else orders
@@ -366,13 +371,12 @@ def table1(spec: Spec, records: Mapping[str, dict], space: Optional[str], suffix
     bwt = [None if s is None else s["bwt"] for s in sp]
     ses = [None if p is None else test_se(s["accuracy_matrix"][-1], p["n_eval"])
            for p, s in zip(per, sp)]
-    full = all(a is not None for a in acc)
     rows[method] = {
-        "orders": acc, "average": round(float(np.mean(acc)), 1) if full else None,
+        "orders": acc, "average": _mean(acc),
         "average_test_se": (round(float(np.sqrt(np.sum(np.square(ses))) / len(ses)), 1)
                             if all(e is not None for e in ses) else None),
         "bwt": bwt,
-        "bwt_average": round(float(np.mean(bwt)), 1) if all(b is not None for b in bwt) else None}
+        "bwt_average": _mean(bwt)}
   return rows
 
 
@@ -385,12 +389,11 @@ def seed_variance(records: Mapping[str, dict], space: Optional[str]) -> dict[str
     accs = [s["average_accuracy"] for s in sp]
     if len(accs) > 1:
       bwts = [s["bwt"] for s in sp]
-      out[method] = {"accuracies": accs, "mean": round(float(np.mean(accs)), 1),
+      out[method] = {"accuracies": accs, "mean": _mean(accs),
                      "std": round(float(np.std(accs, ddof=1)), 1),
                      "se": round(float(np.std(accs, ddof=1) / np.sqrt(len(accs))), 1),
                      "bwts": bwts,
-                     "bwt_mean": (round(float(np.mean(bwts)), 1)
-                                  if all(b is not None for b in bwts) else None)}
+                     "bwt_mean": _mean(bwts)}
   return out
 
 
@@ -594,7 +597,7 @@ def markdown(spec: Spec, report: dict) -> str:
     for method, v in report["seed_variance"].items():
       out.append(f"| {PAPER_NAMES[method]} | {' / '.join(_f(a) for a in v['accuracies'])} | "
                  f"{_f(v['mean'])} | {_f(v['std'])} | {_f(v['se'])} | "
-                 f"{' / '.join(_f(b) for b in v.get('bwts', []))} | {_f(v.get('bwt_mean'))} |")
+                 f"{' / '.join(_f(b) for b in v['bwts'])} | {_f(v['bwt_mean'])} |")
     out.append("")
   an = report["analyses"]
 

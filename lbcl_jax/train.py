@@ -163,7 +163,8 @@ class LoopConfig:
   kill_at_step: int
   plots: bool
   sensitivity_layers: Optional[str]
-  sensitivity_chunk_size: Optional[int]
+  # Per-sample gradients this many at a time in the sensitivity pass; 0 = a micro-batch.
+  injection_chunk_size: int
   adapter_targets: str
   adapter_rank: int
   adapter_scaling: float
@@ -172,6 +173,17 @@ class LoopConfig:
   eval_split: str
   label_space: str
   extra_label_spaces: tuple
+
+  @property
+  def micro_batch_size(self) -> int:
+    """Examples per forward/backward pass: the global batch over the accumulation steps."""
+    return max(1, self.global_batch_size // self.grad_accum_steps)
+
+  @property
+  def sensitivity_chunk_size(self) -> int:
+    """Seed samples per vmapped gradient call: by default a micro-batch, so that scoring never
+    needs more activation memory than a train step."""
+    return self.injection_chunk_size or self.micro_batch_size
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict,
@@ -195,8 +207,7 @@ class LoopConfig:
         checkpoint_max_to_keep=config.checkpoint.max_to_keep,
         kill_at_step=config.debug.kill_at_step, plots=config.plots,
         sensitivity_layers=config.injection.sensitivity_layers or None,
-        sensitivity_chunk_size=(config.injection.chunk_size or max(
-            1, config.optim.global_batch_size // config.optim.grad_accum_steps)),
+        injection_chunk_size=config.injection.chunk_size,
         adapter_targets=config.adapters.targets, adapter_rank=config.adapters.rank,
         adapter_scaling=scaling, adapter_dropout=dropout, apply_mode=apply_mode,
         eval_split=config.eval.split, label_space=config.eval.label_space,
@@ -725,7 +736,7 @@ class Stage:
     forward pass starts from: the base with every old adapter merged in (or the base)."""
     loop, mesh = self.loop, self.base.mesh
     stream = task_data.train_stream(
-        self.data, names, loop.global_batch_size // loop.grad_accum_steps,
+        self.data, names, loop.micro_batch_size,
         seed=int(jax.random.randint(jax.random.fold_in(stage_key, 2), (), 0, 2**31 - 1)),
         train_padding=loop.train_padding)
     num_steps = stream.num_steps_per_epoch * loop.num_epochs * loop.grad_accum_steps

@@ -276,12 +276,11 @@ def rms_norm(x: Array, scale: Array, epsilon: float, scale_in_f32: bool = True,
 
 
 def _rms_norm_fwd(x, scale, epsilon, scale_in_f32, dtype):
-  x32 = x.astype(jnp.float32)
+  x32, dtype = x.astype(jnp.float32), dtype or x.dtype
   rstd = lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + epsilon)
   if scale_in_f32:
-    y = (_as_row(scale, x) * (x32 * rstd)).astype(dtype or x.dtype)
+    y = (_as_row(scale, x) * (x32 * rstd)).astype(dtype)
   else:
-    dtype = dtype or x.dtype
     y = scale.astype(dtype) * (x32 * rstd).astype(dtype)
   return y, (x, rstd, scale)
 
