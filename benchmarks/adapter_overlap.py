@@ -15,16 +15,24 @@ starting point: injection (L-CL, LB-CL) starts U^t and V^t as a mix of the old t
 inside the old spans, so their share there is whatever training leaves of the start. A random
 start puts about K r / d of its norm there by chance.
 
-  python benchmarks/adapter_overlap.py WORKDIR [WORKDIR ...]
+  python benchmarks/adapter_overlap.py WORKDIR [WORKDIR ...] [--json]
+  python benchmarks/adapter_overlap.py --report_only
+
+The SmolLM2 grid (`generative_cl.py`) measures every adapter cell as it finishes and keeps the
+rows in the cell's record; `--report_only` collects them from the committed records into
+`benchmarks/results/adapter_overlap.json` and prints the tables, so they can be rebuilt.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import sys
 
 import numpy as np
+
+from lbcl_jax import files
 
 
 def _share(basis: np.ndarray, x: np.ndarray) -> float:
@@ -53,14 +61,54 @@ def overlaps(adapters: dict) -> list[dict[str, float]]:
   return rows
 
 
+CELLS = pathlib.Path(__file__).resolve().parent / "results" / "generative_cells"
+OUTPUT = pathlib.Path(__file__).resolve().parent / "results" / "adapter_overlap.json"
+
+
+def _print(rows_by_run: dict[str, dict]) -> None:
+  print(f"{'run':<32} {'method':<8} {'task':>4} {'U in old':>9} {'V in old':>9} {'dW in old':>10}")
+  for run, entry in rows_by_run.items():
+    for row in entry["rows"]:
+      print(f"{run:<32} {entry['method']:<8} {row['task']:>4} {row['U']:>9.3f} {row['V']:>9.3f} "
+            f"{row['dW']:>10.3f}")
+
+
+def report(cells_dir: pathlib.Path = CELLS) -> dict:
+  """The overlap rows of every committed grid record that has them, with per-run means."""
+  runs = {}
+  for path in sorted(cells_dir.glob("*.json")):
+    record = json.loads(path.read_text())
+    if record.get("adapter_overlap"):
+      rows = record["adapter_overlap"]
+      method = next(f.split("=", 1)[1] for f in record["flags"]
+                    if f.startswith("--config.method="))
+      runs[path.stem] = {"method": method, "rows": rows,
+                         "mean": {k: round(float(np.mean([r[k] for r in rows])), 4)
+                                  for k in ("U", "V", "dW")},
+                         "bwt": record.get("bwt"), "average_accuracy":
+                         record.get("average_accuracy")}
+  return {"cells_dir": str(cells_dir.relative_to(cells_dir.parents[2])), "runs": runs}
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("workdirs", nargs="+", type=pathlib.Path)
+  p.add_argument("workdirs", nargs="*", type=pathlib.Path)
+  p.add_argument("--json", action="store_true", help="print the workdirs' rows as JSON")
+  p.add_argument("--report_only", action="store_true",
+                 help=f"collect the grid records' rows into {OUTPUT.name}")
   args = p.parse_args(argv)
+  if args.report_only:
+    out = report()
+    files.atomic_write_text(OUTPUT, json.dumps(out, indent=1) + "\n")
+    _print(out["runs"])
+    print(f"{len(out['runs'])} runs; wrote {OUTPUT}")
+    return 0
+  if not args.workdirs:
+    p.error("give WORKDIRs or --report_only")
   from lbcl_jax import export  # pylint: disable=g-import-not-at-top
   from lbcl_jax.errors import InputError  # pylint: disable=g-import-not-at-top
-  print(f"{'run':<28} {'task':>4} {'U in old':>9} {'V in old':>9} {'dW in old':>10}")
+  runs = {}
   for wd in args.workdirs:
     try:
       run = export.load_run(wd, need_adapters=True)
@@ -68,9 +116,11 @@ def main(argv=None) -> int:
       sys.exit(f"error: {e}")
     if "U" not in next(iter(run.adapters.values())):
       sys.exit(f"error: {wd}: method {run.config.method!r} has no SVD triplets")
-    for row in overlaps(run.adapters):
-      print(f"{run.config.method + ' ' + wd.name:<28} {row['task']:>4} {row['U']:>9.3f} "
-            f"{row['V']:>9.3f} {row['dW']:>10.3f}")
+    runs[wd.name] = {"method": run.config.method, "rows": overlaps(run.adapters)}
+  if args.json:
+    print(json.dumps(list(runs.values())))
+  else:
+    _print(runs)
   return 0
 
 

@@ -37,7 +37,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 METHODS = ("seqft", "inclora", "olora", "nlnbcl", "lcl", "bcl", "lbcl", "mtl")
 PAPER_NAMES = {"seqft": "SeqFT", "inclora": "IncLoRA", "olora": "O-LoRA", "nlnbcl": "NLNB-CL",
-               "lcl": "L-CL", "bcl": "B-CL", "lbcl": "LB-CL", "mtl": "MTL"}
+               "lcl": "L-CL", "bcl": "B-CL", "lbcl": "LB-CL", "mtl": "MTL",
+               "lbcl_published": "LB-CL as published (every layer, with sigma; order 1)"}
 FAMILY = {"seqft": "seqft", "inclora": "lora", "olora": "lora", "mtl": "lora",
           "nlnbcl": "svd", "lcl": "svd", "bcl": "svd", "lbcl": "svd"}
 FAMILIES = ("seqft", "lora", "svd")
@@ -96,6 +97,13 @@ class Spec:
   orders: Mapping[int, str] = dataclasses.field(default_factory=lambda: dict(ORDERS))
   # The orders the main phase runs (the others run only with --orders).
   main_orders: tuple[int, ...] = (1, 2, 3)
+  # The methods the main phase runs on orders other than 1 (every method runs order 1).
+  other_order_methods: tuple[str, ...] = METHODS
+  # A "LB-CL as published" row (`o1_lbcl_published`: every layer, with sigma, at the SVD
+  # family's chosen learning rate) where the validation chose another injection.
+  published_row: bool = False
+  # Whether `--grid=all` runs the analyses (else only `--grid=analyses` does).
+  analyses_in_all: bool = True
   # The label spaces a record holds: the first is the record's own (`table1`); None for a
   # generative model, whose free-text answers have no label space.
   spaces: tuple[Optional[str], ...] = ("seen", "task")
@@ -181,7 +189,18 @@ def method_flags(method: str, chosen: Mapping[str, dict],
     flags = [f for f in injection if f.split("=", 1)[0] not in given] + flags
   else:  # the injection choice means nothing to the other SVD methods
     flags = [f for f in flags if not f.startswith("--config.injection.")]
+  if method != "olora":  # nor O-LoRA's weights to the rest of the LoRA family
+    flags = [f for f in flags if not f.startswith("--config.olora.")]
   return [f"--config.method={method}", *flags]
+
+
+def published_flags(chosen: Mapping[str, dict]) -> list[str] | None:
+  """LB-CL as published (every layer, with sigma) at the SVD family's chosen settings; None
+  where that is the chosen injection (the `lbcl` row is then the published one)."""
+  flags = method_flags("lbcl", chosen)
+  if same_injection(flags, PAPER_INJECTION):
+    return None
+  return [f for f in flags if not f.startswith("--config.injection.")] + list(PAPER_INJECTION)
 
 
 def grid_cells(spec: Spec, grid: str, chosen: Mapping[str, dict],
@@ -193,8 +212,12 @@ def grid_cells(spec: Spec, grid: str, chosen: Mapping[str, dict],
   if grid in ("main", "all"):
     for order in orders:
       for method in methods:
-        out[f"o{order}_{method}"] = [*method_flags(method, chosen, spec.injection),
-                                     f"--config.order={spec.orders[order]}"]
+        if order == 1 or method in spec.other_order_methods:
+          out[f"o{order}_{method}"] = [*method_flags(method, chosen, spec.injection),
+                                       f"--config.order={spec.orders[order]}"]
+    published = published_flags(chosen) if spec.published_row and "svd" in chosen else None
+    if published is not None and 1 in orders:
+      out["o1_lbcl_published"] = [*published, f"--config.order={spec.orders[1]}"]
     # The pre-trained model untouched (learning rate 0): what each task gets before training.
     out["zeroshot"] = ["--config.method=inclora", f"--config.order={spec.orders[1]}",
                        "--config.optim.learning_rate=0.0", "--config.optim.max_steps_per_task=1",
@@ -211,7 +234,7 @@ def grid_cells(spec: Spec, grid: str, chosen: Mapping[str, dict],
         out[f"o{order}_{method}_after_adam"] = [*method_flags(method, chosen, spec.injection),
                                                 f"--config.order={spec.orders[order]}",
                                                 "--config.projection.after_adam=True"]
-  if grid in ("analyses", "all") and "svd" in chosen:
+  if (grid == "analyses" or grid == "all" and spec.analyses_in_all) and "svd" in chosen:
     base = [*method_flags("lbcl", chosen, spec.injection), f"--config.order={spec.orders[1]}"]
     for r in RANKS:
       if r != 8:
@@ -256,9 +279,36 @@ def _f(v):
   return "--" if v is None else f"{v:.1f}"
 
 
-def make_record(name: str, flags: Sequence[str], wall: float, results: dict) -> dict:
+def cell_settings(cfg: Mapping) -> dict:
+  """The settings a cell ran with, from its results.json config (whatever flags set them)."""
+  return {"learning_rate": cfg["optim"]["learning_rate"], "grad_clip": cfg["optim"]["grad_clip"],
+          "max_steps_per_task": cfg["optim"]["max_steps_per_task"],
+          "global_batch_size": cfg["optim"]["global_batch_size"],
+          "train_per_class": cfg["data"]["train_per_class"],
+          "max_source_length": cfg["data"]["max_source_length"],
+          # Records older than the field were cut as each family cut then (Llama: left).
+          "truncation": cfg["data"].get("truncation"),
+          "rank": cfg["adapters"]["rank"], "orth_reg_weight": cfg["adapters"]["orth_reg_weight"],
+          "injection_layers": cfg["injection"]["layers"],
+          "injection_with_sigma": cfg["injection"]["with_sigma"],
+          "olora_lambda1": cfg["olora"]["lambda1"], "seed": cfg["seed"]}
+
+
+def adapter_overlap(cell_dir: pathlib.Path) -> list[dict] | None:
+  """`adapter_overlap.py`'s rows for a finished cell (in a process of its own, which loads the
+  run), or None for a run without adapters or with one stage."""
+  proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adapter_overlap.py"),
+                         "--json", str(cell_dir)], cwd=ROOT, capture_output=True, text=True)
+  if proc.returncode:
+    return None
+  return json.loads(proc.stdout)[0]["rows"] or None
+
+
+def make_record(name: str, flags: Sequence[str], wall: float, results: dict,
+                overlap: list[dict] | None = None) -> dict:
   cfg = results["config"]
   return {"cell": name, "flags": list(flags), "wall_seconds": round(wall, 1),
+          "settings": cell_settings(cfg), "adapter_overlap": overlap,
           "train_seconds": round(results["train_seconds"], 1), "tasks": results["tasks"],
           "eval_split": results["eval_split"], "label_space": results["label_space"],
           "accuracy_matrix": results["accuracy_matrix"],
@@ -271,7 +321,24 @@ def make_record(name: str, flags: Sequence[str], wall: float, results: dict) -> 
           "n_eval": (cfg["data"]["validation_examples"] if results["eval_split"] == "validation"
                      else cfg["data"]["max_test_examples"]),
           "sensitivity": results["sensitivity"],
-          "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
+          "machine": machine()}
+
+
+def machine() -> str:
+  """The CPU model, its vector extensions and the core count (speed differs with each)."""
+  model, flags = platform.processor() or platform.machine(), set()
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      key, _, value = line.partition(":")
+      if key.strip() == "model name":
+        model = value.strip()
+      elif key.strip() == "flags":
+        flags = set(value.split())
+  except OSError:
+    pass
+  ext = [n for f, n in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("amx_tile", "AMX"),
+                        ("avx512_bf16", "BF16")) if f in flags]
+  return f"{model} ({', '.join(ext) or 'no AVX2'}), {os.cpu_count()} cores"
 
 
 def run_cell(spec: Spec, name: str, flags: Sequence[str], workdir: pathlib.Path, data_dir: str,
@@ -301,7 +368,9 @@ def run_cell(spec: Spec, name: str, flags: Sequence[str], workdir: pathlib.Path,
     raise RuntimeError(f"cell {name} failed ({proc.returncode}); see {cell_dir}/bench_error.txt:"
                        f"\n{proc.stderr[-2000:]}")
   results = json.loads((cell_dir / "results.json").read_text())
-  record = make_record(name, flags, wall, results)
+  overlap = (adapter_overlap(cell_dir)
+             if results["config"]["method"] != "seqft" and len(results["tasks"]) > 1 else None)
+  record = make_record(name, flags, wall, results, overlap)
   files.atomic_write_text(spec.cells_dir / f"{name}.json", json.dumps(record, indent=1) + "\n")
   return f"[{name}] {wall:.0f} s, average accuracy {record['average_accuracy']:.1f}"
 
@@ -371,8 +440,12 @@ def table1(spec: Spec, records: Mapping[str, dict], space: Optional[str], suffix
     bwt = [None if s is None else s["bwt"] for s in sp]
     ses = [None if p is None else test_se(s["accuracy_matrix"][-1], p["n_eval"])
            for p, s in zip(per, sp)]
+    # Each task right after its own training (the matrix's diagonal): what was learned.
+    learned = [None if s is None else _pct(float(np.mean(np.diag(np.asarray(
+        s["accuracy_matrix"], np.float64))))) for s in sp]
     rows[method] = {
         "orders": acc, "average": _mean(acc),
+        "learned": learned, "learned_average": _mean(learned),
         "average_test_se": (round(float(np.sqrt(np.sum(np.square(ses))) / len(ses)), 1)
                             if all(e is not None for e in ses) else None),
         "bwt": bwt,
@@ -526,8 +599,9 @@ def write_plots(spec: Spec, report: dict, records: Mapping[str, dict],
 
 
 def _table_md(t1: dict, title: str, paper: bool, orders: Sequence[int]) -> list[str]:
-  head = "| method | " + " | ".join(f"order {o}" for o in orders) + " | **avg** | test SE | BWT avg |"
-  sep = "| --- |" + " --- |" * len(orders) + " --- | --- | --- |"
+  head = ("| method | " + " | ".join(f"order {o}" for o in orders) +
+          " | **avg** | test SE | BWT avg | learned (diagonal) avg |")
+  sep = "| --- |" + " --- |" * len(orders) + " --- | --- | --- | --- |"
   if paper:
     head += " O-LoRA paper T5-large (O1 / O2 / O3 / avg) | LB-CL paper T5-large avg |"
     sep += " --- | --- |"
@@ -535,7 +609,7 @@ def _table_md(t1: dict, title: str, paper: bool, orders: Sequence[int]) -> list[
   for method, row in t1.items():
     line = (f"| {PAPER_NAMES.get(method, method)} | " + " | ".join(_f(v) for v in row["orders"]) +
             f" | **{_f(row['average'])}** | {_f(row['average_test_se'])} | "
-            f"{_f(row['bwt_average'])} |")
+            f"{_f(row['bwt_average'])} | {_f(row.get('learned_average'))} |")
     if paper:
       ref = PAPER_OLORA_TABLE1.get(method)
       ref_s = " / ".join(f"{v:.1f}" for v in ref) if ref else "--"
@@ -648,6 +722,11 @@ def build_report(spec: Spec, records: Mapping[str, dict], data_dir: str) -> dict
                                for n, r in records.items() if n.startswith("val_")}},
       "table1": table1(spec, records, space),
   }
+  if spec.published_row:
+    row = table1(spec, records, space, "_published", ("lbcl",), orders=(1,))["lbcl"]
+    report["table1"]["lbcl_published"] = {
+        **row, "orders": row["orders"] + [None] * (len(spec.main_orders) - 1),
+        "learned": row["learned"] + [None] * (len(spec.main_orders) - 1)}
   for extra in spec.spaces[1:]:
     report[f"table1_{extra}"] = table1(spec, records, extra)
   if spec.after_adam:

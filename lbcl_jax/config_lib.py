@@ -58,10 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Dropout on the adapter's input while training (PEFT's lora_dropout). None: the method's
   # default, O-LoRA's 0.1 for inclora, olora and mtl, 0 for the SVD family.
   config.adapters.dropout = config_dict.placeholder(float)
-  # Weight of AdaLoRA's regulariser ||U^T U - I||^2 + ||V V^T - I||^2 (mean over layers) on the
-  # new SVD adapter (nlnbcl, lcl, bcl, lbcl). None: the SVD family's default, 0, chosen on
-  # validation (BENCHMARKS.md: AdaLoRA / PEFT's 0.5 scored 29.5 / 23.2 / 21.1 against
-  # 30.1 / 34.0 / 2.9 without it at lr 3e-3 / 1e-2 / 3e-2).
+  # Weight of AdaLoRA's regulariser on the new SVD adapter (nlnbcl, lcl, bcl, lbcl), at PEFT's
+  # scale: (||U^T U - I||_F + ||V V^T - I||_F) summed over layers / the number of matrices, so
+  # 0.5 is PEFT's default orth_reg_weight. None: the SVD family's default, 0 (MiniLM's
+  # validation chose none, with the earlier squared form; BENCHMARKS.md).
   config.adapters.orth_reg_weight = config_dict.placeholder(float)
   # How the adapter joins the layer while training: "lowrank" (x V^T sigma U^T) or "merged"
   # (materialise W0 + U sigma V); empty picks the measured default of lbcl_jax.adapters.
@@ -118,6 +118,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Truncation lengths of the source prompt and the target label (the paper: 512 / 50).
   config.data.max_source_length = 512
   config.data.max_target_length = 50
+  # How a prompt longer than max_source_length is cut: "sentence" drops the end of the
+  # example's own text, so the O-LoRA header (task, dataset, instruction, options) and the
+  # closing "Answer:" always survive; "left" drops the first tokens (the header goes first),
+  # "right" the last (the cue goes first; a Hugging Face tokenizer's own truncation).
+  config.data.truncation = "sentence"
   # Padded length of training batches: "task" pads every batch of a task to the length bucket
   # of its longest example (one train-step compilation per task); "batch" pads each batch to
   # its own bucket (less padding, one compilation per bucket used).
@@ -269,6 +274,8 @@ def t5_benchmark_config(model_path: str, *, shard_params: bool = False) -> ml_co
   # its own bucket (less padding, one compilation per bucket used).
   config.data.train_padding = "task"
   config.optim.learning_rate = 1e-3
+  # O-LoRA trains through HF's Trainer, whose max_grad_norm is 1.0.
+  config.optim.grad_clip = 1.0
   config.optim.num_epochs = 1
   config.optim.global_batch_size = 64
   config.eval.mode = "generate"
@@ -313,6 +320,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   # Imported here: the registries pull in more than a config file should.
   # pylint: disable=g-import-not-at-top
   from lbcl_jax import adapters, data, injection, methods, sensitivity, tasks
+  from lbcl_jax.data import pipeline
   # pylint: enable=g-import-not-at-top
 
   methods.get_method(config.method)
@@ -336,6 +344,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                        f"{space!r} is not one of {_LABEL_SPACES}")
   if config.eval.split not in _EVAL_SPLITS:
     raise InputError(f"config.eval.split={config.eval.split!r}: expected one of {_EVAL_SPLITS}")
+  if config.data.truncation not in pipeline.TRUNCATIONS:
+    raise InputError(f"config.data.truncation={config.data.truncation!r}: expected one of "
+                     f"{pipeline.TRUNCATIONS}")
   if config.data.validation_examples < 0:
     raise InputError(f"config.data.validation_examples={config.data.validation_examples}: "
                      "must be >= 0")

@@ -83,11 +83,16 @@ class Task:
 
   def prompt(self, sentence: str) -> str:
     """The model input for one sentence, character for character as O-LoRA builds it."""
+    return "".join(self.prompt_parts(sentence))
+
+  def prompt_parts(self, sentence: str) -> tuple[str, str, str]:
+    """`prompt(sentence)` as (header, sentence, cue): the header holds the task, dataset,
+    instruction and options; the cue is the closing "\nAnswer:". Truncation cuts the middle."""
     prefix = f"Task:{self.category}\nDataset:{self.dataset}\n"
     if not self.show_options:
-      return f"{prefix}{self.instruction}{sentence}\nAnswer:"
-    return (f"{prefix}{self.instruction}Option: {', '.join(self.labels)} \n"
-            f"{sentence}\nAnswer:")
+      return f"{prefix}{self.instruction}", sentence, "\nAnswer:"
+    return (f"{prefix}{self.instruction}Option: {', '.join(self.labels)} \n", sentence,
+            "\nAnswer:")
 
   def label_index(self, label: str) -> int:
     """The class id of `label`; ValueError naming the valid labels when it is not one."""

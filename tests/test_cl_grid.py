@@ -48,28 +48,40 @@ def test_choices_take_the_best_validation_cell_and_wait_for_the_whole_sweep():
   rng = np.random.default_rng(0)
   records = {}
   first = spec.validation_cells(records)
-  # The SVD family's orthogonality cell waits for its learning-rate cells.
-  assert "val_svd_orth0.5" not in first and len(first) == 11
+  # The LoRA family's lambda_1 cells and the SVD family's injection cells wait for their
+  # learning-rate cells: 8 SeqFT, 5 LoRA and 3 SVD cells first.
+  assert len(first) == 8 + 5 + 3
+  assert not any("lambda" in n or "_inj_" in n for n in first)
   scores = dict(zip(first, rng.permutation(len(first)).astype(float)))
   for name, flags in first.items():
     records[name] = _record(name, flags, rng, spaces=(None,), avg=scores[name])
-  assert cl_grid.choices(spec, records) is None  # the second stage has not run
-  # The two complete families can go on: their cells exist, the SVD family's not yet.
+  assert cl_grid.choices(spec, records) is None  # the second stages have not run
+  # SeqFT's sweep is complete: it can go on while the others' second stages run.
   partial = cl_grid.choices(spec, records, partial=True)
-  assert sorted(partial) == ["lora", "seqft"]
+  assert sorted(partial) == ["seqft"]
   early = cl_grid.grid_cells(spec, "all", partial)
-  assert sorted(n for n in early if not n.endswith(("_seed1", "_seed2"))) == sorted(
-      ["o1_seqft", "o1_inclora", "o1_olora", "o1_mtl", "zeroshot"])
-  assert not any("lbcl" in n or "bcl" in n for n in early)
+  assert sorted(early) == sorted(["o1_seqft", "o2_seqft", "o3_seqft", "zeroshot",
+                                  "o1_seqft_seed1", "o1_seqft_seed2"])
   assert cl_grid.choices(spec, {}, partial=True) is None
   cells = spec.validation_cells(records)
-  svd_lr = [n for n in first if n.startswith("val_svd_lr")]
-  best_lr = max(svd_lr, key=scores.get)
-  assert cells["val_svd_orth0.5"][:-1] == [f for f in records[best_lr]["flags"]
-                                           if "orth_reg_weight" not in f]
-  # The orthogonality cell diverged: it never wins.
-  records["val_svd_orth0.5"] = {"cell": "val_svd_orth0.5", "flags": cells["val_svd_orth0.5"],
-                                "wall_seconds": 1.0, "diverged": True, "average_accuracy": None}
+  assert len(cells) == 3 * spec.validation_budget
+  best_lora = max((n for n in first if n.startswith("val_lora_")), key=scores.get)
+  best_svd = max((n for n in first if n.startswith("val_svd_")), key=scores.get)
+  for x in generative_cl.OLORA_LAMBDA1:
+    assert cells[f"val_lora_lambda{x}"] == [
+        f for f in records[best_lora]["flags"] if "lambda1" not in f] + [
+            f"--config.olora.lambda1={x}"]
+  for key, flags in generative_cl.SVD_INJECTIONS.items():
+    assert cells[f"val_svd_inj_{key}"] == [
+        f for f in records[best_svd]["flags"] if "injection" not in f] + list(flags)
+  second = [n for n in cells if n not in records]
+  for i, name in enumerate(second):
+    records[name] = _record(name, cells[name], rng, spaces=(None,), avg=100.0 + i)
+  # The best injection cell diverged: it never wins.
+  top = second[-1]
+  records[top] = {"cell": top, "flags": cells[top], "wall_seconds": 1.0, "diverged": True,
+                  "average_accuracy": None}
+  scores.update({n: 100.0 + i for i, n in enumerate(second) if n != top})
   chosen = cl_grid.choices(spec, records)
   for family in cl_grid.FAMILIES:
     names = [n for n in cells if n.startswith(f"val_{family}_")]
@@ -78,7 +90,7 @@ def test_choices_take_the_best_validation_cell_and_wait_for_the_whole_sweep():
     assert chosen[family]["cell"] == winner
     assert not any(f.startswith(("--config.method=", "--config.order=", "--config.eval.split="))
                    for f in chosen[family]["flags"])
-  assert [s["diverged"] for s in chosen["svd"]["sweep"]] == [False] * 3 + [True]
+  assert [s["diverged"] for s in chosen["svd"]["sweep"]] == [False] * 7 + [True]
 
 
 def test_method_flags_spell_out_the_injection_only_for_injecting_methods():
@@ -92,26 +104,63 @@ def test_method_flags_spell_out_the_injection_only_for_injecting_methods():
   assert not any("injection" in f for f in cl_grid.method_flags("bcl", chosen))
   assert cl_grid.method_flags("mtl", chosen) == ["--config.method=mtl",
                                                  "--config.optim.learning_rate=3e-3"]
+  # O-LoRA's weight goes to O-LoRA alone.
+  chosen["lora"]["flags"].append("--config.olora.lambda1=2.0")
+  assert "--config.olora.lambda1=2.0" in cl_grid.method_flags("olora", chosen)
+  assert not any("olora" in f for m in ("inclora", "mtl")
+                 for f in cl_grid.method_flags(m, chosen))
 
 
 def test_grid_cells_of_both_grids():
   chosen = {f: {"flags": ["--config.optim.learning_rate=1e-3"]} for f in cl_grid.FAMILIES}
   gen = cl_grid.grid_cells(generative_cl.SPEC, "all", chosen)
   assert not any("after_adam" in n for n in gen)  # the generative grid has no such phase
-  assert not any(n.startswith(("o2_", "o3_")) for n in gen)  # order 1 unless asked
+  # Order 1: the 8 methods; orders 2 and 3: the 4 main ones; zero-shot; 8 seed cells; no
+  # analyses in "all"; no published row where the chosen injection is the paper's.
+  assert sorted(n for n in gen if n.startswith(("o2_", "o3_"))) == sorted(
+      f"o{o}_{m}" for o in (2, 3) for m in ("seqft", "inclora", "olora", "lbcl"))
+  assert len(gen) == 8 + 2 * 4 + 1 + 8
+  for cell in ("o1_lbcl", "o1_lcl", "o1_lbcl_seed1", "o3_lbcl"):
+    assert "--config.injection.with_sigma=True" in gen[cell]
+    assert "--config.injection.layers=all" in gen[cell]
+  # A validated injection other than the paper's adds LB-CL as published, on order 1.
+  picked = {**chosen, "svd": {"flags": ["--config.optim.learning_rate=1e-2",
+                                        "--config.injection.layers=depth:2",
+                                        "--config.injection.with_sigma=True"]}}
+  gen = cl_grid.grid_cells(generative_cl.SPEC, "all", picked)
+  assert len(gen) == 8 + 2 * 4 + 1 + 8 + 1
+  assert "--config.injection.layers=depth:2" in gen["o1_lbcl"]
+  published = gen["o1_lbcl_published"]
+  assert "--config.injection.layers=all" in published and "depth:2" not in " ".join(published)
+  assert "--config.optim.learning_rate=1e-2" in published
+  assert "--config.injection.with_sigma=True" in published
+  # The first pass: order 1 with every method, its analyses, its injection (without sigma).
+  old = cl_grid.grid_cells(generative_cl.PASS1_SPEC, "all", chosen)
   # 8 methods + zero-shot + 8 seeds + 3 ranks + 6 seed-sample counts + 3 injections + the 2
   # bottom-block controls.
-  assert len(gen) == 8 + 1 + 8 + 3 + 6 + 3 + 2
-  assert gen["o1_lbcl_rank2"][-1] == "--config.adapters.rank=2"
-  # Its injecting methods use the spec's injection (the sweep chose none), not the paper's.
+  assert len(old) == 8 + 1 + 8 + 3 + 6 + 3 + 2
+  assert old["o1_lbcl_rank2"][-1] == "--config.adapters.rank=2"
   for cell in ("o1_lbcl", "o1_lcl", "o1_lbcl_seed1"):
-    assert "--config.injection.with_sigma=False" in gen[cell]
-    assert "--config.injection.with_sigma=True" not in gen[cell]
-  assert "--config.injection.with_sigma=True" in gen["o1_lbcl_injection0"]
-  three = cl_grid.grid_cells(generative_cl.SPEC, "main", chosen, orders=(1, 2, 3))
+    assert "--config.injection.with_sigma=False" in old[cell]
+  assert "--config.injection.with_sigma=True" in old["o1_lbcl_injection0"]
+  three = cl_grid.grid_cells(generative_cl.PASS1_SPEC, "main", chosen, orders=(1, 2, 3))
   assert len(three) == 3 * 8 + 1
   mini = cl_grid.grid_cells(cl_methods.SPEC, "after_adam", chosen)
   assert sorted(mini) == sorted(f"o{o}_{m}_after_adam" for o in (1, 2, 3) for m in ("bcl", "lbcl"))
+
+
+def test_pass1_report_rebuilds_from_its_records(tmp_path):
+  """The first pass's committed records still make its report (history stays rebuildable)."""
+  spec = generative_cl.PASS1_SPEC
+  records = cl_grid.load_records(spec)
+  if not records:
+    pytest.skip(f"no first-pass records in {spec.cells_dir}")
+  committed = json.loads((cl_grid.ROOT / "benchmarks" / "results" /
+                          "generative_cl_pass1.json").read_text())
+  report = cl_grid.build_report(spec, records, committed["settings"]["data_dir"])
+  assert report["validation"]["chosen"] == committed["validation"]["chosen"]
+  for method in cl_grid.METHODS:
+    assert report["table1"][method]["average"] == committed["table1"][method]["average"]
 
 
 def test_table1_seed_spread_and_analyses():

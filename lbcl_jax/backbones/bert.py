@@ -38,7 +38,8 @@ class BertBackbone(Backbone):
   def encode(self, examples: Sequence[Any], task: tasks_lib.Task) -> pipeline.BatchSource:
     return pipeline.encode_scoring(examples, self.tokenizer, task=task,
                                    max_length=self.config.max_source_length,
-                                   option_max_length=self.config.max_target_length)
+                                   option_max_length=self.config.max_target_length,
+                                   truncation=self.config.truncation)
 
   def eval_extras(self, task: tasks_lib.Task) -> dict[str, Any]:
     # The options of the label space being scored (the task's own, or every seen label).

@@ -75,7 +75,7 @@ class LlamaBackbone(Backbone):
     return pipeline.encode_causal_lm(
         examples, self.tokenizer, eos_id=self.eos_id,
         max_prompt_length=self.config.max_source_length,
-        max_answer_length=self.config.max_target_length)
+        max_answer_length=self.config.max_target_length, truncation=self.config.truncation)
 
   def eval_extras(self, task: tasks_lib.Task) -> dict[str, np.ndarray]:
     if self.config.eval_mode != "rank":

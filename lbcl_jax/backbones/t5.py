@@ -38,7 +38,7 @@ class T5Backbone(Backbone):
     del task  # the prompt carries the task; the target is the label string
     return pipeline.encode_seq2seq(
         examples, self.tokenizer, max_source_length=self.config.max_source_length,
-        max_target_length=self.config.max_target_length,
+        max_target_length=self.config.max_target_length, truncation=self.config.truncation,
         decoder_start_id=self.model.config.decoder_start_token_id)
 
   def eval_extras(self, task: tasks_lib.Task) -> dict[str, np.ndarray]:

@@ -3,10 +3,11 @@
 Three encoders share one batching scheme:
 
 * `encode_seq2seq` (T5): O-LoRA's prompt (`Task.prompt`) as the source, the label string as the
-  target, truncated at `max_source_length` / `max_target_length` (the paper: 512 / 50) the way
-  a Hugging Face tokenizer truncates (the EOS token is kept);
+  target, truncated at `max_source_length` / `max_target_length` (the paper: 512 / 50); a long
+  prompt loses the end of its sentence (`prompt_content_ids`: header, options and cue stay; the
+  EOS token is kept), the target is cut as a Hugging Face tokenizer cuts it;
 * `encode_causal_lm` (decoder-only models, e.g. Llama): the same prompt, then `" " + label` and
-  EOS as the answer, the only tokens trained on; prompts are truncated from the left and
+  EOS as the answer, the only tokens trained on; prompts are truncated the same way and
   batches are left-padded, so generation appends at the end;
 * `encode_scoring` (encoder models that score label names, e.g. MiniLM/BERT): the sentence, plus
   every option of the task tokenised once.
@@ -116,6 +117,78 @@ def _token_ids(tokenizer: Any, texts: Sequence[str], max_length: int,
   return [list(x) for x in out["input_ids"]]
 
 
+# How a prompt longer than its limit is cut (`config.data.truncation`).
+TRUNCATIONS = ("sentence", "left", "right")
+
+
+def prompt_content_ids(tokenizer: Any, examples: Sequence[Example], budget: int,
+                       truncation: str = "sentence") -> list[list[int]]:
+  """Each example's O-LoRA prompt as token ids without special tokens, at most `budget` long.
+
+  A prompt that fits is the tokenisation of the whole text. One that does not is cut by
+  `truncation`:
+    * "sentence": tokens of the example's own sentence are dropped from its end, so the header
+      (task, dataset, instruction, options) and the closing "\nAnswer:" always survive; the
+      kept ids are a sub-sequence of the whole prompt's tokenisation (a fast tokenizer's
+      offsets tell which tokens are the sentence's; a slow one tokenises the three parts
+      apart). Where even header and cue exceed the budget, the header loses its end.
+    * "left": the first tokens are dropped (the cue survives, the header goes first);
+    * "right": the last tokens are dropped (the header survives, the cue goes first).
+  """
+  if truncation not in TRUNCATIONS:
+    raise ValueError(f"truncation {truncation!r}: expected one of {TRUNCATIONS}")
+  if budget < 1:
+    raise ValueError(f"a prompt budget of {budget} token(s) holds no prompt")
+  if not examples:
+    return []
+  parts = [tasks_lib.get_task(e.task).prompt_parts(e.sentence) for e in examples]
+  texts = ["".join(p) for p in parts]
+  offsets = truncation == "sentence" and getattr(tokenizer, "is_fast", False)
+  enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets)
+  out = []
+  for i, ids in enumerate(enc["input_ids"]):
+    ids = list(ids)
+    if len(ids) <= budget:
+      out.append(ids)
+    elif truncation == "left":
+      out.append(ids[-budget:])
+    elif truncation == "right":
+      out.append(ids[:budget])
+    else:
+      head_text, sentence, _ = parts[i]
+      if offsets:
+        start, end = len(head_text), len(head_text) + len(sentence)
+        starts = [a for a, _ in enc["offset_mapping"][i]]
+        # Offsets rise along the ids: a token is the sentence's if it starts inside it (one
+        # straddling the header's end stays with the header); the rest is the cue.
+        n_head = sum(a < start for a in starts)
+        n_body = sum(start <= a < end for a in starts)
+        head, body, cue = ids[:n_head], ids[n_head:n_head + n_body], ids[n_head + n_body:]
+      else:
+        head, body, cue = (list(tokenizer(x, add_special_tokens=False)["input_ids"])
+                           for x in parts[i])
+      room = budget - len(head) - len(cue)
+      if room >= 0:
+        out.append(head + body[:room] + cue)
+      else:
+        cue = cue[-budget:]
+        out.append(head[:budget - len(cue)] + cue)
+  return out
+
+
+def _prompt_ids(tokenizer: Any, examples: Sequence[Example], max_length: int,
+                truncation: str) -> list[list[int]]:
+  """Prompts with the tokenizer's special tokens (T5's EOS, BERT's [CLS] ... [SEP]), at most
+  `max_length` ids; "right" is exactly the tokenizer's own truncation."""
+  if truncation == "right":
+    return _token_ids(tokenizer, [tasks_lib.get_task(e.task).prompt(e.sentence)
+                                  for e in examples], max_length)
+  prefix, suffix = special_affixes(tokenizer)
+  budget = max_length - len(prefix) - len(suffix)
+  return [prefix + ids + suffix
+          for ids in prompt_content_ids(tokenizer, examples, budget, truncation)]
+
+
 def _filler(tokenizer: Any, pad_id: int) -> list[int]:
   """What a padding row's source holds: the tokenisation of "", or one pad token."""
   ids = tokenizer("", add_special_tokens=True)["input_ids"]
@@ -177,7 +250,8 @@ class Seq2SeqData:
 
 
 def encode_seq2seq(examples: Sequence[Example], tokenizer: Any, *, max_source_length: int = 512,
-                   max_target_length: int = 50, min_bucket: int = 16,
+                   max_target_length: int = 50, truncation: str = "sentence",
+                   min_bucket: int = 16,
                    min_target_bucket: int = 8, source_buckets: Sequence[int] | None = None,
                    target_buckets: Sequence[int] | None = None,
                    decoder_start_id: int | None = None) -> Seq2SeqData:
@@ -187,6 +261,7 @@ def encode_seq2seq(examples: Sequence[Example], tokenizer: Any, *, max_source_le
     examples: examples of one or several tasks (each is prompted with its own task).
     tokenizer: the model's Hugging Face tokenizer.
     max_source_length, max_target_length: truncation lengths (the paper: 512 / 50).
+    truncation: how a long prompt is cut (`prompt_content_ids`; the EOS is always kept).
     min_bucket, min_target_bucket: the smallest source / target bucket.
     source_buckets, target_buckets: explicit buckets (their last entry must be the max length).
     decoder_start_id: the decoder's start token (None: the tokenizer's pad id, as T5).
@@ -195,8 +270,7 @@ def encode_seq2seq(examples: Sequence[Example], tokenizer: Any, *, max_source_le
   eos_id = tokenizer.eos_token_id
   if eos_id is None:
     raise ValueError("the tokenizer has no EOS token; a seq2seq target needs one")
-  prompts = [tasks_lib.get_task(e.task).prompt(e.sentence) for e in examples]
-  source_ids = _token_ids(tokenizer, prompts, max_source_length)
+  source_ids = _prompt_ids(tokenizer, examples, max_source_length, truncation)
   # Few distinct labels: tokenise each once.
   unique = sorted({e.label for e in examples})
   label_ids = dict(zip(unique, _token_ids(tokenizer, unique, max_target_length, target=True)))
@@ -232,21 +306,27 @@ def _pad_left(seqs: Sequence[Sequence[int]], rows: int, length: int, pad_id: int
 _ANSWER_CONTEXT = "\nAnswer:"
 
 
-def prompt_prefix(tokenizer: Any) -> list[int]:
-  """The special tokens the tokenizer puts in front of a text (a BOS, or nothing).
-
-  Read off a probe text tokenised with and without `add_special_tokens`. Tokens it appends
-  (T5-style tokenizers, or `add_eos_token`, end every text with EOS) are not part of it: the
-  answer has to continue the prompt.
-  """
+def special_affixes(tokenizer: Any) -> tuple[list[int], list[int]]:
+  """The special tokens the tokenizer puts in front of a text and after it (T5: none and EOS;
+  BERT: [CLS] and [SEP]; Llama-2: BOS and none), read off a probe text tokenised with and
+  without `add_special_tokens`."""
   probe = _ANSWER_CONTEXT.strip()
   plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
   full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
   for start in range(len(full) - len(plain) + 1):
     if full[start:start + len(plain)] == plain:
-      return full[:start]
+      return full[:start], full[start + len(plain):]
   raise ValueError(f"the tokenizer's special tokens change the ids of {probe!r} "
                    f"({plain} alone, {full} with them); cannot tell its prefix")
+
+
+def prompt_prefix(tokenizer: Any) -> list[int]:
+  """The special tokens the tokenizer puts in front of a text (a BOS, or nothing).
+
+  Tokens it appends (T5-style tokenizers, or `add_eos_token`, end every text with EOS) are not
+  part of it: the answer has to continue the prompt.
+  """
+  return special_affixes(tokenizer)[0]
 
 
 def answer_token_ids(tokenizer: Any, labels: Sequence[str], max_length: int,
@@ -359,7 +439,8 @@ class CausalLMData:
 
 def encode_causal_lm(examples: Sequence[Example], tokenizer: Any, *, eos_id: int | None = None,
                      max_prompt_length: int = 512, max_answer_length: int = 50,
-                     min_bucket: int = 16, min_answer_bucket: int = 8,
+                     truncation: str = "sentence", min_bucket: int = 16,
+                     min_answer_bucket: int = 8,
                      prompt_buckets: Sequence[int] | None = None,
                      answer_buckets: Sequence[int] | None = None) -> CausalLMData:
   """Tokenises O-LoRA prompts and their answers once, for a decoder-only model.
@@ -367,9 +448,9 @@ def encode_causal_lm(examples: Sequence[Example], tokenizer: Any, *, eos_id: int
   The prompt is `Task.prompt(sentence)` (the text `encode_seq2seq` gives T5) behind the special
   tokens the tokenizer itself adds in front (`prompt_prefix`: SmolLM2 adds none, a Llama-2
   tokenizer its BOS); a trailing EOS the tokenizer may append is left out, as the answer
-  follows. Long prompts lose tokens from the *left* (just after the prefix): generation
-  continues from the prompt's last token, so the final "...\\nAnswer:" cue must survive, while
-  the task header and instruction the left end holds repeat in every example of a task. The
+  follows. Long prompts are cut by `truncation` (`prompt_content_ids`): by default the
+  sentence loses its end, so the header with the options and the final "...\\nAnswer:" cue
+  (generation continues from the prompt's last token) always survive. The
   answer is `" " + label` + EOS (`answer_token_ids`), at most `max_answer_length` ids; only it
   is trained on.
 
@@ -378,6 +459,7 @@ def encode_causal_lm(examples: Sequence[Example], tokenizer: Any, *, eos_id: int
     tokenizer: the model's Hugging Face tokenizer.
     eos_id: the token ending an answer (None: the tokenizer's EOS).
     max_prompt_length, max_answer_length: truncation lengths (prefix and EOS included).
+    truncation: "sentence", "left" or "right" (see `prompt_content_ids`).
     min_bucket, min_answer_bucket: the smallest prompt / answer bucket.
     prompt_buckets, answer_buckets: explicit buckets (their last entry must be the max length).
   """
@@ -390,9 +472,7 @@ def encode_causal_lm(examples: Sequence[Example], tokenizer: Any, *, eos_id: int
   if keep < 1:
     raise ValueError(f"max_prompt_length {max_prompt_length} leaves no room for a prompt after "
                      f"the {len(prefix)} prefix token(s)")
-  prompts = [tasks_lib.get_task(e.task).prompt(e.sentence) for e in examples]
-  content = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
-  prompt_ids = [prefix + list(c)[-keep:] for c in content]
+  prompt_ids = [prefix + c for c in prompt_content_ids(tokenizer, examples, keep, truncation)]
   # Few distinct labels: tokenise each once.
   unique = sorted({e.label for e in examples})
   label_ids = dict(zip(unique, answer_token_ids(tokenizer, unique, max_answer_length, eos_id)))
@@ -469,8 +549,9 @@ def encode_options(tokenizer: Any, labels: Sequence[str], max_length: int = 16,
 def encode_scoring(examples: Sequence[Example], tokenizer: Any, *,
                    task: str | tasks_lib.Task | None = None, max_length: int = 128,
                    option_max_length: int = 16, min_bucket: int = 16,
-                   use_prompt: bool = False) -> ScoringData:
-  """Tokenises sentences (or full prompts with `use_prompt`) and the task's options.
+                   use_prompt: bool = False, truncation: str = "sentence") -> ScoringData:
+  """Tokenises sentences (or full prompts with `use_prompt`, cut by `truncation`) and the
+  task's options.
 
   All examples must belong to one task (its options are shared by every row).
   """
@@ -483,10 +564,11 @@ def encode_scoring(examples: Sequence[Example], tokenizer: Any, *,
   if names - {task.name}:
     raise ValueError(f"examples of {sorted(names - {task.name})} given for task {task.name!r}")
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  texts = [task.prompt(e.sentence) if use_prompt else e.sentence for e in examples]
   option_ids, option_mask = encode_options(tokenizer, task.labels, option_max_length)
+  source_ids = (_prompt_ids(tokenizer, examples, max_length, truncation) if use_prompt else
+                _token_ids(tokenizer, [e.sentence for e in examples], max_length))
   return ScoringData(
-      source_ids=_token_ids(tokenizer, texts, max_length),
+      source_ids=source_ids,
       label_index=np.asarray([e.label_index for e in examples], dtype=np.int32),
       option_ids=option_ids, option_mask=option_mask,
       source_buckets=length_buckets(max_length, min_bucket), pad_id=pad_id,

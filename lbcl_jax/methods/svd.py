@@ -8,9 +8,9 @@ Every task gets an AdaLoRA-style adapter `U diag(sigma) V` (sigma starts at 0).
   columns and V rows (`lbcl_jax.projection.orthogonal_projection`).
 
 Any member can train the new adapter with AdaLoRA's orthogonality regulariser (`orth_reg_weight`
-times `orthogonality_regularizer`), which keeps the columns of U and the rows of V near
-orthonormal, so that the triplets are singular vectors. Its weight is 0 by default: validation
-on the MiniLM benchmark chose none (see `config_lib`).
+times `orthogonality_regularizer`, at PEFT's scale), which keeps the columns of U and the rows of
+V near orthonormal, so that the triplets are singular vectors. Its weight is 0 by default:
+validation on the MiniLM benchmark chose none (see `config_lib`).
 """
 
 from __future__ import annotations
@@ -33,12 +33,20 @@ from lbcl_jax.methods.base import Method, MethodSettings, ScoreFn
 PyTree = Any
 
 
-def orthogonality_regularizer(new: PyTree) -> jax.Array:
-  """AdaLoRA's `R = ||U^T U - I||_F^2 + ||V V^T - I||_F^2`, averaged over the adapted layers.
+def _safe_norm(x: jax.Array) -> jax.Array:
+  """Frobenius norm whose gradient is 0 (not NaN) where x is exactly 0."""
+  sq = jnp.sum(jnp.square(x))
+  positive = sq > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
 
-  The squared Frobenius norms are the AdaLoRA paper's (eq. 5); the mean over layers (PEFT's
-  `AdaLoraModel` averages its norms over matrices) makes a weight mean the same thing whatever
-  the number of adapted layers.
+
+def orthogonality_regularizer(new: PyTree) -> jax.Array:
+  """AdaLoRA's orthogonality term as PEFT computes it: `||U^T U - I||_F + ||V V^T - I||_F`
+  summed over the adapted layers and divided by the number of matrices (2 per layer).
+
+  PEFT's `AdaLoraModel.forward` adds `orth_reg_weight * sum_m ||P_m - I||_F / M` over its
+  `lora_A` (our V) and `lora_B` (our U) matrices, with the *unsquared* norm (the AdaLoRA
+  paper's eq. 5 squares it); this is that, so a weight here means what PEFT's does.
 
   Args:
     new: a single-task adapter tree, leaves `{'U': [d_out, r], 'sigma': [r], 'V': [r, d_in]}`.
@@ -55,9 +63,9 @@ def orthogonality_regularizer(new: PyTree) -> jax.Array:
     u = jnp.asarray(leaf["U"], jnp.float32)
     v = jnp.asarray(leaf["V"], jnp.float32)
     eye = jnp.eye(u.shape[-1], dtype=jnp.float32)
-    total += jnp.sum(jnp.square(jnp.matmul(u.T, u, precision=hi) - eye))
-    total += jnp.sum(jnp.square(jnp.matmul(v, v.T, precision=hi) - eye))
-  return total / len(layers)
+    total += _safe_norm(jnp.matmul(u.T, u, precision=hi) - eye)
+    total += _safe_norm(jnp.matmul(v, v.T, precision=hi) - eye)
+  return total / (2 * len(layers))
 
 
 @dataclasses.dataclass(frozen=True)
