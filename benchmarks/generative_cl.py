@@ -98,23 +98,24 @@ def _second_stage(records, first: list[str], drop: str, variants) -> dict[str, l
 
 
 def validation_cells(records) -> dict[str, list[str]]:
-  """Validation cell -> flags; each family's second stage exists once its first has records."""
+  """Validation cell -> flags; each family's second stage exists once its first has records.
+  The families with a second stage come first, so that it can start early."""
   val = [f"--config.order={ORDERS[1]}", "--config.eval.split=validation"]
   out = {}
-  for lr in SEQFT_LRS:
-    out[f"val_seqft_lr{lr}"] = ["--config.method=seqft", *val, cl_grid.lr_flag(lr)]
-  for lr in LORA_LRS:
-    out[f"val_lora_lr{lr}"] = ["--config.method=olora", *val, cl_grid.lr_flag(lr),
-                               "--config.olora.lambda1=0.5"]
-  out.update(_second_stage(
-      records, [f"val_lora_lr{lr}" for lr in LORA_LRS], "--config.olora.lambda1=",
-      {f"val_lora_lambda{x}": [f"--config.olora.lambda1={x}"] for x in OLORA_LAMBDA1}))
   for lr in SVD_LRS:
     out[f"val_svd_lr{lr}"] = ["--config.method=lbcl", *val, cl_grid.lr_flag(lr), *SVD_FIXED,
                               *cl_grid.PAPER_INJECTION]
   out.update(_second_stage(
       records, [f"val_svd_lr{lr}" for lr in SVD_LRS], "--config.injection.",
       {f"val_svd_inj_{k}": v for k, v in SVD_INJECTIONS.items()}))
+  for lr in LORA_LRS:
+    out[f"val_lora_lr{lr}"] = ["--config.method=olora", *val, cl_grid.lr_flag(lr),
+                               "--config.olora.lambda1=0.5"]
+  out.update(_second_stage(
+      records, [f"val_lora_lr{lr}" for lr in LORA_LRS], "--config.olora.lambda1=",
+      {f"val_lora_lambda{x}": [f"--config.olora.lambda1={x}"] for x in OLORA_LAMBDA1}))
+  for lr in SEQFT_LRS:
+    out[f"val_seqft_lr{lr}"] = ["--config.method=seqft", *val, cl_grid.lr_flag(lr)]
   return out
 
 
