@@ -77,8 +77,9 @@ def test_choices_take_the_best_validation_cell_and_wait_for_the_whole_sweep():
   second = [n for n in cells if n not in records]
   for i, name in enumerate(second):
     records[name] = _record(name, cells[name], rng, spaces=(None,), avg=100.0 + i)
+  assert second[:5] == [f"val_svd_inj_{k}" for k in generative_cl.SVD_INJECTIONS]
   # The best injection cell diverged: it never wins.
-  top = second[-1]
+  top = [n for n in second if n.startswith("val_svd_")][-1]
   records[top] = {"cell": top, "flags": cells[top], "wall_seconds": 1.0, "diverged": True,
                   "average_accuracy": None}
   scores.update({n: 100.0 + i for i, n in enumerate(second) if n != top})
