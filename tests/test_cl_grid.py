@@ -302,3 +302,42 @@ def test_adapter_overlap_measures_the_share_in_old_spans():
   np.testing.assert_allclose([rows[1]["U"], rows[1]["V"], rows[1]["dW"]], 0.0, atol=1e-9)
   mixed = dict(layer, U=np.stack([u1, inside, (outside + u1) / np.sqrt(2)]))
   np.testing.assert_allclose(adapter_overlap.overlaps({"l": mixed})[1]["U"], 0.5, atol=1e-9)
+
+
+def test_adapter_overlap_report_collects_the_records_rows(tmp_path):
+  """`adapter_overlap.py --report_only` rebuilds its tables from the records alone."""
+  import adapter_overlap  # pylint: disable=g-import-not-at-top
+  cells = tmp_path / "benchmarks" / "results" / "cells"
+  cells.mkdir(parents=True)
+  rows = [{"task": 2, "U": 0.9, "V": 0.8, "dW": 0.7, "layers": 60},
+          {"task": 3, "U": 0.5, "V": 0.4, "dW": 0.3, "layers": 60}]
+  (cells / "o1_lbcl.json").write_text(json.dumps(
+      {"flags": ["--config.method=lbcl"], "adapter_overlap": rows, "bwt": -3.0,
+       "average_accuracy": 40.0}))
+  (cells / "o1_seqft.json").write_text(json.dumps(
+      {"flags": ["--config.method=seqft"], "adapter_overlap": None}))
+  out = adapter_overlap.report(cells)
+  assert list(out["runs"]) == ["o1_lbcl"]
+  run = out["runs"]["o1_lbcl"]
+  assert run["method"] == "lbcl" and run["rows"] == rows and run["bwt"] == -3.0
+  np.testing.assert_allclose([run["mean"][k] for k in ("U", "V", "dW")], [0.7, 0.6, 0.5])
+
+
+def test_cell_settings_and_learned_column():
+  """A record states what it ran with, whatever flags set it; Table 1's learned column is the
+  mean of the matrix's diagonal."""
+  cfg = {"optim": {"learning_rate": 1e-3, "grad_clip": 1.0, "max_steps_per_task": 32,
+                   "global_batch_size": 8},
+         "data": {"train_per_class": 64, "max_source_length": 128, "truncation": "sentence"},
+         "adapters": {"rank": 8, "orth_reg_weight": 0.5},
+         "injection": {"layers": "depth:2", "with_sigma": True}, "olora": {"lambda1": 0.5},
+         "seed": 1}
+  s = cl_grid.cell_settings(cfg)
+  assert (s["grad_clip"], s["truncation"], s["max_steps_per_task"], s["injection_layers"],
+          s["seed"]) == (1.0, "sentence", 32, "depth:2", 1)
+  rng = np.random.default_rng(5)
+  rec = _record("o1_olora", [], rng, spaces=(None,))
+  row = cl_grid.table1(generative_cl.SPEC, {"o1_olora": rec}, None, methods=("olora",),
+                       orders=(1,))["olora"]
+  want = round(100 * float(np.mean([rec["accuracy_matrix"][i][i] for i in range(4)])), 1)
+  assert row["learned"] == [want] and row["learned_average"] == want

@@ -97,7 +97,7 @@ def _left_padded(mask: np.ndarray) -> bool:
 
 def test_encoding_masks_the_answer_and_pads_left(tmp_path):
   """The loss covers exactly `" " + label` and EOS; rows are left-padded; the prompt is the
-  O-LoRA prompt behind the tokenizer's BOS; long prompts lose their left end."""
+  O-LoRA prompt behind the tokenizer's BOS; long prompts keep their ends."""
   tok = _tokenizer(tmp_path)
   bos, eos = tok.bos_token_id, tok.eos_token_id
   assert tok("")["input_ids"] == [bos] and pipeline.prompt_prefix(tok) == [bos]
@@ -128,11 +128,17 @@ def test_encoding_masks_the_answer_and_pads_left(tmp_path):
   for k, label in enumerate(news.labels):
     row = option_ids[k][option_mask[k] == 1].tolist()
     assert row == pipeline.answer_token_ids(tok, [label], 8, eos)[0]
-  # Truncation keeps the BOS and the prompt's end ("... Answer:"), which generation continues.
-  short = pipeline.encode_causal_lm(examples[:1], tok, max_prompt_length=12)
+  # Truncation keeps the BOS and the prompt's end ("... Answer:"), which generation continues:
+  # "left" drops the first tokens; the default ("sentence") keeps the header's start too, even
+  # where header and cue alone exceed the limit.
   full = tok(tasks.get_task(examples[0].task).prompt(examples[0].sentence))["input_ids"]
+  short = pipeline.encode_causal_lm(examples[:1], tok, max_prompt_length=12, truncation="left")
   assert short.prompt_ids[0] == [bos] + full[-11:]
   assert tok.decode(short.prompt_ids[0], skip_special_tokens=True).endswith("Answer:")
+  cut = pipeline.encode_causal_lm(examples[:1], tok, max_prompt_length=12).prompt_ids[0]
+  assert len(cut) == 12 and cut[:2] == full[:2] and cut[-2:] == full[-2:]
+  text = tok.decode(cut, skip_special_tokens=True)
+  assert text.startswith("Task:") and text.endswith("Answer:")
 
 
 def test_encoding_drops_an_appended_eos(tmp_path):
