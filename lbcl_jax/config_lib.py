@@ -43,6 +43,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.dtype = "float32"
   # Parameter storage dtype of the frozen base model.
   config.model.param_dtype = "float32"
+  # What each transformer block (T5, Llama) keeps for the backward pass: "none" (plain
+  # autodiff), "weights" (nothing recomputed, but the base's fsdp-gathered weights are gathered
+  # again for the backward pass instead of held: use it on fsdp meshes, see BENCHMARKS.md's
+  # pod-scale plan) or "full" (the block is recomputed in the backward pass, a third more FLOPs,
+  # for per-device batches whose activations do not fit).
+  config.model.remat = "none"
   # Temperature of the label-name scorer (encoder families only): scores are cos / tau.
   config.model.tau = 0.05
 
@@ -136,6 +142,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim.warmup_steps = 0
   # Global clip norm (0 = no clipping).
   config.optim.grad_clip = 0.0
+  # A task whose training collapsed (lbcl_jax.train.loss_collapse, over the losses logged every
+  # log_every_steps): the second half of its logged losses all within 1e-4 (relative) of ln n,
+  # a uniform guess over n outcomes (the task's options for label scoring, the vocabulary for
+  # token cross-entropy), or their median over 100 times the smaller of the first logged loss
+  # and ln n. Such a run is reported by a `warning:` line and results.json / report.md's
+  # "warnings" (usually a learning rate far too high); True stops it instead as diverged
+  # (exit status 3, no results).
+  config.optim.stop_on_collapse = False
   # Epochs per task, and a cap on steps per task (0 = no cap; a joint stage of n tasks, as MTL's,
   # gets n times the cap, so every method trains the same number of steps in all).
   config.optim.num_epochs = 1
@@ -297,6 +311,7 @@ _LABEL_SPACES = ("seen", "task")
 _EVAL_SPLITS = ("test", "validation")
 _TRAIN_PADDINGS = ("task", "batch")
 _DTYPES = ("float32", "bfloat16", "float16")
+_REMATS = ("none", "weights", "full")
 
 
 def looks_local(path: str) -> bool:
@@ -335,6 +350,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ("dtype", "param_dtype"):
     if config.model[field] not in _DTYPES:
       raise InputError(f"config.model.{field}={config.model[field]!r}: expected one of {_DTYPES}")
+  if config.model.get("remat", "none") not in _REMATS:
+    raise InputError(f"config.model.remat={config.model.remat!r}: expected one of {_REMATS}")
   if config.eval.label_space not in _LABEL_SPACES:
     raise InputError(f"config.eval.label_space={config.eval.label_space!r}: expected one of "
                      f"{_LABEL_SPACES}")

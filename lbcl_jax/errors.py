@@ -31,7 +31,8 @@ class InputError(ValueError):
 
 
 class Diverged(Exception):
-  """The training loss became NaN or infinite; the message names the task, step and value."""
+  """The training loss became NaN or infinite, or collapsed (`config.optim.stop_on_collapse`);
+  the message names the task, the step or steps and the value."""
 
 
 class Preempted(Exception):

@@ -182,8 +182,9 @@ def load_run(workdir: str | os.PathLike, stage: Optional[int] = None,
     backbone = backbones.build(backbones.BackboneConfig.from_config(config))
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     key = jax.random.key(config.seed)
-    base = train.place_base(backbone, method, loop, key, mesh,
-                            tuple(config.mesh.logical_axis_rules))
+    rules = tuple(config.mesh.logical_axis_rules)
+    with sharding.on_mesh(mesh, rules):
+      base = train.place_base(backbone, method, loop, key, mesh, rules)
     one_device = sharding.replicated(mesh)
 
     def abstract(tree):

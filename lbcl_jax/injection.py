@@ -14,12 +14,14 @@ The "without sigma" variant injects only U and V and keeps the fresh sigma. Laye
 not selected keep the fresh initialisation.
 
 Which layers are injected (`layers`):
+
 * 'all': every scored layer;
 * `TopBlocks(n)`: every adapted layer of the top n transformer blocks by depth, decoder
   blocks before encoder blocks (`top_block_layers`). The paper's motivating experiment
   copies the *top* 4 or 9 layers and finds copying all of them catastrophic;
 * an int n: the n adapted layers with the highest *total* score `sum_{k,i} S^k_i`;
 * a regex (fullmatch on the path) or a list of paths.
+
 `parse_layers` reads the run config's spelling of these.
 """
 

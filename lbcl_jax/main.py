@@ -9,9 +9,12 @@ command again resumes from the last checkpoint there.
 
 Bad input (a config file, an override, a value, data, a model, a workdir in use or a run
 checkpoint) ends the run with one `error: ...` line on stderr and exit status 2, before
-anything is written. A diverged loss (NaN or inf) ends it with exit status 3 and no results;
-SIGTERM with a checkpoint and exit status 75 (run the same command again to resume). Anything
-else that goes wrong is a bug and shows its traceback.
+anything is written. A diverged loss (NaN or inf, or a collapse with optim.stop_on_collapse)
+ends it with exit status 3 and no results; SIGTERM with a checkpoint and exit status 75 (run
+the same command again to resume). A collapse without that flag, a training loss stuck at a
+uniform guess or risen by orders of magnitude, is one `warning:` line per task and a
+`warnings` entry in results.json and report.md. Anything else that goes wrong is a bug and
+shows its traceback.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ from lbcl_jax.errors import Diverged, InputError, Preempted
 
 FLAGS = flags.FLAGS
 EXIT_BAD_INPUT = errors.EXIT_BAD_INPUT
-# The training loss became NaN or infinite: no results were written, the last good checkpoint
-# is kept.
+# The training loss became NaN or infinite (or collapsed, with optim.stop_on_collapse): no
+# results were written, the last good checkpoint is kept.
 EXIT_DIVERGED = 3
 # Stopped on SIGTERM after a checkpoint (a preempted VM): run the same command again to resume
 # (EX_TEMPFAIL, "try again later", so a scheduler can requeue on it).

@@ -1,5 +1,5 @@
 """O-LoRA's regulariser (Wang et al., "Orthogonal Subspace Learning for Language Model
-Continual Learning", EMNLP Findings 2023), as in its official trainer (`uie_trainer_lora.py`):
+Continual Learning", EMNLP Findings 2023), as in its official trainer (`uie_trainer_lora.py`)::
 
     loss += lambda1 * sum_{layers} sum |A_old A_new^T|  +  lambda2 * sum_{new factors} ||P||_2
 

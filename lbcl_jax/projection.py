@@ -1,53 +1,117 @@
 """Orthogonal gradient projection ("bother less") as an optax transform.
 
 While task t trains, the gradients of its factors are projected onto the orthogonal
-complement of the old tasks' subspaces, per adapted layer:
+complement of the old tasks' subspaces, per adapted layer and per factor. A factor is a
+matrix whose vectors live in one side of the layer (its input or its output space); a
+*layout* names the factors and says which axis of each holds those vectors:
 
-* `U^t` (`[d_out, r]`): remove the component in span{old U columns}: `g - Q_u (Q_u^T g)`;
-* `V^t` (`[r, d_in]`): remove the component in span{old V rows}: `g - (g Q_v) Q_v^T`;
+* `'svd'` (this project's adapters, `y = x W0 + x V^T diag(sigma) U^T`): per layer
+  `U: [d_out, r]` (columns), `V: [r, d_in]` (rows); `sigma` passes through.
+* `'nnx_lora'` (`flax.nnx.LoRA` / `nnx.LoRALinear`, `y = x W0 + x lora_a lora_b`):
+  `lora_a: [in, r]` (columns), `lora_b: [r, out]` (rows).
+* `'peft_lora'` (Hugging Face PEFT's checkpoints, `delta W = lora_B lora_A` with
+  `W: [out, in]`): `lora_A: [r, in]` (rows), `lora_B: [out, r]` (columns).
+* any other naming: a mapping `{factor name: 'columns' | 'rows'}`, e.g. lorax-style
+  factors `b: [in, r]`, `a: [r, out]` are `{'b': 'columns', 'a': 'rows'}`.
 
-with `Q_u`, `Q_v` orthonormal bases of the stacked old factors (`[d_out, K*r]` columns and
-`[K*r, d_in]` rows). When the old subspaces are mutually orthogonal, `I - Q Q^T` equals the
-paper's `I - sum_k Q_k Q_k^T`; in general it is the exact projector onto the complement of
-their sum, which the per-task sum is not.
+The old tasks' factors of each layer are the same names stacked on a leading task axis:
+`[K, d, r]` for columns factors, `[K, r, d]` for rows factors.
+
+A *columns* factor `g: [d, r]` loses its component in the span of the old factors'
+columns, `g - Q (Q^T g)`; a *rows* factor `g: [r, d]` loses its component in the span
+of the old factors' rows, `g - (g Q) Q^T`; `Q` is an orthonormal basis of the K old
+factors of the same name at the same layer, stacked (`[d, K*r]`). So input-side factors
+are projected off the old input spans and output-side factors off the old output spans.
+When the old subspaces are mutually orthogonal, `I - Q Q^T` equals the paper's
+`I - sum_k Q_k Q_k^T`; in general it is the exact projector onto the complement of their
+sum, which the per-task sum is not.
 
 The bases are built once, when the transform is created from concrete old adapters (or in
 `init` when they are traced), and live in the optimizer state:
 
 * concrete old adapters (the normal case): float64 SVD (or QR) with a relative rank
   tolerance; of the numerical span (rank p) and its complement (d - p) the smaller one is
-  stored, `{'span': Q [d, p]}` or `{'complement': C [d, d - p]}` (then `P g = C C^T g`).
-  The state therefore never exceeds `d^2 / 2` floats per factor, however many tasks there
-  are (at K*r >= d the U span is full and the complement is empty: U is frozen).
-* traced old adapters: a fixed-shape `{'span': Q [d, min(d, K*r)]}` whose columns past the
-  numerical rank are zero.
+  stored, `{'span': Q [d, p]}` or `{'complement': C [d, d - p]}` (then
+  `P g = C C^T g`). The state therefore never exceeds `d^2 / 2` floats per factor,
+  however many tasks there are (at K*r >= d the span is full and the complement is empty:
+  that factor is frozen).
+* traced old adapters: a fixed-shape `{'span': Q [d, min(d, K*r)]}` whose columns past
+  the numerical rank are zero.
 
-Either way the shapes are static, so `update` is jit-safe and the state can be sharded like
-any array. sigma and every other leaf pass through untouched; if the updates are a full
+Either way the shapes are static, so `update` is jit-safe and the state can be sharded
+like any array. Every leaf that is not a factor of the layout (`sigma`, biases, a frozen
+kernel) passes through untouched; with the `svd` layout, if the updates are a full
 adapter state `{'old', 'new'}`, the old leaves get zero updates.
+
+Leaves are matched to factors by their pytree key path: the last key naming a factor is the
+factor, the keys before it the layer (`'/'`-joined). Trailing attribute keys, such as
+the `.value` of a `flax.nnx.Variable`, are skipped, so `nnx.State` trees with or
+without `Variable` leaves work as they are.
+
+This module imports only jax, optax and numpy.
 """
 
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lbcl_jax import adapters as adapters_lib
-
 PyTree = Any
 METHODS = ("svd", "qr")
+ORIENTATIONS = ("columns", "rows")
+
+LAYOUTS: dict[str, dict[str, str]] = {
+    # This project's SVD adapters: U [d_out, r], V [r, d_in] (sigma passes through).
+    "svd": {"U": "columns", "V": "rows"},
+    # flax.nnx.LoRA / nnx.LoRALinear: y = x @ lora_a @ lora_b.
+    "nnx_lora": {"lora_a": "columns", "lora_b": "rows"},
+    # Hugging Face PEFT: delta W = lora_B @ lora_A with W [out, in].
+    "peft_lora": {"lora_A": "rows", "lora_B": "columns"},
+}
+"""The named layouts: `{factor name: 'columns' | 'rows'}` (see the module docstring)."""
+
+Layout = Union[str, Mapping[str, str]]
+
+
+def resolve_layout(layout: Layout) -> dict[str, str]:
+  """The `{factor name: orientation}` of a layout name or mapping.
+
+  Args:
+    layout: a key of `LAYOUTS` (`'svd'`, `'nnx_lora'`, `'peft_lora'`) or a mapping
+      from factor name to `'columns'` (the factor is `[d, r]`) or `'rows'`
+      (`[r, d]`).
+
+  Returns:
+    A new dict from factor name to orientation.
+
+  Raises:
+    ValueError: an unknown layout name, an empty mapping or an unknown orientation.
+  """
+  if isinstance(layout, str):
+    if layout not in LAYOUTS:
+      raise ValueError(f"layout must be one of {tuple(LAYOUTS)} or a mapping "
+                       f"{{factor: 'columns' | 'rows'}}, got {layout!r}")
+    return dict(LAYOUTS[layout])
+  if not isinstance(layout, Mapping) or not layout:
+    raise ValueError(f"layout must be a name or a non-empty mapping, got {layout!r}")
+  for name, orientation in layout.items():
+    if orientation not in ORIENTATIONS:
+      raise ValueError(f"layout factor {name!r}: orientation must be one of {ORIENTATIONS}, "
+                       f"got {orientation!r}")
+  return {str(k): v for k, v in layout.items()}
 
 
 class OrthogonalProjectionState(NamedTuple):
   """State of `orthogonal_projection`.
 
   Attributes:
-    bases: `{layer_path: {'U': basis, 'V': basis}}` where a basis is `{'span': Q}` (project
-      out span(Q)) or `{'complement': C}` (keep only span(C)); Q and C are float32 with
-      orthonormal (or zero) columns, `[d_out, .]` for U and `[d_in, .]` for V.
+    bases: `{layer_path: {factor: basis}}` (`{'U': ., 'V': .}` for the svd layout) where a
+      basis is `{'span': Q}` (project out span(Q)) or `{'complement': C}` (keep only
+      span(C)); Q and C are float32 with orthonormal (or zero) columns, `[d, .]` with d the
+      factor's input or output dimension.
   """
 
   bases: dict
@@ -58,7 +122,7 @@ def orthonormal_basis(m: jax.Array, rtol: float = 1e-6, method: str = "svd") -> 
 
   Args:
     m: `[d, n]` matrix.
-    rtol: directions whose singular value (SVD) or |R_ii| (QR) is <= rtol * the largest are
+    rtol: directions whose singular value (SVD) or `|R_ii|` (QR) is <= rtol * the largest are
       dropped (zeroed), so numerically dependent directions are not projected out.
     method: 'svd' (rank-revealing, robust) or 'qr' (cheaper; reliable only when the stacked
       factors have full column rank, which trained adapters do in practice).
@@ -87,7 +151,7 @@ def compact_basis(m: Any, rtol: float = 1e-6, method: str = "svd") -> dict:
 
   Args:
     m: concrete `[d, n]` matrix.
-    rtol: relative rank tolerance (singular values or |R_ii| <= rtol * max are dropped).
+    rtol: relative rank tolerance (singular values or `|R_ii|` <= rtol * max are dropped).
     method: 'svd' | 'qr'.
 
   Returns:
@@ -113,42 +177,76 @@ def compact_basis(m: Any, rtol: float = 1e-6, method: str = "svd") -> dict:
   return {"complement": jnp.asarray(q[:, rank:], jnp.float32)}
 
 
-def _stacked_factors(leaf):
-  u = leaf["U"]
-  v = leaf["V"]
-  k, d_out, r = u.shape
-  cols_u = jnp.transpose(jnp.asarray(u), (1, 0, 2)).reshape(d_out, k * r)  # [d_out, K*r]
-  rows_v = jnp.asarray(v).reshape(k * r, v.shape[-1])  # [K*r, d_in]
-  return cols_u, rows_v.T
+def _key_name(entry) -> str:
+  """The name of one step of a pytree key path (dict key, attribute or sequence index)."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def _locate(path, names: Mapping[str, str]) -> Optional[tuple[str, str]]:
+  """`(layer, factor)` of a leaf's key path, or None when the leaf is no factor of the layout.
+
+  Trailing attribute keys that name no factor (a `flax.nnx.Variable`'s `.value`) are skipped;
+  the last remaining key must name a factor, and the keys before it are the layer.
+  """
+  entries = list(path)
+  while (entries and isinstance(entries[-1], jax.tree_util.GetAttrKey)
+         and entries[-1].name not in names):
+    entries.pop()
+  if not entries or _key_name(entries[-1]) not in names:
+    return None
+  return "/".join(_key_name(e) for e in entries[:-1]), _key_name(entries[-1])
+
+
+def _old_vectors(stack, orientation: str, where: str) -> jax.Array:
+  """The K stacked old factors as one `[d, K*r]` matrix of vectors of the layer's side."""
+  if jnp.ndim(stack) != 3:
+    want = "[K, d, r]" if orientation == "columns" else "[K, r, d]"
+    raise ValueError(f"old factor {where!r} must be stacked on a leading task axis ({want}), "
+                     f"got shape {tuple(jnp.shape(stack))}")
+  stack = jnp.asarray(stack)
+  k, a, b = stack.shape
+  if orientation == "columns":
+    return jnp.transpose(stack, (1, 0, 2)).reshape(a, k * b)  # [d, K*r]
+  return stack.reshape(k * a, b).T  # [d, K*r]
 
 
 def build_bases(old_stack: PyTree, rtol: float = 1e-6, method: str = "svd",
-                compact: bool = True) -> dict:
-  """Per-layer orthonormal bases of the old U columns and old V rows.
+                compact: bool = True, layout: Layout = "svd") -> dict:
+  """Per-layer orthonormal bases of the old factors' vectors.
 
   Args:
-    old_stack: `adapters['old']` (nested or flat), leaves `U: [K, d_out, r]`, `V: [K, r, d_in]`.
+    old_stack: the old tasks' factors, stacked on a leading task axis, at their layer paths
+      (nested or '/'-joined flat); for the svd layout `adapters['old']`, leaves
+      `U: [K, d_out, r]`, `V: [K, r, d_in]`.
     rtol: relative rank tolerance, see `orthonormal_basis`.
     method: 'svd' | 'qr'.
     compact: with concrete inputs, store the smaller of span / complement (`compact_basis`);
       False (or traced inputs) gives the fixed-shape `{'span': [d, min(d, K*r)]}`.
+    layout: see `resolve_layout`.
 
   Returns:
-    `{path: {'U': basis, 'V': basis}}`, see `OrthogonalProjectionState`.
+    `{path: {factor: basis}}`, see `OrthogonalProjectionState`.
   """
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-  flat = adapters_lib.flatten_layers(old_stack)
-  traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(flat))
+  names = resolve_layout(layout)
+  leaves = jax.tree_util.tree_flatten_with_path(old_stack)[0]
+  traced = any(isinstance(x, jax.core.Tracer) for _, x in leaves)
   bases = {}
-  for path, leaf in flat.items():
-    cols_u, cols_v = _stacked_factors(leaf)
+  for path, leaf in leaves:
+    where = _locate(path, names)
+    if where is None:
+      continue
+    layer, factor = where
+    vectors = _old_vectors(leaf, names[factor], "/".join(where))
     if compact and not traced:
-      bases[path] = {"U": compact_basis(cols_u, rtol, method),
-                     "V": compact_basis(cols_v, rtol, method)}
+      basis = compact_basis(vectors, rtol, method)
     else:
-      bases[path] = {"U": {"span": orthonormal_basis(cols_u, rtol, method)},
-                     "V": {"span": orthonormal_basis(cols_v, rtol, method)}}
+      basis = {"span": orthonormal_basis(vectors, rtol, method)}
+    bases.setdefault(layer, {})[factor] = basis
   return bases
 
 
@@ -200,46 +298,80 @@ def project_rows(g: jax.Array, basis) -> jax.Array:
   return out.astype(g.dtype)
 
 
-def _project_tree(tree: PyTree, bases: Mapping[str, Any]) -> PyTree:
-  """Projects every U/V leaf whose layer path has a basis; other leaves unchanged."""
+def _basis_dim(basis) -> int:
+  return next(iter(_as_basis(basis).values())).shape[0]
+
+
+def _project_tree(tree: PyTree, bases: Mapping[str, Any], names: Mapping[str, str]) -> PyTree:
+  """Projects every factor leaf whose layer path has a basis; other leaves unchanged."""
 
   def fn(path, g):
-    keys = [adapters_lib.key_name(e) for e in path]
-    if len(keys) < 2 or keys[-1] not in ("U", "V"):
+    where = _locate(path, names)
+    if where is None:
       return g
-    layer = bases.get("/".join(keys[:-1]))
-    if layer is None:
+    layer, factor = where
+    basis = bases.get(layer, {}).get(factor)
+    if basis is None:
       return g
-    if keys[-1] == "U":
-      return project_columns(g, layer["U"])
-    return project_rows(g, layer["V"])
+    orientation = names[factor]
+    d = _basis_dim(basis)
+    if jnp.ndim(g) != 2 or g.shape[0 if orientation == "columns" else 1] != d:
+      want = f"[{d}, r]" if orientation == "columns" else f"[r, {d}]"
+      raise ValueError(f"{'/'.join(where)!r}: the old factors give a {orientation} factor "
+                       f"{want}, got shape {tuple(jnp.shape(g))}")
+    if orientation == "columns":
+      return project_columns(g, basis)
+    return project_rows(g, basis)
 
   return jax.tree_util.tree_map_with_path(fn, tree)
 
 
-def project_updates(updates: PyTree, bases: Mapping[str, Any]) -> PyTree:
-  """Applies the projection to a 'new' tree or a full `{'old', 'new'}` state (old -> 0)."""
-  if adapters_lib.is_full_state(updates):
+def _is_full_state(tree) -> bool:
+  """This project's full adapter state `{'old', 'new'}` (as opposed to a 'new' tree)."""
+  return isinstance(tree, Mapping) and set(tree) == {"old", "new"}
+
+
+def project_updates(updates: PyTree, bases: Mapping[str, Any], layout: Layout = "svd") -> PyTree:
+  """Applies the projection to a tree of factors.
+
+  Args:
+    updates: gradients or updates, factors at their layer paths. With the svd layout also a
+      full `{'old', 'new'}` adapter state, whose old leaves get zero updates.
+    bases: `{path: {factor: basis}}`, see `build_bases`.
+    layout: see `resolve_layout`.
+
+  Returns:
+    `updates` with every factor that has a basis projected; other leaves unchanged.
+  """
+  names = resolve_layout(layout)
+  if names == LAYOUTS["svd"] and _is_full_state(updates):
     return {
         "old": jax.tree_util.tree_map(jnp.zeros_like, updates["old"]),
-        "new": _project_tree(updates["new"], bases),
+        "new": _project_tree(updates["new"], bases, names),
     }
-  return _project_tree(updates, bases)
+  return _project_tree(updates, bases, names)
 
 
-def from_bases(bases: Mapping[str, Any]) -> optax.GradientTransformation:
+def from_bases(bases: Mapping[str, Any], layout: Layout = "svd") -> optax.GradientTransformation:
   """Orthogonal projection with precomputed bases (see `build_bases`).
 
   Args:
-    bases: `{path: {'U': basis, 'V': basis}}`; a basis is `{'span': Q}`,
-      `{'complement': C}` or a bare Q (span), with orthonormal (or zero) columns.
+    bases: `{path: {factor: basis}}`; a basis is `{'span': Q}`, `{'complement': C}` or a
+      bare Q (span), with orthonormal (or zero) columns.
+    layout: the layout the factor names belong to, see `resolve_layout`.
 
   Returns:
     An `optax.GradientTransformation` whose state is `OrthogonalProjectionState(bases)`.
   """
-  bases = {p: {f: {kind: jnp.asarray(a, jnp.float32) for kind, a in _as_basis(b[f]).items()}
-               for f in ("U", "V")}
-           for p, b in bases.items()}
+  names = resolve_layout(layout)
+  for path, layer in bases.items():
+    unknown = sorted(set(layer) - set(names))
+    if unknown:
+      raise ValueError(f"bases[{path!r}] has factors {unknown} that layout {layout!r} "
+                       f"does not name ({sorted(names)})")
+  bases = {p: {f: {kind: jnp.asarray(a, jnp.float32) for kind, a in _as_basis(b).items()}
+               for f, b in layer.items()}
+           for p, layer in bases.items()}
 
   def init_fn(params):
     del params
@@ -247,25 +379,36 @@ def from_bases(bases: Mapping[str, Any]) -> optax.GradientTransformation:
 
   def update_fn(updates, state, params=None):
     del params
-    return project_updates(updates, state.bases), state
+    return project_updates(updates, state.bases, names), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
 def orthogonal_projection(
-    old_stack: PyTree, *, rtol: float = 1e-6, method: str = "svd", compact: bool = True
+    old_stack: PyTree, *, layout: Layout = "svd", rtol: float = 1e-6, method: str = "svd",
+    compact: bool = True
 ) -> optax.GradientTransformation:
-  """Projects the new adapter's U/V gradients onto the complement of the old subspaces.
+  """Projects the new adapter's factor gradients onto the complement of the old subspaces.
 
-  For every layer of `old_stack`, the U gradient (`[d_out, r]`) loses its component in
-  span{old U columns} and the V gradient (`[r, d_in]`) its component in span{old V rows}.
-  sigma and all other leaves pass through; in a full `{'old', 'new'}` updates tree the old
-  leaves get zero updates. Works on the 'new' tree alone (layers matched by path) or the
-  full state; layers absent from `old_stack` (or `old_stack == {}`) pass through. The math
-  is done in float32 and the result keeps each update's dtype.
+  For every layer of `old_stack` and every factor of `layout`, the new factor's gradient
+  loses its component in the span of the old tasks' factors of the same name: input-side
+  factors are projected off the old input spans, output-side factors off the old output
+  spans (for the svd layout: the U gradient `[d_out, r]` off span{old U columns}, the V
+  gradient `[r, d_in]` off span{old V rows}). Every other leaf passes through (sigma, a
+  frozen kernel, a bias); with the svd layout, in a full `{'old', 'new'}` updates tree the
+  old leaves get zero updates. Layers are matched by key path (see the module docstring),
+  so the updates may be the new factors alone or the whole trainable tree; layers absent
+  from `old_stack` (or `old_stack == {}`) pass through. The math is done in float32 and the
+  result keeps each update's dtype.
 
   Args:
-    old_stack: `adapters['old']`, leaves `U: [K, d_out, r]`, `V: [K, r, d_in]`.
+    old_stack: the old tasks' factors at the layer paths of the new ones, stacked on a
+      leading task axis: `adapters['old']` (`U: [K, d_out, r]`, `V: [K, r, d_in]`) for the
+      svd layout, `lora_a: [K, in, r]`, `lora_b: [K, r, out]` for nnx_lora,
+      `lora_A: [K, r, in]`, `lora_B: [K, out, r]` for peft_lora. Leaves may be arrays or
+      `flax.nnx.Variable` objects (an `nnx.State`).
+    layout: `'svd'` (default), `'nnx_lora'`, `'peft_lora'`, or a mapping
+      `{factor name: 'columns' | 'rows'}`, see `resolve_layout`.
     rtol: relative rank tolerance for the bases (see `orthonormal_basis`).
     method: 'svd' (default, rank-revealing) or 'qr'.
     compact: store the smaller of span / complement (concrete `old_stack` only), see the
@@ -276,30 +419,84 @@ def orthogonal_projection(
     is concrete, else in `init`) and held in its `OrthogonalProjectionState`, so `update`
     is two thin matmuls per factor.
 
+  Raises:
+    ValueError: an unknown layout or method, an old factor that is not stacked `[K, ., .]`,
+      or (in `update`) a factor whose side does not match its old factors' dimension.
+
   References:
     Qiao & Mahdavi, "Learn More, But Bother Less: Parameter-Efficient Continual Learning
     for Large Language Models", NeurIPS 2024.
 
-  Example:
-    >>> tx = optax.chain(orthogonal_projection(adapters['old']), optax.adamw(1e-3))
-    >>> opt_state = tx.init(adapters['new'])
-    >>> grads = jax.grad(loss)(adapters['new'])
-    >>> updates, opt_state = tx.update(grads, opt_state, adapters['new'])
-    >>> new = optax.apply_updates(adapters['new'], updates)
+  Examples:
+    This project's SVD adapters: two old tasks of rank 2 at layer `q` (6 outputs, 5 inputs).
+    The projected U gradient has no component left in the old U columns.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from lbcl_jax import orthogonal_projection
+    >>> k1, k2 = jax.random.split(jax.random.key(0))
+    >>> old = {'q': {'U': jax.random.normal(k1, (2, 6, 2)), 'sigma': jnp.ones((2, 2)),
+    ...              'V': jax.random.normal(k2, (2, 2, 5))}}
+    >>> new = {'q': {'U': jnp.zeros((6, 2)), 'sigma': jnp.ones(2), 'V': jnp.zeros((2, 5))}}
+    >>> grads = jax.tree.map(jnp.ones_like, new)
+    >>> project = orthogonal_projection(old)
+    >>> proj, _ = project.update(grads, project.init(grads))
+    >>> old_u = old['q']['U'].transpose(1, 0, 2).reshape(6, 4)  # [d_out, K*r]
+    >>> float(jnp.abs(old_u.T @ proj['q']['U']).max()) < 1e-5
+    True
+
+    In training it is the first transform of a chain:
+
+    >>> tx = optax.chain(orthogonal_projection(old), optax.adamw(1e-3))
+    >>> opt_state = tx.init(new)
+    >>> updates, opt_state = tx.update(grads, opt_state, new)
+    >>> new = optax.apply_updates(new, updates)
+
+    `flax.nnx.LoRA` factors (`lora_a: [in, r]`, `lora_b: [r, out]`), one old task: the
+    input factor is projected off the old `lora_a` columns, the output factor off the old
+    `lora_b` rows.
+
+    >>> old = {'dense': {'lora_a': jax.random.normal(k1, (1, 5, 2)),   # [K, in, r]
+    ...                  'lora_b': jax.random.normal(k2, (1, 2, 6))}}  # [K, r, out]
+    >>> tx = orthogonal_projection(old, layout='nnx_lora')
+    >>> g = {'dense': {'lora_a': jnp.ones((5, 2)), 'lora_b': jnp.ones((2, 6)),
+    ...                'bias': jnp.ones(6)}}
+    >>> p, _ = tx.update(g, tx.init(g))
+    >>> a_old, b_old = old['dense']['lora_a'][0], old['dense']['lora_b'][0]
+    >>> float(jnp.abs(a_old.T @ p['dense']['lora_a']).max()) < 1e-5
+    True
+    >>> float(jnp.abs(p['dense']['lora_b'] @ b_old.T).max()) < 1e-5
+    True
+    >>> p['dense']['bias'].tolist()  # not a factor: untouched
+    [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+
+    PEFT's layout (`lora_A: [r, in]`, `lora_B: [out, r]`), stacked the same way:
+
+    >>> old = {'q_proj': {'lora_A': jax.random.normal(k1, (1, 2, 5)),   # [K, r, in]
+    ...                   'lora_B': jax.random.normal(k2, (1, 6, 2))}}  # [K, out, r]
+    >>> tx = orthogonal_projection(old, layout='peft_lora')
+    >>> g = {'q_proj': {'lora_A': jnp.ones((2, 5)), 'lora_B': jnp.ones((6, 2))}}
+    >>> p, _ = tx.update(g, tx.init(g))
+    >>> a_old, b_old = old['q_proj']['lora_A'][0], old['q_proj']['lora_B'][0]
+    >>> float(jnp.abs(p['q_proj']['lora_A'] @ a_old.T).max()) < 1e-5
+    True
+    >>> float(jnp.abs(b_old.T @ p['q_proj']['lora_B']).max()) < 1e-5
+    True
   """
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  names = resolve_layout(layout)
   leaves = jax.tree_util.tree_leaves(old_stack)
   if not any(isinstance(x, jax.core.Tracer) for x in leaves):
-    return from_bases(build_bases(old_stack, rtol, method, compact))
+    return from_bases(build_bases(old_stack, rtol, method, compact, names), names)
 
   def init_fn(params):
     del params
-    return OrthogonalProjectionState(bases=build_bases(old_stack, rtol, method, compact))
+    return OrthogonalProjectionState(
+        bases=build_bases(old_stack, rtol, method, compact, names))
 
   def update_fn(updates, state, params=None):
     del params
-    return project_updates(updates, state.bases), state
+    return project_updates(updates, state.bases, names), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -7,7 +7,7 @@ companions into a directory:
 | file | what |
 | --- | --- |
 | `accuracy_matrix.csv` | "after,<tasks>", then one row per stage (empty: not evaluated) |
-| `report.md` | the matrix and the metrics as Markdown tables |
+| `report.md` | the matrix and the metrics as Markdown tables, and the run's warnings |
 | `accuracy_matrix.png`, `sensitivity.png`, `loss_curves.png` | the plots (when asked) |
 | `results.json` | the document; written last, so its presence means the rest is there |
 
@@ -59,7 +59,8 @@ def results_document(*, method: str, tasks: Sequence[str], stages: Sequence[str]
     matrix: the accuracy matrix (rows: after each stage; columns: tasks; None: not evaluated).
     joint: a multi-task run (see `metrics.summarize`: only the average is defined).
     reference: per-task reference accuracies for FWT.
-    **extra: more fields (steps, losses, the config, timings, ...).
+    **extra: more fields (steps, losses, the config, timings, the run's "warnings", which
+      report.md lists, ...).
   """
   r = metrics.as_matrix(matrix)
   if r.shape[1] != len(tasks):
@@ -109,6 +110,9 @@ def report_markdown(doc: Mapping[str, Any]) -> str:
   for k in ("average_accuracy", "bwt", "fwt", "forgetting"):
     v = doc.get(k)
     out.append(f"| {k} | {'n/a' if v is None else f'{100 * v:.2f}'} |")
+  if doc.get("warnings"):
+    # What the run found wrong but did not stop for (e.g. a task whose training collapsed).
+    out += ["", "## Warnings", "", *(f"- {w}" for w in doc["warnings"])]
   out.append("")
   return "\n".join(out)
 

@@ -1,6 +1,6 @@
 """Parameter sensitivity and triplet scores ("learn more": which old knowledge to inject).
 
-The importance of a parameter w on one sample n is AdaLoRA's sensitivity
+The importance of a parameter w on one sample n is AdaLoRA's sensitivity::
 
     I_n(w) = |w * dL_n/dw|,
 
@@ -27,7 +27,7 @@ seed samples fit in memory on large models.
 
 References:
   Zhang et al., "Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning" (AdaLoRA),
-  ICLR 2023: importance |w * grad|, and RankAllocator's smoothed importance x uncertainty.
+  ICLR 2023: importance `|w * grad|`, and RankAllocator's smoothed importance x uncertainty.
   Qiao & Mahdavi, "Learn More, But Bother Less: Parameter-Efficient Continual Learning for
   Large Language Models", NeurIPS 2024.
 """
@@ -120,10 +120,11 @@ def parameter_sensitivity(
     samples: PyTree,
     aggregation: str = "mean",
     chunk_size: Optional[int] = None,
+    spmd_axis_name: Any = None,
 ) -> PyTree:
   """Element-wise sensitivity of `wrt` aggregated over samples.
 
-  With g_n = dL_n/dw and the per-sample importance I_n = |w * g_n| (AdaLoRA's sensitivity):
+  With g_n = dL_n/dw and the per-sample importance `I_n = |w * g_n|` (AdaLoRA's sensitivity):
 
   * 'mean' (default; LB-CL's score s(w)): `mean_n I_n`.
   * 'adalora': AdaLoRA's "sensitivity x uncertainty" score with the EMAs over training
@@ -143,6 +144,9 @@ def parameter_sensitivity(
     samples: pytree with a leading sample axis N.
     aggregation: 'mean' | 'adalora' | 'fisher'.
     chunk_size: samples per vmapped gradient call; None = all at once.
+    spmd_axis_name: mesh axes (a name or a tuple) the samples of a chunk are split over
+      (`jax.vmap`'s): under a mesh, each device then runs its own samples' gradients, and the
+      sharding constraints inside `loss_fn` gain the sample axis.
 
   Returns:
     A float32 pytree like `wrt`.
@@ -151,7 +155,7 @@ def parameter_sensitivity(
     raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
   n = _num_samples(samples)
   c = n if chunk_size is None else max(1, min(int(chunk_size), n))
-  grad_fn = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))
+  grad_fn = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0), spmd_axis_name=spmd_axis_name)
 
   def importance_sum(grads):
     return jax.tree_util.tree_map(lambda w, g: _importance(w[None], g).sum(0), wrt, grads)
@@ -210,6 +214,7 @@ def score_old_triplets(
     aggregation: str = "mean",
     chunk_size: Optional[int] = None,
     jit: bool = True,
+    spmd_axis_name: Any = None,
 ) -> dict[str, jax.Array]:
   """Scores every old triplet on seed samples of the new task.
 
@@ -224,6 +229,7 @@ def score_old_triplets(
       `parameter_sensitivity`.
     chunk_size: samples per vmapped gradient call.
     jit: compile the whole scoring once.
+    spmd_axis_name: mesh axes the seed samples are split over (see `parameter_sensitivity`).
 
   Returns:
     `{path: [K, r] float32}` for the selected layers.
@@ -239,7 +245,7 @@ def score_old_triplets(
     def loss(w, sample):
       return loss_of_stack(adapters_lib.unflatten_layers({**const, **w}), sample)
 
-    sens = parameter_sensitivity(loss, wrt, samples, aggregation, chunk_size)
+    sens = parameter_sensitivity(loss, wrt, samples, aggregation, chunk_size, spmd_axis_name)
     return triplet_scores(sens)
 
   if jit:

@@ -122,6 +122,8 @@ class Progress:
     sensitivity: stage name -> {layer: [K][r] scores of the old triplets}, for methods that
       score them.
     train_seconds: seconds spent in training steps, over every invocation.
+    warnings: what the run found wrong but did not stop for (a collapsed task's loss), as
+      printed in its `warning:` lines.
     stages: the stage names.
     rng_key: the run's PRNG key data (checked on resume).
   """
@@ -134,6 +136,7 @@ class Progress:
   label_space_matrices: dict = dataclasses.field(default_factory=dict)
   losses: dict = dataclasses.field(default_factory=dict)
   sensitivity: dict = dataclasses.field(default_factory=dict)
+  warnings: list = dataclasses.field(default_factory=list)
   train_seconds: float = 0.0
   stages: list = dataclasses.field(default_factory=list)
   rng_key: list = dataclasses.field(default_factory=list)
@@ -290,16 +293,22 @@ class Base:
 
 
 def place_base(backbone: backbones.Backbone, method: methods_lib.Method, loop: LoopConfig,
-               key: jax.Array, mesh: jax.sharding.Mesh, rules: tuple) -> Base:
+               key: jax.Array, mesh: jax.sharding.Mesh, rules: tuple,
+               abstract: bool = False) -> Base:
   """The frozen base, created already sharded: random weights by a jit whose outputs are laid
-  out by the sharding rules, loaded weights placed shard by shard."""
+  out by the sharding rules, loaded weights placed shard by shard. With `abstract`, nothing is
+  created: the params are `jax.ShapeDtypeStruct`s with their shardings (for compiling the
+  driver's programs ahead of time, benchmarks/scale_plan.py)."""
   init_key = jax.random.fold_in(key, 0x5EED)
   if backbone.params is None:
     shapes = jax.eval_shape(backbone.init_params, init_key)
   else:
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), backbone.params)
   shardings = sharding.logical_to_sharding(backbone.param_specs, shapes, mesh, rules)
-  if backbone.params is None:
+  if abstract:
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          shapes, shardings)
+  elif backbone.params is None:
     params = jax.jit(backbone.init_params, out_shardings=shardings)(init_key)
   else:
     params = jax.device_put(backbone.params, shardings)
@@ -408,7 +417,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   key = jax.random.key(config.seed)
   with timings.phase("model_load"):
     backbone = backbones.build(backbones.BackboneConfig.from_config(config))
-    base = place_base(backbone, method, loop, key, mesh, tuple(config.mesh.logical_axis_rules))
+    rules = tuple(config.mesh.logical_axis_rules)
+    with sharding.on_mesh(mesh, rules):
+      base = place_base(backbone, method, loop, key, mesh, rules)
     method = resolve_injection_layers(method, backbone, base.paths)
   with timings.phase("data"):
     data = task_data.load_task_data(task_data.DataConfig.from_config(config), tasks,
@@ -455,7 +466,9 @@ def _run(config, workdir, timings, method, loop, mesh, tasks, key, backbone, bas
   resumed = None
 
   predict = kept.get("predict", lambda: jax.jit(backbone.predict))
-  with mesh:
+  # On the mesh with the logical axis rules: the models' activation constraints take effect
+  # in every program traced below (train step, sensitivity pass, merge, evaluation).
+  with sharding.on_mesh(mesh, base.rules):
     with timings.phase("stage_setup"):
       resumed = _resume(ckpt, stage, stages, key, workdir)
     if resumed is not None:
@@ -478,6 +491,7 @@ def _run(config, workdir, timings, method, loop, mesh, tasks, key, backbone, bas
           trainable, opt_state = stage.train(ckpt, writer, progress, old, params, base_eff,
                                              trainable, optimizer, opt_state, stage_key, names,
                                              label, timings)
+          _check_collapse(config, backbone, progress, names, label)
         except (Diverged, Preempted):
           close_outputs()
           raise
@@ -489,6 +503,9 @@ def _run(config, workdir, timings, method, loop, mesh, tasks, key, backbone, bas
           params = trainable
         else:
           old = adapters_lib.append_task({"old": old or {}, "new": trainable})["old"]
+          # Laid out as a restored stack is (`abstract_adapter`), whatever the stacking chose.
+          old = jax.device_put(old, jax.tree.map(lambda a: a.sharding, abstract_adapter(
+              base, stage_key, num_tasks=adapters_lib.num_tasks(old))))
         eval_params = stage.merge(params, old)
         trained = [n for s in stages[:progress.stage + 1] for n in s]
         rows = {}
@@ -527,7 +544,7 @@ def _run(config, workdir, timings, method, loop, mesh, tasks, key, backbone, bas
         method=config.method, tasks=tasks, stages=progress.stages,
         matrix=progress.accuracy_matrix, joint=joint,
         global_steps=progress.global_step, train_seconds=progress.train_seconds,
-        sensitivity=progress.sensitivity, losses=progress.losses,
+        sensitivity=progress.sensitivity, losses=progress.losses, warnings=progress.warnings,
         eval_split=loop.eval_split, label_space=loop.label_space,
         label_spaces=results_lib.label_space_summaries(
             progress.label_space_matrices, joint=joint),
@@ -598,13 +615,96 @@ def _resume(ckpt, stage: "Stage", stages: list, key: jax.Array, workdir: str):
       return progress, state
     except checkpointing.CheckpointRestoreError as e:
       moved = ckpt.quarantine(step)
-      print(f"warning: {e}; moved it to {moved} and trying an older checkpoint",
+      print(f"warning: checkpoint {e.directory} could not be restored ({e.reason}); moved it "
+            f"to {moved}, trying an older checkpoint",
             file=sys.stderr, flush=True)
   if steps:
     raise InputError(f"no checkpoint in {workdir}/checkpoints could be restored (tried "
                      f"{', '.join(map(str, reversed(steps)))}); delete the workdir to start "
                      "afresh")
   return None
+
+
+# The collapse check (`loss_collapse`): a logged loss this close to ln n (relative) is a
+# uniform guess (a collapsed model's is exact to ~1e-6; healthy ones stayed >= 2e-3 away), and
+# a rise this many times over the first logged loss or the uniform guess is a divergence.
+COLLAPSE_UNIFORM_RTOL = 1e-4
+COLLAPSE_RISE = 100.0
+
+
+def loss_collapse(curve: list, guesses: list, stage_offset: int = 0) -> Optional[str]:
+  """What a stage's logged training losses say went wrong, or None for a healthy curve.
+
+  A collapse is either
+    * the second half of the logged losses all at a uniform guess, ln n (within
+      `COLLAPSE_UNIFORM_RTOL`): the model's output no longer depends on its input (it stayed
+      there from the start, or fell to it); or
+    * their median over `COLLAPSE_RISE` times the smaller of the first logged loss and ln n,
+      and above ln n: the loss rose by orders of magnitude without becoming NaN.
+  The check reads only the losses the loop logged anyway (no device sync).
+
+  Args:
+    curve: [[global step, loss], ...] as logged in the stage.
+    guesses: the (n, what n counts) of each of the stage's tasks (`Backbone.uniform_guess`).
+    stage_offset: the global step before the stage's first step (to name steps of the stage).
+
+  Returns:
+    A clause to follow "its loss" (the task's training loss), or None.
+  """
+  points = [(int(s) - stage_offset, float(l)) for s, l in curve
+            if l is not None and np.isfinite(l)]
+  if not points:
+    return None
+  losses = [l for _, l in points]
+  tail = losses[len(losses) // 2:]
+  uniform = {float(np.log(n)): (n, what) for n, what in guesses if n > 1}
+
+  def at_uniform(loss):
+    return next((u for u in uniform
+                 if abs(loss - u) <= COLLAPSE_UNIFORM_RTOL * max(1.0, u)), None)
+
+  if uniform and all(at_uniform(l) is not None for l in tail):
+    first = len(losses)
+    while first and at_uniform(losses[first - 1]) is not None:
+      first -= 1
+    n, what = uniform[at_uniform(losses[-1])]
+    return (f"stayed at {losses[-1]:.4f} = ln {n}, a uniform guess over {n} {what}, from step "
+            f"{points[first][0]} of the stage on")
+  references = [x for x in (losses[0], *uniform) if x > 0]
+  median = float(np.median(tail))
+  if references and median > COLLAPSE_RISE * min(references) and median > max(uniform,
+                                                                             default=0.0):
+    if min(references) == losses[0]:
+      than = f"its first logged value, {losses[0]:.4g} at step {points[0][0]}"
+    else:
+      n, what = uniform[min(references)]
+      than = f"ln {n} = {np.log(n):.4f}, a uniform guess over {n} {what}"
+    return (f"rose to {median:.4g} (the median of its last {len(tail)} logged values), over "
+            f"{COLLAPSE_RISE:g} times {than}")
+  return None
+
+
+def _check_collapse(config: ml_collections.ConfigDict, backbone: backbones.Backbone,
+                    progress: Progress, names: list, label: str) -> None:
+  """After a stage's training: a collapsed loss (`loss_collapse`) is a `warning:` line and an
+  entry of `progress.warnings`, or, with config.optim.stop_on_collapse, `Diverged`."""
+  guesses = [backbone.uniform_guess(tasks_lib.get_task(n)) for n in names]
+  reason = loss_collapse(progress.losses.get(label, []), [g for g in guesses if g],
+                         progress.global_step - progress.step)
+  if reason is None:
+    return
+  what = (f"training of task {label} collapsed: its loss {reason}, so the accuracies after it "
+          "are chance-level")
+  remedy = (f"the learning rate ({config.optim.learning_rate:g}) is likely too high: lower "
+            "--config.optim.learning_rate or clip gradients (--config.optim.grad_clip=1.0)")
+  if config.optim.stop_on_collapse:
+    raise Diverged(f"{what}; the run stopped without results (config.optim.stop_on_collapse; "
+                   f"the checkpoints written before are kept); {remedy}")
+  message = f"{what}; {remedy}; --config.optim.stop_on_collapse=True stops such a run (exit 3)"
+  if message not in progress.warnings:
+    progress.warnings.append(message)
+  if jax.process_index() == 0:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -645,8 +745,8 @@ class Stage:
     if self.method.trains_base:
       return self.base.shardings
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
-    specs = sharding.adapter_logical_specs(shapes, self.base.kernel_specs)
-    return sharding.logical_to_sharding(specs, shapes, self.base.mesh, self.base.rules)
+    return sharding.adapter_shardings(shapes, self.base.kernel_specs, self.base.mesh,
+                                      self.base.rules)
 
   def _init_new(self, key: jax.Array) -> Any:
     return adapters_lib.init_new(key, self.base.params, self.base.adapter_config, self.base.paths)
@@ -659,23 +759,36 @@ class Stage:
 
   def score_old(self, params: Any, old: Any, names: list[str], stage_key: jax.Array):
     """The method's `score_old`: old triplets' scores on seed samples of the stage's task."""
-    backbone, scaling = self.backbone, self.base.adapter_config.scaling
 
     def score(num_seed_samples: int):
       seed = int(jax.random.randint(jax.random.fold_in(stage_key, 1), (), 0, 2**31 - 1))
       samples = pipeline.seed_samples(self.data[names[0]].train_examples, num_seed_samples, seed)
-      seeds = backbone.seed_batch(samples, tasks_lib.get_task(names[0]))
+      seeds = self.backbone.seed_batch(samples, tasks_lib.get_task(names[0]))
+      return self.scorer()(params, old, seeds)
 
+    return score
+
+  def scorer(self) -> Callable:
+    """The sensitivity pass, jitted once for the run: `(params, old, seeds) -> {layer: [K, r]
+    scores}`. The base params are an argument, not a captured constant, so the same program
+    also compiles on abstract arrays (benchmarks/scale_plan.py)."""
+    backbone, scaling = self.backbone, self.base.adapter_config.scaling
+    method, loop, rules = self.method, self.loop, self.base.rules
+
+    def run(params, old, seeds):
       def loss_of_stack(stack, sample):
         batch = jax.tree.map(lambda x: x[None], sample)
-        with adapters_lib.intercept(stack, scaling):
+        # The seed samples are split over the batch axes (spmd_axis_name below), each
+        # sample's batch of one is not: every device scores its own samples.
+        with sharding.per_sample_rules(rules), adapters_lib.intercept(stack, scaling):
           return backbone.loss(params, batch, None)
 
       return sensitivity.score_old_triplets(
-          loss_of_stack, old, seeds, aggregation=self.method.score_aggregation,
-          layers=self.loop.sensitivity_layers, chunk_size=self.loop.sensitivity_chunk_size)
+          loss_of_stack, old, seeds, aggregation=method.score_aggregation,
+          layers=loop.sensitivity_layers, chunk_size=loop.sensitivity_chunk_size, jit=False,
+          spmd_axis_name=sharding.BATCH_AXES)
 
-    return score
+    return self.kept.get("score", lambda: jax.jit(run))
 
   # -- optimizer --------------------------------------------------------------------------------
 
@@ -693,22 +806,15 @@ class Stage:
     return tx
 
   def init_opt_state(self, optimizer, trainable):
-    """The optimizer state, sharded: moments follow their parameter (jit propagates the
-    trainable leaves' shardings to what `init` derives from them); counts and projection
-    bases, which derive from no parameter, are replicated over the mesh."""
+    """The optimizer state, sharded (`sharding.optimizer_state_shardings`): moments follow
+    their parameter, projection bases their factor's vectors, counts are replicated."""
     init = self.kept.get("opt_init", lambda: jax.jit(optimizer.init), depends_on=optimizer)
     state = init(trainable)
-    mesh = self.base.mesh
-    rep = sharding.replicated(mesh)
-
-    def on_mesh(x):
-      s = x.sharding
-      if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh:
-        return s
-      return rep
+    shardings = sharding.optimizer_state_shardings(
+        state, jax.tree.map(lambda x: x.sharding, trainable), self.base.mesh)
     # Pinning every leaf to a mesh sharding makes the first train step see the same input
     # shardings as every later one (it would otherwise compile twice).
-    return jax.device_put(state, jax.tree.map(on_mesh, state))
+    return jax.device_put(state, shardings)
 
   def begin(self, old: Any, params: Any, stage_key: jax.Array, names: list[str],
             progress: Progress):
@@ -885,8 +991,7 @@ def abstract_adapter(base: Base, key: jax.Array, num_tasks: int | None = None):
       lambda k: adapters_lib.init_new(k, base.params, base.adapter_config, base.paths), key)
   if num_tasks is not None:
     one = jax.tree.map(lambda x: jax.ShapeDtypeStruct((num_tasks,) + x.shape, x.dtype), one)
-  specs = sharding.adapter_logical_specs(one, base.kernel_specs)
-  shardings = sharding.logical_to_sharding(specs, one, base.mesh, base.rules)
+  shardings = sharding.adapter_shardings(one, base.kernel_specs, base.mesh, base.rules)
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       one, shardings)
 

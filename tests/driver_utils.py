@@ -128,6 +128,12 @@ def run_main(workdir: pathlib.Path, *overrides: str, devices: int | None = None,
                         timeout=timeout)
   if check and proc.returncode != 0:
     raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-6000:]}")
+  # A run the test expects to succeed must not have collapsed (the driver's collapse check
+  # must not fire on a healthy run); tests of the check itself pass check=False.
+  collapsed = [l for l in proc.stderr.splitlines()
+               if l.startswith("warning: training of task") and " collapsed: " in l]
+  if check and collapsed:
+    raise AssertionError(f"{' '.join(cmd)} warned of a collapse:\n" + "\n".join(collapsed))
   return proc
 
 

@@ -27,6 +27,7 @@ def test_default_config_two_tasks_writes_every_output(tmp_path):
   du.run_main(wd, *du.FAST, "--config.optim.max_steps_per_task=3", "--config.optim.num_epochs=2",
               "--config.eval.extra_label_spaces=seen")
   r = _results(wd)
+  assert r["warnings"] == []  # nothing collapsed (run_main also checks stderr)
   # Every seen label as an option: a superset of the task's own, so never more accurate (up to
   # one near-tie of the 16 test rows, which float rounding of other padded shapes may flip), and
   # the same before a second task's labels exist.

@@ -20,7 +20,7 @@ from conftest import REPO_ROOT
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from lbcl_jax import export  # pylint: disable=g-import-not-at-top
+from lbcl_jax import export  # noqa: E402  # pylint: disable=g-import-not-at-top
 
 TOL = 1e-4
 # A large rate, so that two steps move the adapters well past the tolerance.

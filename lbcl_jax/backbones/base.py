@@ -51,6 +51,8 @@ class BackboneConfig:
     eval_mode: "generate" or "rank" (generative families).
     max_new_tokens: tokens generated per example in "generate" mode.
     tau: temperature of label-name scoring (encoder families).
+    remat: what each transformer block keeps for the backward pass ("none", "weights",
+      "full": `lbcl_jax.models.ops.REMAT_POLICIES`; T5 and Llama).
   """
 
   family: str
@@ -66,6 +68,7 @@ class BackboneConfig:
   eval_mode: str = "generate"
   max_new_tokens: int = 8
   tau: float = 0.05
+  remat: str = "none"
 
   @classmethod
   def from_config(cls, config) -> "BackboneConfig":
@@ -77,7 +80,7 @@ class BackboneConfig:
         max_target_length=config.data.max_target_length, truncation=config.data.truncation,
         dropout=bool(config.optim.dropout),
         eval_mode=config.eval.mode, max_new_tokens=config.eval.max_new_tokens,
-        tau=config.model.tau)
+        tau=config.model.tau, remat=config.model.get("remat", "none"))
 
 
 class Backbone(abc.ABC):
@@ -176,6 +179,15 @@ class Backbone(abc.ABC):
     del task
     return np.asarray(predictions)
 
+  def uniform_guess(self, task: tasks_lib.Task) -> tuple[int, str] | None:
+    """(n, what n counts): the training loss of a model whose output has stopped depending on
+    its input and spreads evenly over n outcomes is ln n, a uniform guess (the driver's
+    collapse check). Default: the logits' vocabulary, for token cross-entropy; families that
+    score a task's options say so."""
+    del task
+    vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
+    return (int(vocab), "vocabulary tokens") if vocab else None
+
   def _deterministic(self, rng: jax.Array | None) -> bool:
     return rng is None or not self.config.dropout
 
@@ -188,13 +200,23 @@ def model_dir(cls: type[Backbone], config: BackboneConfig) -> str:
   return os.path.expanduser(config.path) if config.path else cls.default_path()
 
 
+def with_remat(model: nn.Module, remat: str) -> nn.Module:
+  """`model` whose transformer blocks keep what `remat` says for the backward pass."""
+  if remat == "none":
+    return model
+  if not hasattr(model.config, "remat"):
+    raise InputError(f"config.model.remat={remat!r}: the {type(model).__name__} model has no "
+                     "block remat (T5 and Llama do); use 'none'")
+  return model.clone(config=dataclasses.replace(model.config, remat=remat))
+
+
 def load_model(config: BackboneConfig, path: str) -> tuple[str, nn.Module, Any]:
   """(model type, model, host params or None) of `path`: weights loaded, or a random-init
   model built from its config.json."""
   dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
   if not config.random_init:
     model, params = hf.from_pretrained(path, dtype=dtype, param_dtype=param_dtype)
-    return hf.family_of_model(model)[0], model, params
+    return hf.family_of_model(model)[0], with_remat(model, config.remat), params
   cfg_path = pathlib.Path(path) / "config.json"
   try:
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
@@ -209,5 +231,5 @@ def load_model(config: BackboneConfig, path: str) -> tuple[str, nn.Module, Any]:
     raise InputError(f"{cfg_path}: model_type {model_type!r} is not supported "
                      f"(supported: {', '.join(hf.registered_model_types())})") from e
   model = family.make_model(family.config_from_hf(cfg, dtype=dtype, param_dtype=param_dtype))
-  return model_type, model, None
+  return model_type, with_remat(model, config.remat), None
 

@@ -84,6 +84,8 @@ class LlamaConfig:
     dtype: compute dtype (activations, matmuls); softmax and RMSNorm statistics run in f32
       and logits are returned in f32.
     param_dtype: dtype the parameters are created/stored in.
+    remat: what each decoder layer keeps for the backward pass, a key of
+      `ops.REMAT_POLICIES` ("none", "weights", "full"); not a Hugging Face field.
   """
 
   vocab_size: int = 32000
@@ -107,8 +109,11 @@ class LlamaConfig:
   pad_token_id: Optional[int] = None
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
+  remat: str = "none"
 
   def __post_init__(self):
+    if self.remat not in ops.REMAT_POLICIES:
+      raise ValueError(f"remat {self.remat!r} is not one of {sorted(ops.REMAT_POLICIES)}")
     if self.num_key_value_heads is None:
       object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
     if self.head_dim is None:
@@ -296,7 +301,11 @@ class LlamaModel(nn.Module):
     self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
                                  param_dtype=cfg.param_dtype,
                                  embedding_init=_normal(cfg, ("vocab", "embed")))
-    self.layers = [LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
+    layer = LlamaDecoderLayer
+    if cfg.remat != "none":
+      # deterministic and decode are Python values (argument 0 is the module).
+      layer = nn.remat(layer, policy=ops.REMAT_POLICIES[cfg.remat], static_argnums=(5, 6))
+    self.layers = [layer(cfg) for _ in range(cfg.num_hidden_layers)]
     self.norm = LlamaRMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
 
   def __call__(self, input_ids: Array, positions: Array, mask: Array, deterministic: bool = True,
@@ -512,7 +521,11 @@ def greedy_generate(model: LlamaForCausalLM, params: Any, input_ids: Array,
 
   def body(state):
     step, token, cache, out, done = state
-    logits, cache = decode_step(model, params, cache, token[:, None])
+    # Tied to this step's token, the weights are no loop invariant: XLA then gathers each
+    # fsdp-split weight inside the loop, block by block, instead of hoisting every gather out
+    # of the loop and holding the whole model on every device (benchmarks/scale_plan.py).
+    step_params, token = lax.optimization_barrier((params, token))
+    logits, cache = decode_step(model, step_params, cache, token[:, None])
     next_token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
     # Finished rows emit padding, as HF's generate does.
     next_token = jnp.where(done, pad_token_id, next_token)

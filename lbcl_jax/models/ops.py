@@ -297,3 +297,23 @@ def _rms_norm_bwd(epsilon, scale_in_f32, dtype, res, g):
 
 
 rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+
+
+# ----------------------------------------------------------------------------- block remat
+
+# What a transformer block keeps for its backward pass (`config.model.remat`); a model family
+# wraps its block in `flax.linen.remat(policy=...)` unless "none". The values are the same
+# either way (nothing random is redrawn: dropout's keys are the block's own).
+REMAT_POLICIES: dict[str, Callable | None] = {
+    # Plain autodiff: XLA may keep whatever the forward pass made, the base's weights that
+    # fsdp gathered included, until the backward pass uses them again.
+    "none": None,
+    # Every residual saved, nothing recomputed; the block's inputs pass an optimization
+    # barrier, so the weights fsdp gathers are gathered again in the backward pass instead of
+    # held from the forward pass: the step holds one block's gathered weights, not the
+    # model's, at the cost of a second all-gather per block.
+    "weights": jax.checkpoint_policies.everything_saveable,
+    # Only the block's inputs saved: the block is recomputed in the backward pass (a third
+    # more FLOPs), for per-device batches whose activations do not fit.
+    "full": jax.checkpoint_policies.nothing_saveable,
+}

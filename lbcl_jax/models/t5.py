@@ -91,6 +91,8 @@ class T5Config:
       False for v1.1/flan (a separate `lm_head`, no rescaling).
     dtype: compute dtype (activations, matmuls). Softmax, layer norm and the loss run in f32.
     param_dtype: dtype the parameters are created/stored in.
+    remat: what each block keeps for the backward pass, a key of `ops.REMAT_POLICIES`
+      ("none", "weights", "full"); not a Hugging Face field.
   """
 
   vocab_size: int = 32128
@@ -111,8 +113,11 @@ class T5Config:
   decoder_start_token_id: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  remat: str = "none"
 
   def __post_init__(self):
+    if self.remat not in ops.REMAT_POLICIES:
+      raise ValueError(f"remat {self.remat!r} is not one of {sorted(ops.REMAT_POLICIES)}")
     if self.num_decoder_layers is None:
       # HF's default: a symmetric decoder.
       object.__setattr__(self, "num_decoder_layers", self.num_layers)
@@ -401,12 +406,17 @@ class T5Stack(nn.Module):
     n_blocks = cfg.num_decoder_layers if self.is_decoder else cfg.num_layers
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     position_bias = None
+    block = T5Block
+    if cfg.remat != "none":
+      # deterministic, decode and max_decode_length are Python values (argument 0 is the
+      # module).
+      block = nn.remat(block, policy=ops.REMAT_POLICIES[cfg.remat], static_argnums=(6, 7, 8))
     for i in range(n_blocks):
       # Block 0 computes the relative position bias; the others reuse it (as HF).
-      x, position_bias = T5Block(cfg, is_decoder=self.is_decoder,
-                                 has_relative_attention_bias=(i == 0), name=f"block_{i}")(
-                                     x, mask, position_bias, encoder_outputs, encoder_mask,
-                                     deterministic, decode, max_decode_length)
+      x, position_bias = block(cfg, is_decoder=self.is_decoder,
+                               has_relative_attention_bias=(i == 0), name=f"block_{i}")(
+                                   x, mask, position_bias, encoder_outputs, encoder_mask,
+                                   deterministic, decode, max_decode_length)
     x = T5LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, cfg.param_dtype,
                     name="final_layer_norm")(x)
     return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
@@ -592,7 +602,12 @@ def greedy_generate(model: T5, params: dict, input_ids: Array,
 
   def body(state):
     step, token, cache, out, done = state
-    logits, cache = decode_step(model, params, cache, token, encoder_outputs, attention_mask)
+    # Tied to this step's token, the weights are no loop invariant: XLA then gathers each
+    # fsdp-split weight inside the loop, block by block, instead of hoisting every gather out
+    # of the loop and holding the whole model on every device (benchmarks/scale_plan.py).
+    step_params, token = lax.optimization_barrier((params, token))
+    logits, cache = decode_step(model, step_params, cache, token, encoder_outputs,
+                                attention_mask)
     next_token = jnp.argmax(logits[:, -1, :].astype(jnp.float32), axis=-1).astype(jnp.int32)
     # Finished rows emit padding, as HF's generate does.
     next_token = jnp.where(done, cfg.pad_token_id, next_token)
