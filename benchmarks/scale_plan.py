@@ -11,8 +11,9 @@ q and v):
   old triplets;
 * `generate`: evaluation's `jax.jit(backbone.predict)`, greedy decoding with the KV cache;
 
-on meshes of 8, 64 and 256 fake CPU devices (`XLA_FLAGS=--xla_force_host_platform_device_count=N`,
-one subprocess per mesh size) with the `data` / `fsdp` / `tensor` splits a user would pick. Every
+on meshes of 8, 64 and 256 fake CPU devices, and of 1, 2 and 4 to find the smallest that fits
+(`XLA_FLAGS=--xla_force_host_platform_device_count=N`, one subprocess per mesh size), with the
+`data` / `fsdp` / `tensor` splits a user would pick. Every
 program is traced under the mesh and the config's logical axis rules, exactly as the driver
 traces it (`sharding.on_mesh`), lowered on `jax.ShapeDtypeStruct`s that carry the driver's
 shardings (`place_base(abstract=True)`, `abstract_adapter`, `Stage.init_opt_state`'s
@@ -46,9 +47,10 @@ gathered weight is held (and counted by the collectives) in f32 beside its bf16 
 bytes are an estimate on the high side, not a promise.
 
 Usage:
-  python benchmarks/scale_plan.py                  # all models, meshes of 8, 64 and 256
+  python benchmarks/scale_plan.py                  # all models, meshes of 1 to 256
   python benchmarks/scale_plan.py --models smollm2-135m --devices 8 --remat weights
   python benchmarks/scale_plan.py --resume         # carry on after an interruption
+  python benchmarks/scale_plan.py --rescore        # an older plan's records: resident bytes
 
 Writes `benchmarks/results/scale_plan.json` (atomically; every compile's record also goes to
 `scale_plan.records.jsonl` beside it as it finishes) and prints the table.
@@ -67,11 +69,9 @@ import re
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Mapping
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
 
 RESULTS = REPO / "benchmarks" / "results" / "scale_plan.json"
 
@@ -147,12 +147,11 @@ class Setting:
 
 def meshes_for(devices: int, global_batch: int = 64) -> dict[str, dict[str, int]]:
   """The splits a user would pick for `devices` chips; the batch axes (data x fsdp) never
-  exceed the global batch (`train._check_batch_sizes`), the rest goes to `tensor`."""
+  exceed the global batch (`settings.check_batch_sizes`), the rest goes to `tensor`."""
   dp = min(devices, global_batch)
-  out = {
-      "data": {"data": dp, "fsdp": 1, "tensor": devices // dp},
-      "fsdp": {"data": 1, "fsdp": dp, "tensor": devices // dp},
-  }
+  out = {"data": {"data": dp, "fsdp": 1, "tensor": devices // dp}}
+  if devices > 1:
+    out["fsdp"] = {"data": 1, "fsdp": dp, "tensor": devices // dp}
   if devices >= 8:
     out["fsdp+tensor"] = {"data": 1, "fsdp": devices // 8, "tensor": 8}
   return out
@@ -245,16 +244,18 @@ def build_programs(family: str, hf_config: dict, mesh_sizes: dict[str, int],
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from lbcl_jax import backbones  # pylint: disable=g-import-not-at-top
   from lbcl_jax import methods as methods_lib  # pylint: disable=g-import-not-at-top
+  from lbcl_jax import settings  # pylint: disable=g-import-not-at-top
   from lbcl_jax import sharding  # pylint: disable=g-import-not-at-top
+  from lbcl_jax import stage as stage_lib  # pylint: disable=g-import-not-at-top
   from lbcl_jax import train  # pylint: disable=g-import-not-at-top
   from lbcl_jax.backbones import base as backbone_base  # pylint: disable=g-import-not-at-top
   from lbcl_jax.models import hf  # pylint: disable=g-import-not-at-top
 
   config = run_config(family, mesh_sizes, setting)
-  method = methods_lib.get_method(config.method, train.method_settings(config))
-  loop = train.LoopConfig.from_config(config, method)
+  method = methods_lib.get_method(config.method, settings.method_settings(config))
+  loop = settings.LoopConfig.from_config(config, method)
   mesh = sharding.make_mesh(config.mesh, devices=devices)
-  train._check_batch_sizes(loop, mesh)  # pylint: disable=protected-access
+  settings.check_batch_sizes(loop, mesh)
   bcfg = backbones.BackboneConfig.from_config(config)
   fam = hf.get_family(family)
   model = fam.make_model(fam.config_from_hf(hf_config, dtype=jnp.dtype(bcfg.dtype),
@@ -266,13 +267,13 @@ def build_programs(family: str, hf_config: dict, mesh_sizes: dict[str, int],
   key = jax.random.key(config.seed)
   out: dict[str, Any] = {"args": {}}
   with sharding.on_mesh(mesh, rules):
-    base = train.place_base(backbone, method, loop, key, mesh, rules, abstract=True)
-    method = train.resolve_injection_layers(method, backbone, base.paths)
-    stage = train.Stage(backbone=backbone, method=method, base=base, data={}, loop=loop,
-                        optimizer_settings=train.optimizer_settings(config), key=key,
-                        kept=train.Kept())
-    new = train.abstract_adapter(base, key)
-    old = train.abstract_adapter(base, key, num_tasks=setting.old_tasks)
+    base = stage_lib.place_base(backbone, method, loop, key, mesh, rules, abstract=True)
+    method = method.resolve(backbone, base.paths)
+    stage = stage_lib.Stage(backbone=backbone, method=method, base=base, data={}, loop=loop,
+                            optimizer_settings=settings.optimizer_settings(config),
+                            kept=stage_lib.Kept())
+    new = stage_lib.abstract_adapter(base, key)
+    old = stage_lib.abstract_adapter(base, key, num_tasks=setting.old_tasks)
     tsh = stage.trainable_shardings(new)
     # The stage's optimizer, its bases built from traced old adapters (the same shapes as the
     # driver's from concrete ones: 14 x 8 directions of every factor are independent, so the
@@ -289,7 +290,7 @@ def build_programs(family: str, hf_config: dict, mesh_sizes: dict[str, int],
     opt_state = _on(opt_shapes, osh)
     adapter = base.adapter_config
     step = train.make_train_step(
-        backbone, method, optimizer, scaling=adapter.scaling, dropout=loop.adapter_dropout,
+        backbone, method, optimizer, scaling=adapter.scaling, dropout=adapter.dropout,
         apply_mode=adapter.apply_mode, mesh=mesh, trainable_shardings=tsh, opt_shardings=osh)
     spec = batch_spec(family, setting.global_batch, setting.source_length,
                       setting.target_length)
@@ -359,14 +360,19 @@ def buffer_shapes(hlo: str) -> set[tuple[str, tuple[int, ...]]]:
   return {(d, tuple(int(x) for x in dims.split(",") if x)) for d, dims in _SHAPE.findall(hlo)}
 
 
-def analyse(compiled) -> dict[str, Any]:
+def analyse(compiled, resident_bytes: int) -> dict[str, Any]:
+  """What a compiled program needs on a device. `resident_bytes`: its arguments' bytes on the
+  fullest device, the ones the program does not read included (XLA prunes those from its own
+  count, `program_argument_bytes`, but the driver holds them on the device all the same: the
+  old tasks' stack, which only a regulariser reads, the batch's unused columns)."""
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
   hlo = compiled.as_text()
   out = {
-      "argument_bytes": int(mem.argument_size_in_bytes),
+      "argument_bytes": int(resident_bytes),
+      "program_argument_bytes": int(mem.argument_size_in_bytes),
       "output_bytes": int(mem.output_size_in_bytes),
       "alias_bytes": int(mem.alias_size_in_bytes),
       "temp_bytes": int(mem.temp_size_in_bytes),
@@ -379,14 +385,17 @@ def analyse(compiled) -> dict[str, Any]:
 
 
 def param_bytes(params) -> tuple[int, int]:
-  """(total bytes, bytes on the fullest device) of an abstract params tree with shardings."""
+  """(total bytes, bytes on the fullest device) of an abstract tree (arguments without a
+  sharding count whole, as a replicated array)."""
   import jax  # pylint: disable=g-import-not-at-top
   total = per_device = 0
   for a in jax.tree.leaves(params):
-    size = math.prod(a.shape) * a.dtype.itemsize
-    shard = a.sharding.shard_shape(a.shape)
-    total += size
-    per_device += math.prod(shard) * a.dtype.itemsize
+    # A PRNG key is its key data (two uint32 for threefry).
+    item = 8 if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key) else a.dtype.itemsize
+    sharding = getattr(a, "sharding", None)
+    shard = a.shape if sharding is None else sharding.shard_shape(a.shape)
+    total += math.prod(a.shape) * item
+    per_device += math.prod(shard) * item
   return total, per_device
 
 
@@ -404,7 +413,8 @@ def compile_model(family: str, hf_config: dict, mesh_sizes: dict[str, int], sett
     t0 = time.perf_counter()
     compiled = built[name].compile()
     seconds = time.perf_counter() - t0
-    out["programs"][name] = dict(analyse(compiled), compile_seconds=round(seconds, 2))
+    resident = param_bytes(built["args"][name])[1]
+    out["programs"][name] = dict(analyse(compiled, resident), compile_seconds=round(seconds, 2))
     del compiled
   del built
   jax.clear_caches()
@@ -483,6 +493,39 @@ def worker(args) -> None:
     with open(args.records, "a", encoding="utf-8") as f:
       f.write(json.dumps(rec) + "\n")
     print("RECORD " + json.dumps(rec), flush=True)
+
+
+def resident_bytes(rec: dict) -> dict[str, int]:
+  """Per compiled program of `rec`: its arguments' bytes on the fullest device, from the
+  abstract arguments alone (built, not lowered: seconds where a compile takes minutes)."""
+  family, cfg = MODELS[rec["model"]]
+  built = build_programs(family, with_blocks(family, cfg, rec["blocks"]), rec["mesh"],
+                         Setting(remat=rec["remat"]), programs=())
+  return {p: param_bytes(built["args"][p])[1] for p in rec.get("programs", {})}
+
+
+def rescore(rec: dict, resident: Mapping[str, int]) -> dict:
+  """A record compiled before `analyse` counted resident bytes (its `argument_bytes` were
+  XLA's count of the arguments the program reads), brought to today's fields."""
+  rec = json.loads(json.dumps(rec))
+  for name, prog in rec.get("programs", {}).items():
+    if "program_argument_bytes" in prog:
+      continue
+    prog["program_argument_bytes"] = prog["argument_bytes"]
+    prog["argument_bytes"] = int(resident[name])
+    prog["peak_bytes"] = (prog["argument_bytes"] + prog["output_bytes"] - prog["alias_bytes"]
+                          + prog["temp_bytes"])
+  return rec
+
+
+def rescore_worker(args) -> None:
+  """One mesh size: prints every record of that size that predates resident bytes, rescored."""
+  import jax  # pylint: disable=g-import-not-at-top
+  for rec in read_records(args.records):
+    if (rec["devices"] != jax.device_count() or "error" in rec
+        or all("program_argument_bytes" in p for p in rec["programs"].values())):
+      continue
+    print("RECORD " + json.dumps(rescore(rec, resident_bytes(rec))), flush=True)
 
 
 def read_records(path) -> list[dict]:
@@ -633,10 +676,33 @@ def run_mesh_size(n: int, args, records_path: pathlib.Path) -> None:
   print(f"  {n} devices: {time.perf_counter() - t0:.0f} s", flush=True)
 
 
+def rescore_records(args, records_path: pathlib.Path) -> None:
+  """`--rescore`: one worker per mesh size in the records; the file is rewritten once, whole."""
+  from lbcl_jax import files  # pylint: disable=g-import-not-at-top
+  records = read_records(records_path)
+  new = {}
+  for n in sorted({r["devices"] for r in records}):
+    env = dict(os.environ, XLA_FLAGS=" ".join(xla_flags(n)), JAX_PLATFORMS="cpu",
+               TF_CPP_MIN_LOG_LEVEL="3")
+    cmd = [sys.executable, __file__, "--worker", "--rescore", "--records", str(records_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, check=False)
+    if proc.returncode:
+      raise SystemExit(f"the rescore worker for {n} devices exited {proc.returncode}:\n"
+                       f"{proc.stderr[-3000:]}")
+    for line in proc.stdout.splitlines():
+      if line.startswith("RECORD "):
+        rec = json.loads(line[len("RECORD "):])
+        new[_record_key(rec)] = rec
+    print(f"  {n:>3} devices: {sum(r['devices'] == n for r in new.values())} records rescored",
+          flush=True)
+  records = [new.get(_record_key(r), r) for r in records]
+  files.atomic_write_text(records_path, "".join(json.dumps(r) + "\n" for r in records))
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-  parser.add_argument("--devices", nargs="+", type=int, default=[8, 64, 256])
+  parser.add_argument("--devices", nargs="+", type=int, default=[1, 2, 4, 8, 64, 256])
   parser.add_argument("--depths", nargs="+", type=int, default=[2, 4])
   parser.add_argument("--check", nargs="*", default=["t5-large:8:fsdp", "smollm2-135m:8:fsdp"],
                       help="model:devices:split whose train step and sensitivity pass are also "
@@ -645,23 +711,30 @@ def main(argv=None) -> None:
   parser.add_argument("--resume", action="store_true",
                       help="keep the records of an earlier (interrupted) plan and compile only "
                            "what they lack")
+  parser.add_argument("--rescore", action="store_true",
+                      help="compile nothing: bring the records of an older plan (which counted "
+                           "only the arguments a program reads) to resident argument bytes, "
+                           "then rewrite the summary")
   parser.add_argument("--worker", action="store_true")
   parser.add_argument("--records", default=None)
   parser.add_argument("--out", default=str(RESULTS))
   args = parser.parse_args(argv)
   if args.worker:
-    worker(args)
+    (rescore_worker if args.rescore else worker)(args)
     return
   from lbcl_jax import files  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   out = pathlib.Path(args.out)
   records_path = pathlib.Path(args.records or out.with_suffix(".records.jsonl"))
   records_path.parent.mkdir(parents=True, exist_ok=True)
-  if not args.resume and records_path.exists():
+  if not (args.resume or args.rescore) and records_path.exists():
     records_path.unlink()
   t0 = time.perf_counter()
-  for n in args.devices:
-    run_mesh_size(n, args, records_path)
+  if args.rescore:
+    rescore_records(args, records_path)
+  else:
+    for n in args.devices:
+      run_mesh_size(n, args, records_path)
   records = [r for r in read_records(records_path)
              if r["model"] in args.models and r["devices"] in args.devices]
   summary = summarise(records)
@@ -675,7 +748,7 @@ def main(argv=None) -> None:
       "smallest_fits": smallest_fits(summary),
       "fsdp_64_param_split": fsdp_split(summary),
       **summary,
-      "records": records,
+      "records_file": records_path.name,
   }
   files.atomic_write_text(out, json.dumps(doc, indent=1) + "\n")
   print(report(doc))

@@ -3,15 +3,17 @@
 # (BENCHMARKS.md, "Pod scale on paper"): the base, the adapters and the optimizer state split
 # over an fsdp axis of every chip (data 1, fsdp all, tensor 1), global batch 64 x 512 tokens.
 #
-# A TPU slice: 8 v5e chips (16 GiB each) hold 8 rows a chip, so each block is recomputed in
-# the backward pass (remat "full"); on 64 chips (ACCELERATOR=v5litepod-64, one row a chip)
-# REMAT=weights is enough. Runs launch/tpu_vm.sh (create, install, run on every worker):
+# A TPU slice: the plan's smallest for v5e (16 GiB a chip) is 8 chips, fsdp 8, each block
+# recomputed in the backward pass (remat "full": 12.6 GiB a chip, 8 rows each); on 64 chips
+# (ACCELERATOR=v5litepod-64, one row a chip) REMAT=weights is enough (5.9 GiB). Runs
+# launch/tpu_vm.sh (create, install, run on every worker):
 #   TARGET=tpu TPU_NAME=lbcl-8b ZONE=us-west4-a REPO=https://github.com/<you>/lbcl_jax.git \
 #   WORKDIR=gs://<bucket>/llama3_8b DATA_DIR=/data/CL_Benchmark bash launch/llama3_8b.sh all
 #
-# A GPU cluster: H100s (80 GiB), one process a node driving its 8 GPUs (launch/gpu.sh); one
-# node already fits (remat "weights"); with more nodes the fsdp axis grows with them. Run on
-# every node with its own PROCESS_ID:
+# A GPU cluster: H100s (80 GiB), one process a node driving its 8 GPUs (launch/gpu.sh), the fsdp
+# axis over every GPU of every node. The plan: one node (fsdp 8) needs no recomputation (remat
+# "weights", 33 GiB a GPU); 8 nodes (fsdp 64) hold 6 GiB a GPU. Run on every node with its own
+# PROCESS_ID:
 #   TARGET=gpu COORDINATOR=10.0.0.1:1234 NUM_PROCESSES=2 PROCESS_ID=0 \
 #   WORKDIR=/shared/llama3_8b DATA_DIR=/data/CL_Benchmark bash launch/llama3_8b.sh
 #
