@@ -19,7 +19,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import platform
 import re
 import shlex
 import subprocess
@@ -32,6 +31,8 @@ import numpy as np
 
 from lbcl_jax import files
 from lbcl_jax import plots
+
+import machine as machine_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -326,19 +327,7 @@ def make_record(name: str, flags: Sequence[str], wall: float, results: dict,
 
 def machine() -> str:
   """The CPU model, its vector extensions and the core count (speed differs with each)."""
-  model, flags = platform.processor() or platform.machine(), set()
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      key, _, value = line.partition(":")
-      if key.strip() == "model name":
-        model = value.strip()
-      elif key.strip() == "flags":
-        flags = set(value.split())
-  except OSError:
-    pass
-  ext = [n for f, n in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("amx_tile", "AMX"),
-                        ("avx512_bf16", "BF16")) if f in flags]
-  return f"{model} ({', '.join(ext) or 'no AVX2'}), {os.cpu_count()} cores"
+  return machine_lib.summary()
 
 
 def run_cell(spec: Spec, name: str, flags: Sequence[str], workdir: pathlib.Path, data_dir: str,

@@ -36,11 +36,7 @@ records: `benchmarks/results/cl_methods.json`, `cl_methods.md`, `cl_analyses.png
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import cl_grid  # pylint: disable=g-import-not-at-top,wrong-import-position
+import cl_grid
 
 ORDERS = cl_grid.ORDERS
 # Every cell: 200 validation sentences per task carved from its train file (fixed seed; the

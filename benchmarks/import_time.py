@@ -15,6 +15,8 @@ import subprocess
 import sys
 import time
 
+import machine
+
 CASES = {
     "nothing (`python -c pass`)": "pass",
     "`jax, optax`": "import jax, optax",
@@ -38,7 +40,7 @@ def main():
       wall[name].append(time.perf_counter() - start)
       after = resource.getrusage(resource.RUSAGE_CHILDREN)
       cpu[name].append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
-  print(f"{platform.processor() or platform.machine()}, Python {platform.python_version()}, "
+  print(f"{machine.summary()}, Python {platform.python_version()}, "
         f"{args.runs} runs, medians")
   print("| import | wall | CPU (user + sys) |\n| --- | --- | --- |")
   for name in CASES:

@@ -22,8 +22,10 @@ Models (same weights in both stacks):
     tokens (the answer), positions from the mask in both.
   * minilm: all-MiniLM-L6-v2's real weights (`lbcl_jax.minilm.minilm_dir()`), batch 8 x 128
     text tokens (padded) and 4 shared 8-token label names; loss = the driver's label-scoring
-    loss (`bert.label_scores` + `bert.scoring_loss`: mean-pooled, L2-normalised embeddings,
-    cosine / tau 0.05, cross-entropy), written the same way in torch.
+    loss (mean-pooled, L2-normalised embeddings, cosine / tau 0.05, cross-entropy), written the
+    same way in torch.
+Ours trains on each family's backbone loss (`lbcl_jax.backbones`, the driver's), on batches in
+its layout.
 
 Everything runs in one process on the same CPU; torch uses as many threads as this process
 has cores (as JAX's CPU client does). For each model the three steps are compiled/built,
@@ -62,16 +64,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import core_overhead  # pylint: disable=g-import-not-at-top,wrong-import-position
-import t5_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lbcl_jax import adapters
+from lbcl_jax import files
+from lbcl_jax import minilm
+from lbcl_jax.models import bert
+from lbcl_jax.models import hf
+from lbcl_jax.models import t5
 
-from lbcl_jax import adapters  # pylint: disable=g-import-not-at-top,wrong-import-position
-from lbcl_jax import files  # pylint: disable=g-import-not-at-top,wrong-import-position
-from lbcl_jax import minilm  # pylint: disable=g-import-not-at-top,wrong-import-position
-from lbcl_jax.models import bert  # pylint: disable=g-import-not-at-top,wrong-import-position
-from lbcl_jax.models import hf  # pylint: disable=g-import-not-at-top,wrong-import-position
-from lbcl_jax.models import t5  # pylint: disable=g-import-not-at-top,wrong-import-position
+import core_overhead
+import machine
+import t5_step
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 LR, WEIGHT_DECAY, TAU = 1e-4, 0.01, 0.05
@@ -142,15 +144,10 @@ def t5_setup(args, tmp: pathlib.Path) -> dict:
   model = t5.T5(config)
   params = t5.init_params(model, jax.random.key(0), src_len=8, tgt_len=8)
   batch = t5_step.make_batch(types.SimpleNamespace(batch=args.batch, src_len=args.src_len,
-                                                   tgt_len=args.tgt_len), config.vocab_size)
+                                                   tgt_len=args.tgt_len), config.vocab_size,
+                             decoder_start_id=config.decoder_start_token_id)
   hf_dir = hf.save_pretrained(model, params, tmp / "flan-t5-small-random")
   jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
-
-  def loss_fn(p, b):
-    dec = t5.shift_right(b["labels"], config.decoder_start_token_id, config.pad_token_id)
-    logits = model.apply({"params": p}, b["input_ids"], b["attention_mask"], dec,
-                         deterministic=True)
-    return t5.seq2seq_loss(logits, b["labels"], b["label_mask"])
 
   def torch_model():
     import torch  # pylint: disable=g-import-not-at-top
@@ -165,8 +162,8 @@ def t5_setup(args, tmp: pathlib.Path) -> dict:
       desc=(f"flan-t5-small shape ({cfg_source}), random weights; batch {args.batch} x "
             f"{args.src_len} source (padded) / {args.tgt_len} target tokens; loss: mean "
             "target-token cross-entropy"),
-      params=params, loss_fn=loss_fn, batch=jbatch, np_batch=batch,
-      paths=adapters.find_targets(params, "qv", family=t5),
+      params=params, backbone=core_overhead.backbone_for(model, params), batch=jbatch,
+      np_batch=batch, paths=adapters.find_targets(params, "qv", family=t5),
       torch_model=torch_model, torch_loss=torch_loss, peft_targets=["q", "v"])
 
 
@@ -184,15 +181,12 @@ def minilm_setup(args, tmp: pathlib.Path) -> dict:
   ids = np.where(mask, ids, 0)
   opt_ids = rng.integers(1000, cfg.vocab_size, (args.num_options, args.option_len))
   opt_ids[:, 0], opt_ids[:, -1] = 101, 102
-  np_batch = dict(text_ids=ids, text_mask=mask.astype(np.int64), option_ids=opt_ids,
+  # The BERT backbone's batch (`pipeline.encode_scoring`'s keys).
+  np_batch = dict(input_ids=ids, attention_mask=mask.astype(np.int64), option_ids=opt_ids,
                   option_mask=np.ones_like(opt_ids),
-                  label=rng.integers(0, args.num_options, args.batch))
+                  label_index=rng.integers(0, args.num_options, args.batch),
+                  weight=np.ones((args.batch,), np.float32))
   jbatch = {k: jnp.asarray(v) for k, v in np_batch.items()}
-
-  def loss_fn(p, b):
-    scores = bert.label_scores(model, p, b["text_ids"], b["text_mask"], b["option_ids"],
-                               b["option_mask"], tau=TAU)
-    return bert.scoring_loss(scores, b["label"])
 
   def torch_model():
     import torch  # pylint: disable=g-import-not-at-top
@@ -210,46 +204,39 @@ def minilm_setup(args, tmp: pathlib.Path) -> dict:
       pooled = (hidden * w).sum(1) / torch.clamp(w.sum(1), min=1e-9)
       return F.normalize(pooled, dim=-1)
 
-    scores = encode(tb["text_ids"], tb["text_mask"]) @ encode(
+    scores = encode(tb["input_ids"], tb["attention_mask"]) @ encode(
         tb["option_ids"], tb["option_mask"]).T / TAU
-    return F.cross_entropy(scores, tb["label"])
+    return F.cross_entropy(scores, tb["label_index"])
 
   return dict(
       desc=(f"all-MiniLM-L6-v2 real weights ({directory}); batch {args.batch} x "
             f"{args.seq_len} text tokens (padded) + {args.num_options} shared label names x "
             f"{args.option_len} tokens; loss: label-scoring cross-entropy (mean-pooled, "
             f"L2-normalised, cosine / {TAU})"),
-      params=params, loss_fn=loss_fn, batch=jbatch, np_batch=np_batch,
-      paths=adapters.find_targets(params, "qv", family=bert),
+      params=params, backbone=core_overhead.backbone_for(model, params, tau=TAU), batch=jbatch,
+      np_batch=np_batch, paths=adapters.find_targets(params, "qv", family=bert),
       torch_model=torch_model, torch_loss=torch_loss, peft_targets=["query", "value"])
 
 
 def causal_lm_batch(n: int, length: int, answer_len: int, vocab_size: int,
                     seed: int = 0) -> dict[str, np.ndarray]:
-  """Random rows of half to full `length` real tokens, left-padded, whose last `answer_len`
-  tokens are the answer (`answer_mask`)."""
+  """A Llama backbone batch (`pipeline.encode_causal_lm`'s keys) of random rows of half to full
+  `length` real tokens, left-padded, whose last `answer_len` tokens are the answer (the prompt
+  is the `length - answer_len` columns before it; `label_mask` marks the columns predicting an
+  answer token). `answer_mask` (the answer tokens themselves) is for HF's `labels=` loss."""
   rng = np.random.default_rng(seed)
   lengths = rng.integers(length // 2, length + 1, n)
   mask = np.arange(length)[None, :] >= (length - lengths)[:, None]  # left padding
   ids = np.where(mask, rng.integers(100, vocab_size, (n, length)), 0)
   answer = mask & (np.arange(length)[None, :] >= length - answer_len)
-  return dict(input_ids=ids, attention_mask=mask.astype(np.int64), answer_mask=answer)
-
-
-def causal_lm_answer_loss(model, rows: int, length: int, answer_len: int):
-  """Ours on a `causal_lm_batch`, as the Llama backbone trains: the lm head runs only on the
-  columns that predict the answer (HF's `labels=` loss runs it on every column)."""
-  from lbcl_jax.models import llama  # pylint: disable=g-import-not-at-top
-  start = length - answer_len - 1
-  cols = llama.columns(start, length - 1, rows)
-
-  def loss_fn(p, b):
-    logits = model.apply({"params": p}, b["input_ids"], attention_mask=b["attention_mask"],
-                         logits_at=cols)
-    return llama.causal_lm_loss(logits, b["input_ids"][:, start + 1:],
-                                b["answer_mask"][:, start + 1:])
-
-  return loss_fn
+  # Column t predicts token t + 1.
+  labels, label_mask = np.zeros_like(ids), np.zeros_like(answer)
+  labels[:, :-1], label_mask[:, :-1] = ids[:, 1:], answer[:, 1:]
+  prompt = length - answer_len
+  return dict(input_ids=ids, attention_mask=mask.astype(np.int64), labels=labels,
+              label_mask=label_mask, prompt_ids=ids[:, :prompt],
+              prompt_mask=mask[:, :prompt].astype(np.int64),
+              weight=np.ones((n,), np.float32), answer_mask=answer)
 
 
 def causal_lm_torch_loss(m, tb):
@@ -276,8 +263,7 @@ def smollm2_setup(args, tmp: pathlib.Path) -> dict:
   model, params = hf.from_pretrained(path)
   n, length = args.batch, args.seq_len
   np_batch = causal_lm_batch(n, length, args.answer_len, model.config.vocab_size)
-  jbatch = {k: jnp.asarray(v) for k, v in np_batch.items()}
-  loss_fn = causal_lm_answer_loss(model, n, length, args.answer_len)
+  jbatch = {k: jnp.asarray(v) for k, v in np_batch.items() if k != "answer_mask"}
 
   def torch_model():
     import torch  # pylint: disable=g-import-not-at-top
@@ -288,8 +274,8 @@ def smollm2_setup(args, tmp: pathlib.Path) -> dict:
   return dict(
       desc=(f"SmolLM2-135M-Instruct real weights (Q4_1 GGUF, dequantised: {path.name}); batch "
             f"{n} x {length} tokens (left-padded), loss on the last {args.answer_len} tokens"),
-      params=params, loss_fn=loss_fn, batch=jbatch, np_batch=np_batch,
-      paths=adapters.find_targets(params, "qv", family=llama),
+      params=params, backbone=core_overhead.backbone_for(model, params), batch=jbatch,
+      np_batch=np_batch, paths=adapters.find_targets(params, "qv", family=llama),
       torch_model=torch_model, torch_loss=causal_lm_torch_loss,
       peft_targets=["q_proj", "v_proj"])
 
@@ -307,7 +293,7 @@ class JaxStack:
     ns = types.SimpleNamespace(targets="qv", rank=args.rank)
     self.label, self.setup = label, setup
     self.cfg = core_overhead.build_config(label, method, k, "lowrank", setup["params"],
-                                          setup["paths"], setup["loss_fn"], setup["batch"], ns)
+                                          setup["paths"], setup["backbone"], setup["batch"], ns)
     self.compile_s = self.cfg.compile_s
     self.xla_peak = self.cfg.peak
     self.state_bytes = (core_overhead.tree_bytes(setup["params"])
@@ -473,7 +459,7 @@ def main(argv=None) -> dict:
       versions=dict(python=sys.version.split()[0], jax=jax.__version__,
                     torch=torch.__version__, transformers=transformers.__version__,
                     peft=peft.__version__),
-      platform=platform.platform(), processor=platform.processor() or platform.machine(),
+      platform=platform.platform(), machine=machine.describe(),
       timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
   payload["wall_s"] = time.perf_counter() - t_start
   files.atomic_write_text(args.output, json.dumps(payload, indent=2, sort_keys=True) + "\n")

@@ -31,13 +31,12 @@ import argparse
 import datetime
 import importlib.util
 import json
-import os
 import pathlib
-import platform
 import sys
 import tempfile
 import time
 
+import machine
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -199,7 +198,7 @@ def main(argv=None) -> int:
     r["examples_per_s"] = (len(train_ex) + len(test_ex)) / r["wall_s"]
     results[stack] = r
   doc = {"date": datetime.date.today().isoformat(),
-         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+         "machine": machine.describe(),
          "settings": {k: (str(v) if isinstance(v, pathlib.Path) else v)
                       for k, v in vars(args).items()},
          "stacks": results}

@@ -1,9 +1,10 @@
 """Forward+backward step of flan-t5-small (random weights): lbcl_jax's Flax T5 vs HF PyTorch.
 
-One training-step gradient (loss = mean token cross-entropy, gradients for every parameter,
-no optimizer update) at batch 8, source 256, target 8, on the same CPU in one process, with
-torch limited to the cores JAX uses. Both models hold the same weights. Prints a table and
-writes JSON (atomically) to benchmarks/results/t5_step.json.
+One training-step gradient (loss = the T5 backbone's, the driver's: mean target-token
+cross-entropy; gradients for every parameter, no optimizer update) at batch 8, source 256,
+target 8, on the same CPU in one process, with torch limited to the cores JAX uses. Both
+models hold the same weights. Prints a table and writes JSON (atomically) to
+benchmarks/results/t5_step.json.
 
   python benchmarks/t5_step.py --steps 5 --warmup 2
 """
@@ -28,6 +29,9 @@ import numpy as np
 from lbcl_jax import files
 from lbcl_jax.models import hf
 from lbcl_jax.models import t5
+
+import core_overhead
+import machine
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_CONFIG = REPO_ROOT.parent / "shared" / "t5_tokenizer" / "flan-t5-small" / "config.json"
@@ -63,8 +67,10 @@ def hf_config_dict() -> tuple[dict, str]:
   return dict(FLAN_T5_SMALL), "built-in flan-t5-small shape"
 
 
-def make_batch(args, vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """Random tokens; source rows padded to lengths between half and full, EOS-terminated."""
+def make_batch(args, vocab_size: int, seed: int = 0,
+               decoder_start_id: int = 0) -> dict[str, np.ndarray]:
+  """A T5 backbone batch (`pipeline.encode_seq2seq`'s keys) of random tokens: source rows padded
+  to lengths between half and full, EOS-terminated; the first row's target is half padding."""
   rng = np.random.default_rng(seed)
   src = rng.integers(2, vocab_size, (args.batch, args.src_len))
   lengths = rng.integers(args.src_len // 2, args.src_len + 1, args.batch)
@@ -75,8 +81,11 @@ def make_batch(args, vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
   labels[:, -1] = 1
   label_mask = np.ones_like(labels, bool)
   label_mask[0, args.tgt_len // 2:] = False  # One shorter target.
+  decoder_input_ids = np.concatenate(
+      [np.full((args.batch, 1), decoder_start_id, labels.dtype), labels[:, :-1]], axis=1)
   return dict(input_ids=src, attention_mask=src_mask.astype(np.int64), labels=labels,
-              label_mask=label_mask)
+              label_mask=label_mask, decoder_input_ids=decoder_input_ids,
+              weight=np.ones((args.batch,), np.float32))
 
 
 def time_steps(step, n: int) -> list[float]:
@@ -89,17 +98,9 @@ def time_steps(step, n: int) -> list[float]:
 
 
 def bench_jax(args, model, params, batch) -> dict:
-  cfg = model.config
   inputs = {k: jnp.asarray(v) for k, v in batch.items()}
-
-  @jax.jit
-  def grad_step(params, inputs, rng):
-    def loss_fn(p):
-      dec = t5.shift_right(inputs["labels"], cfg.decoder_start_token_id, cfg.pad_token_id)
-      logits = model.apply({"params": p}, inputs["input_ids"], inputs["attention_mask"], dec,
-                           deterministic=not args.dropout, rngs={"dropout": rng})
-      return t5.seq2seq_loss(logits, inputs["labels"], inputs["label_mask"])
-    return jax.value_and_grad(loss_fn)(params)
+  backbone = core_overhead.backbone_for(model, params, dropout=args.dropout)
+  grad_step = jax.jit(jax.value_and_grad(backbone.loss))
 
   keys = iter(jax.random.split(jax.random.key(0), args.warmup + args.steps + 1))
 
@@ -156,7 +157,7 @@ def main(argv=None) -> dict:
   model = t5.T5(config)
   # Same random weights for both: init ours (HF-style scales), export for torch.
   params = t5.init_params(model, jax.random.key(0), src_len=8, tgt_len=8)
-  batch = make_batch(args, config.vocab_size)
+  batch = make_batch(args, config.vocab_size, decoder_start_id=config.decoder_start_token_id)
 
   with tempfile.TemporaryDirectory() as tmp:
     hf_dir = hf.save_pretrained(model, params, pathlib.Path(tmp) / "flan-t5-small-random")
@@ -188,7 +189,7 @@ def main(argv=None) -> dict:
       jax=jax_result, torch=torch_result, ratio_jax_over_torch=ratio,
       versions=dict(python=sys.version.split()[0], jax=jax.__version__,
                     torch=torch.__version__, transformers=transformers.__version__),
-      platform=platform.platform(), processor=platform.processor() or platform.machine(),
+      platform=platform.platform(), machine=machine.describe(),
       timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
   files.atomic_write_text(args.output, json.dumps(payload, indent=2, sort_keys=True) + "\n")
   print(f"wrote {args.output}")

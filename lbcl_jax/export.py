@@ -62,7 +62,7 @@ class RunModel:
   Attributes:
     config: the run's config (a ConfigDict rebuilt from the workdir's config.json).
     backbone: the family's backbone (model, tokenizer).
-    trains_base: whether the method trains the base (SeqFT): then `params` is the trained base
+    trains_base: whether the run trained the base (SeqFT): then `params` is the trained base
       and there are no adapters.
     params: host numpy params the adapters apply to (the pre-trained base, or SeqFT's trained
       base after the last finished stage).
@@ -152,10 +152,11 @@ def load_run(workdir: str | os.PathLike, stage: Optional[int] = None,
   from lbcl_jax import backbones  # pylint: disable=g-import-not-at-top
   from lbcl_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from lbcl_jax import methods as methods_lib  # pylint: disable=g-import-not-at-top
+  from lbcl_jax import settings as settings_lib  # pylint: disable=g-import-not-at-top
   from lbcl_jax import sharding  # pylint: disable=g-import-not-at-top
-  from lbcl_jax import train  # pylint: disable=g-import-not-at-top
+  from lbcl_jax import stage as stage_lib  # pylint: disable=g-import-not-at-top
 
-  method = methods_lib.get_method(config.method, train.method_settings(config))
+  method = methods_lib.get_method(config.method, settings_lib.method_settings(config))
   ckpt = checkpointing.RunCheckpointer(ckpt_dir)
   try:
     progress = ckpt.restore_progress(steps[0])
@@ -169,43 +170,45 @@ def load_run(workdir: str | os.PathLike, stage: Optional[int] = None,
     if not 1 <= stage <= finished:
       raise InputError(f"--stage={stage}: out of range; {workdir} has {finished} finished "
                        f"stage{'s' if finished > 1 else ''} (stages 1..{finished})")
-    if method.trains_base and need_adapters:
+    # A run that trained the base (SeqFT) wrote it at its stage boundaries ("params"), and no
+    # adapters; the newest boundary is always kept.
+    boundary = _boundary_step(ckpt, steps, finished)
+    trained_base = boundary is not None and "params" in ckpt.items(boundary)
+    if trained_base and need_adapters:
       raise InputError(f"method {config.method!r} trains the base itself: it has no adapters "
                        "to write in PEFT's format; use --format=merged")
-    if method.trains_base and stage != finished:
+    if trained_base and stage != finished:
       raise InputError(f"--stage={stage}: method {config.method!r} trains the base, and only "
                        f"the base after the last finished stage ({finished}) is kept")
 
     # The frozen base exactly as the driver made it (loaded, or re-initialised from the
     # seed), on one device: exporting gathers everything on this host anyway.
-    loop = train.LoopConfig.from_config(config, method)
+    loop = settings_lib.LoopConfig.from_config(config, method)
     backbone = backbones.build(backbones.BackboneConfig.from_config(config))
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     key = jax.random.key(config.seed)
     rules = tuple(config.mesh.logical_axis_rules)
     with sharding.on_mesh(mesh, rules):
-      base = train.place_base(backbone, method, loop, key, mesh, rules)
+      base = stage_lib.place_base(backbone, method, loop, key, mesh, rules)
     one_device = sharding.replicated(mesh)
 
     def abstract(tree):
       return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device),
                           tree)
 
-    if method.trains_base:
-      # SeqFT's trained base is written only at stage boundaries ("trainable" there); a
-      # mid-stage checkpoint holds the next stage's half-trained base instead.
-      step = _boundary_step(ckpt, steps, finished)
-      if step is None:
-        raise InputError(f"--workdir={workdir}: the checkpoint of the base after stage "
-                         f"{finished} is gone (only mid-stage checkpoints remain)")
-      params = ckpt.restore(step, {"trainable": abstract(base.params)})["trainable"]
+    if trained_base:
+      # A mid-stage checkpoint holds the next stage's half-trained base instead.
+      params = ckpt.restore(boundary, {"params": abstract(base.params)})["params"]
       return RunModel(config=config, backbone=backbone, trains_base=True,
                       params=jax.device_get(params), adapters=None, scaling=1.0, stage=stage,
                       finished=finished, stage_names=stage_names)
 
+    if base.adapter_config is None:
+      raise InputError(f"--workdir={workdir}: the checkpoint of the base after stage "
+                       f"{finished} is gone (only mid-stage checkpoints remain)")
     # Every checkpoint after stage k holds the k finished adapters as one stack ("old").
     num_old = int(progress["stage"])
-    stack = train.abstract_adapter(base, key, num_tasks=num_old)
+    stack = stage_lib.abstract_adapter(base, key, num_tasks=num_old)
     old = ckpt.restore(steps[0], {"old": stack})["old"]
     old = jax.tree.map(lambda x: np.asarray(x)[:stage], jax.device_get(old))
     return RunModel(config=config, backbone=backbone, trains_base=False,

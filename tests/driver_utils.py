@@ -116,14 +116,17 @@ FAST = [
 
 
 def run_main(workdir: pathlib.Path, *overrides: str, devices: int | None = None,
-             check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-  """`python -m lbcl_jax.main --workdir=... overrides` in a fresh process."""
+             check: bool = True, timeout: int = 600,
+             module: str = "lbcl_jax.main") -> subprocess.CompletedProcess:
+  """`python -m lbcl_jax.main --workdir=... overrides` in a fresh process (`module`: another
+  entry point with main's flags, e.g. tests/stateful_method.py, found on tests/)."""
   env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+  env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests"),
+                                       env.get("PYTHONPATH", "")])
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   if devices is not None:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  cmd = [sys.executable, "-m", "lbcl_jax.main", f"--workdir={workdir}", *overrides]
+  cmd = [sys.executable, "-m", module, f"--workdir={workdir}", *overrides]
   proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                         timeout=timeout)
   if check and proc.returncode != 0:
@@ -137,13 +140,15 @@ def run_main(workdir: pathlib.Path, *overrides: str, devices: int | None = None,
   return proc
 
 
-def killed_then_resumed(workdir: pathlib.Path, args: list[str], kill_at_step: int) -> dict:
-  """`main` SIGKILLed right after global step `kill_at_step`, then run again to resume it;
-  returns the resumed run's results.json."""
-  proc = run_main(workdir, *args, f"--config.debug.kill_at_step={kill_at_step}", check=False)
+def killed_then_resumed(workdir: pathlib.Path, args: list[str], kill_at_step: int,
+                        module: str = "lbcl_jax.main") -> dict:
+  """`main` (or `module`) SIGKILLed right after global step `kill_at_step`, then run again to
+  resume it; returns the resumed run's results.json."""
+  proc = run_main(workdir, *args, f"--config.debug.kill_at_step={kill_at_step}", check=False,
+                  module=module)
   assert proc.returncode == -9, proc.stderr[-3000:]
   assert not (workdir / "results.json").exists()
-  run_main(workdir, *args)
+  run_main(workdir, *args, module=module)
   return json.loads((workdir / "results.json").read_text())
 
 

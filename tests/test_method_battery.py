@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 
 import flax.linen as nn
@@ -22,6 +23,7 @@ import pytest
 from lbcl_jax import adapters
 from lbcl_jax import methods
 from lbcl_jax import sensitivity
+from lbcl_jax import settings
 from lbcl_jax import train
 
 import driver_utils as du
@@ -119,14 +121,15 @@ def _run_method(name, transform_after_adam=False):
     else:
       fresh = adapters.init_new(jax.random.key(10 + t), params, cfg)
 
-      def score_old(n, batch=batch):
+      def score_old(n, aggregation="mean", batch=batch):
         seeds = jax.tree.map(lambda a: a[:n], batch)
 
         def loss_of_stack(stack, sample):
           with adapters.intercept(stack, cfg.scaling):
             return backbone.loss(params, jax.tree.map(lambda a: a[None], sample), None)
 
-        return sensitivity.score_old_triplets(loss_of_stack, old, seeds)
+        return sensitivity.score_old_triplets(loss_of_stack, old, seeds,
+                                              aggregation=aggregation)
 
       trainable, _ = method.init_adapter(fresh, old, score_old)
       record["regularizer"] = method.regularizer(trainable, old)
@@ -272,16 +275,16 @@ def test_adapter_scaling_and_dropout_defaults(name, scaling, dropout):
   """O-LoRA's LoRA settings (alpha 32, so 4 at r = 8; dropout 0.1) for the LoRA family and
   MTL, AdaLoRA's scaling 1 for the SVD family; the run config overrides either."""
   config = du.make_config(f"--config.method={name}")
-  method = methods.get_method(name, train.method_settings(config))
-  loop = train.LoopConfig.from_config(config, method)
-  assert (loop.adapter_scaling, loop.adapter_dropout) == (scaling, dropout)
+  method = methods.get_method(name, settings.method_settings(config))
+  loop = settings.LoopConfig.from_config(config, method)
+  assert (loop.adapter.scaling, loop.adapter.dropout) == (scaling, dropout)
   config = du.make_config(f"--config.method={name}", "--config.adapters.rank=4")
-  assert train.LoopConfig.from_config(config, method).adapter_scaling == (
+  assert settings.LoopConfig.from_config(config, method).adapter.scaling == (
       1.0 if scaling == 1.0 else 32 / 4)
   config = du.make_config(f"--config.method={name}", "--config.adapters.scaling=2",
                           "--config.adapters.dropout=0")
-  loop = train.LoopConfig.from_config(config, method)
-  assert (loop.adapter_scaling, loop.adapter_dropout) == (2.0, 0.0)
+  loop = settings.LoopConfig.from_config(config, method)
+  assert (loop.adapter.scaling, loop.adapter.dropout) == (2.0, 0.0)
 
 
 def test_sensitivity_chunk_defaults_to_the_training_micro_batch():
@@ -290,9 +293,9 @@ def test_sensitivity_chunk_defaults_to_the_training_micro_batch():
   method = methods.get_method("lbcl")
   config = du.make_config("--config.optim.global_batch_size=8",
                           "--config.optim.grad_accum_steps=2")
-  assert train.LoopConfig.from_config(config, method).sensitivity_chunk_size == 4
+  assert settings.LoopConfig.from_config(config, method).sensitivity_chunk_size == 4
   config = du.make_config("--config.injection.chunk_size=3")
-  assert train.LoopConfig.from_config(config, method).sensitivity_chunk_size == 3
+  assert settings.LoopConfig.from_config(config, method).sensitivity_chunk_size == 3
 
 
 def test_registry_and_labels():
@@ -331,3 +334,52 @@ def test_method_through_the_driver(tmp_path, name):
   assert (r["bwt"] is None) == row.joint
   # The step cap is per task: a joint stage of both tasks trains as many steps as two stages.
   assert sum(len(curve) for curve in r["losses"].values()) == 2 * 3
+
+
+# ---------------------------------------------------------------------------------------------
+# A method with state (`Method.end_stage`): tests/stateful_method.py's `Anchored`, the running
+# mean of the finished tasks' adapters, which its regulariser pulls the new adapter toward.
+
+
+def _stateful_args(tmp, *more):
+  return [*du.FAST, *du.tiny_bert(tmp), "--config.optim.max_steps_per_task=4",
+          "--config.checkpoint.every_steps=2", "--config.plots=False", *more]
+
+
+@pytest.fixture(scope="module")
+def stateful_straight(tmp_path_factory):
+  """(args, results.json, workdir) of an uninterrupted run of `anchored`."""
+  tmp = tmp_path_factory.mktemp("stateful")
+  args = _stateful_args(tmp, "--config.method=anchored")
+  du.run_main(tmp / "wd", *args, module="stateful_method")
+  return args, json.loads((tmp / "wd" / "results.json").read_text()), tmp / "wd"
+
+
+def test_method_state_reaches_the_regularizer_and_the_checkpoint(tmp_path, stateful_straight):
+  """The state of the first task changes how the second trains (and nothing before it), and
+  every checkpoint after the first task holds it."""
+  _, straight, wd = stateful_straight
+  du.run_main(tmp_path / "free", *_stateful_args(tmp_path, "--config.method=anchored_free"),
+              module="stateful_method")
+  free = json.loads((tmp_path / "free" / "results.json").read_text())
+  first, second = straight["stages"]
+  assert straight["losses"][first] == free["losses"][first]
+  assert straight["losses"][second] != free["losses"][second]
+  # The pull adds a positive term to the second task's loss from its first step.
+  assert straight["losses"][second][0][1] > free["losses"][second][0][1]
+  kept = [p for p in (wd / "checkpoints").iterdir() if p.name.isdigit()]
+  after_first = [p for p in kept
+                 if json.loads((p / "progress" / "metadata").read_text())["stage"] >= 1]
+  assert after_first and all((p / "method_state").is_dir() for p in after_first)
+  assert not any((p / "method_state").exists() for p in kept if p not in after_first)
+
+
+@pytest.mark.parametrize("kill_at_step", [5, 7])
+def test_method_state_survives_kill_and_resume(tmp_path, stateful_straight, kill_at_step):
+  """Killed with SIGKILL right after the first step of the second task (resumed from the
+  stage boundary) or mid-way through it (from a mid-stage checkpoint), then resumed: the same
+  results, bit for bit, as the uninterrupted run."""
+  args, straight, _ = stateful_straight
+  resumed = du.killed_then_resumed(tmp_path / "wd", args, kill_at_step,
+                                   module="stateful_method")
+  du.assert_same_run(straight, resumed)

@@ -8,8 +8,8 @@ numpy RNG), on left-padded batches from our pipeline (`CausalLMData.collate`: pr
 different lengths, answers ending in EOS, one padding row), dropout off, AdamW at lr 1e-3:
 
   * ours: the driver's step (`train.make_train_step`) with the run config's optimizer
-    (`train.optimizer_settings` -> `methods.build_optimizer`), method, scaling and apply mode
-    (`train.LoopConfig`), the old adapters merged into the base as the driver does;
+    (`settings.optimizer_settings` -> `methods.build_optimizer`), method, scaling and apply mode
+    (`settings.LoopConfig`), the old adapters merged into the base as the driver does;
   * theirs: HF Trainer's `training_step` + `optimizer.step()` on a PEFT model:
     `LlamaForCausalLM(input_ids, attention_mask, labels)` with labels -100 outside the answers
     (HF's loss: the mean over every answer token of the batch; no position_ids, as the Trainer
@@ -47,6 +47,7 @@ import pytest
 from lbcl_jax import adapters as adapters_lib
 from lbcl_jax import config_lib
 from lbcl_jax import methods as methods_lib
+from lbcl_jax import settings as settings_lib
 from lbcl_jax import train
 from lbcl_jax.backbones import base as backbone_base
 from lbcl_jax.backbones.llama import LlamaBackbone
@@ -175,13 +176,14 @@ def our_run(method_name, ours_model, params, batches, new_values, old_values, gr
   config.adapters.dropout = 0.0  # off in both stacks
   config.optim.learning_rate = LR
   config.optim.grad_clip = grad_clip
-  method = methods_lib.get_method(method_name, train.method_settings(config))
-  loop = train.LoopConfig.from_config(config, method)
-  assert loop.adapter_scaling == ALPHA / RANK and loop.grad_accum_steps == 1
+  method = methods_lib.get_method(method_name, settings_lib.method_settings(config))
+  loop = settings_lib.LoopConfig.from_config(config, method)
+  adapter = loop.adapter
+  assert adapter.scaling == ALPHA / RANK and loop.grad_accum_steps == 1
   backbone = LlamaBackbone(backbone_base.BackboneConfig(family="llama"), model, None, base)
-  paths = adapters_lib.find_targets(base, loop.adapter_targets, family=llama)
-  adapter_config = adapters_lib.AdapterConfig(targets=loop.adapter_targets, rank=RANK,
-                                              scaling=loop.adapter_scaling,
+  paths = adapters_lib.find_targets(base, adapter.targets, family=llama)
+  adapter_config = adapters_lib.AdapterConfig(targets=adapter.targets, rank=RANK,
+                                              scaling=adapter.scaling,
                                               init=method.adapter_init)
   fresh = adapters_lib.init_new(jax.random.key(0), base, adapter_config, paths)
   flat = adapters_lib.flatten_layers(fresh)
@@ -195,11 +197,11 @@ def our_run(method_name, ours_model, params, batches, new_values, old_values, gr
   trainable, _ = method.init_adapter(adapters_lib.unflatten_layers(flat), old or None,
                                      lambda n: None)
   # As the driver: the old adapters merged into the base, the regulariser reads them.
-  base_eff = adapters_lib.merge(base, old, loop.adapter_scaling) if old else base
-  settings = train.optimizer_settings(config)
+  base_eff = adapters_lib.merge(base, old, adapter.scaling) if old else base
+  settings = settings_lib.optimizer_settings(config)
   tx = optax.chain(capture_grads(), methods_lib.build_optimizer(method, old or None, settings))
-  step = train.make_train_step(backbone, method, tx, scaling=loop.adapter_scaling,
-                               dropout=loop.adapter_dropout, apply_mode=loop.apply_mode)
+  step = train.make_train_step(backbone, method, tx, scaling=adapter.scaling,
+                               dropout=adapter.dropout, apply_mode=adapter.apply_mode)
   opt_state = tx.init(trainable)
   as_ab = lambda t: {p: (np.asarray(t[p]["V"]), np.asarray(t[p]["U"])) for p in new_values}
   losses, grads = [], []

@@ -5,15 +5,23 @@
 | t5         | T5Backbone    | lbcl_jax.backbones.t5   | greedy generation + exact match, or rank    |
 | bert       | BertBackbone  | lbcl_jax.backbones.bert | label-name scoring, arg-max option          |
 | llama      | LlamaBackbone | lbcl_jax.backbones.llama | greedy generation + exact match, or rank   |
+| qwen2      | Qwen2Backbone | lbcl_jax.backbones.decoders | as llama (Llama module + switches)      |
+| qwen3      | Qwen3Backbone | lbcl_jax.backbones.decoders | as llama                                |
+| mistral    | MistralBackbone | lbcl_jax.backbones.decoders | as llama                              |
+| gemma2     | Gemma2Backbone | lbcl_jax.backbones.gemma2 | greedy generation + exact match, or rank |
 
 Adding a family: a Flax model with its Hugging Face conversion in `lbcl_jax/models/<name>.py`
-(registering an `hf.Family`), a `Backbone` subclass in `lbcl_jax/backbones/<name>.py`, and one
-row in `_MODULES` below. See ARCHITECTURE.md.
+(registering an `hf.Family`), a `Backbone` subclass in `lbcl_jax/backbones/<name>.py` (for a
+generative family, of `generative.GenerativeBackbone`; for a Llama-like decoder,
+`generative.CausalLMBackbone` with only `model_type` and `model_module`), and one row in
+`_MODULES` below. See ARCHITECTURE.md.
 """
 
 from __future__ import annotations
 
 import importlib
+
+from absl import logging
 
 from lbcl_jax.backbones.base import Backbone
 from lbcl_jax.backbones.base import BackboneConfig
@@ -28,6 +36,10 @@ _MODULES = {
     "t5": "lbcl_jax.backbones.t5",
     "bert": "lbcl_jax.backbones.bert",
     "llama": "lbcl_jax.backbones.llama",
+    "gemma2": "lbcl_jax.backbones.gemma2",
+    "mistral": "lbcl_jax.backbones.decoders",
+    "qwen2": "lbcl_jax.backbones.decoders",
+    "qwen3": "lbcl_jax.backbones.decoders",
 }
 
 
@@ -51,8 +63,16 @@ def build(config: BackboneConfig) -> Backbone:
   path = model_dir(cls, config)
   model_type, model, params = load_model(config, path)
   if model_type != config.family:
-    raise InputError(f"config.model.family={config.family!r} but {path} holds a "
-                     f"{model_type!r} model")
+    # A Qwen or Gemma directory under a config written for SmolLM2 (family "llama") is what
+    # the user means when both families share an interface; a T5 checkpoint under a BERT
+    # config is not.
+    own = backbone_class(model_type) if model_type in _MODULES else None
+    if own is None or not cls.interface or own.interface != cls.interface:
+      raise InputError(f"config.model.family={config.family!r} but {path} holds a "
+                       f"{model_type!r} model")
+    logging.info("config.model.family=%r: %s holds a %r model, which runs as its own family",
+                 config.family, path, model_type)
+    cls = own
   tokenizer = hf.load_tokenizer(config.tokenizer or path)
   return cls(config, model, tokenizer, params)
 

@@ -5,9 +5,10 @@ examples into batches, batches into a loss, and a batch into predicted options. 
 appear here: the driver applies them around `loss` and `predict` (intercepted low-rank
 products or merged kernels), so every method works with every family unchanged.
 
-Families subclass `Backbone`, register by `config.json`'s model type
-(`lbcl_jax.backbones.register`) and are built from a `BackboneConfig`, the run config's model
-fields typed once (families never see the ConfigDict).
+Families subclass `Backbone` (the generative ones `generative.GenerativeBackbone`), are found by
+`config.json`'s model type (one row in `lbcl_jax.backbones._MODULES` names the module;
+`backbones.backbone_class` picks its subclass whose `model_type` matches) and are built from a
+`BackboneConfig`, the run config's model fields typed once (families never see the ConfigDict).
 """
 
 from __future__ import annotations
@@ -97,7 +98,11 @@ class Backbone(abc.ABC):
 
   # config.json's model_type this family registers for.
   model_type: ClassVar[str] = ""
-  # The model module: it defines ADAPTER_TARGETS and ALL_LINEAR_TARGETS (regexes).
+  # Families with the same non-empty `interface` read the same batches and answer the same way
+  # (e.g. "causal_lm": every decoder-only LM), so a checkpoint of one runs under a config
+  # naming another: `backbones.build` takes the checkpoint's own family.
+  interface: ClassVar[str] = ""
+  # The model module: it defines ADAPTER_TARGETS, ALL_LINEAR_TARGETS and BLOCK_PATTERN (regexes).
   model_module: ClassVar[Any] = None
   # Batch arrays shared by every row (a task's options): replicated over the mesh, not split.
   replicated_keys: ClassVar[tuple[str, ...]] = ()
@@ -136,6 +141,12 @@ class Backbone(abc.ABC):
   def adapter_targets(self, targets: str) -> str:
     """A regex over module paths: the presets "qv" and "all_linear", or `targets` itself."""
     return adapters.resolve_targets(targets, self.model_module)
+
+  @property
+  def block_pattern(self) -> str:
+    """A regex over module paths grouping a layer's transformer stack (`stack`) and block index
+    (`index`): what injection by depth counts blocks with (`injection.top_block_layers`)."""
+    return self.model_module.BLOCK_PATTERN
 
   def kernel_specs(self, paths: Sequence[str]) -> dict[str, P]:
     """The logical spec of each adapted layer's kernel, by '/'-joined module path."""

@@ -20,7 +20,9 @@ import dataclasses
 from lbcl_jax.errors import InputError
 from lbcl_jax.methods.base import Method
 from lbcl_jax.methods.base import MethodSettings
+from lbcl_jax.methods.base import NewAdapter
 from lbcl_jax.methods.base import OptimizerSettings
+from lbcl_jax.methods.base import TrainedBase
 from lbcl_jax.methods.base import build_optimizer
 from lbcl_jax.methods.base import param_labels
 from lbcl_jax.methods.lora import LoRAFamily
@@ -59,6 +61,6 @@ def get_method(name: str, settings: MethodSettings | None = None, **overrides) -
 
 
 __all__ = [
-    "LoRAFamily", "METHODS", "MTL", "Method", "MethodSettings", "OptimizerSettings", "SVDFamily",
-    "SeqFT", "build_optimizer", "get_method", "param_labels",
+    "LoRAFamily", "METHODS", "MTL", "Method", "MethodSettings", "NewAdapter", "OptimizerSettings",
+    "SVDFamily", "SeqFT", "TrainedBase", "build_optimizer", "get_method", "param_labels",
 ]

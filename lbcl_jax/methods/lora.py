@@ -41,7 +41,9 @@ class LoRAFamily(Method):
   olora_lambda1: float = 0.5
   olora_lambda2: float = 0.0
 
-  def regularizer(self, new: PyTree, old: Optional[PyTree]) -> Optional[jax.Array]:
+  def regularizer(self, new: PyTree, old: Optional[PyTree],
+                  state: Optional[PyTree] = None) -> Optional[jax.Array]:
+    del state
     if not (self.olora and old):
       return None
     return olora_lib.olora_penalty({"old": old, "new": new}, self.olora_lambda1,

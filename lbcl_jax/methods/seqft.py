@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from lbcl_jax.methods.base import Method
+from lbcl_jax.methods.base import TRAINED_BASE, Method, NewAdapter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,5 +16,5 @@ class SeqFT(Method):
   adapter_init: str = "lora"  # unused: no adapter is ever created
 
   @property
-  def trains_base(self) -> bool:
-    return True
+  def trainable(self) -> NewAdapter:
+    return TRAINED_BASE

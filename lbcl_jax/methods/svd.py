@@ -18,11 +18,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from absl import logging
 
 from lbcl_jax import adapters as adapters_lib
 from lbcl_jax import injection
@@ -78,7 +80,7 @@ class SVDFamily(Method):
     inject_sigma: inject sigma too (False, the default chosen on validation: the paper's
       "without sigma" variant).
     inject_layers: 'all' | int n (the n layers with the highest total score) |
-      `injection.TopBlocks(n)` (the top n blocks by depth; the driver turns it into paths) |
+      `injection.TopBlocks(n)` (the top n blocks by depth; `resolve` turns it into paths) |
       a regex | a tuple of paths, see `lbcl_jax.injection`.
     num_seed_samples: samples of the new task used to score old triplets.
     score_aggregation: 'mean' | 'adalora' | 'fisher', see `lbcl_jax.sensitivity`.
@@ -111,21 +113,35 @@ class SVDFamily(Method):
                    score_old: ScoreFn) -> tuple[PyTree, Optional[Mapping[str, jax.Array]]]:
     if not (self.inject and old):
       return fresh, None
-    scores = score_old(self.num_seed_samples)
+    scores = score_old(self.num_seed_samples, self.score_aggregation)
     inject = functools.partial(injection.inject, with_sigma=self.inject_sigma,
                                layers=self.inject_layers)
     return jax.jit(lambda o, s, f: inject(o, s, fresh=f))(old, scores, fresh), scores
 
-  def regularizer(self, new: PyTree, old: Optional[PyTree]) -> Optional[jax.Array]:
-    del old
+  def regularizer(self, new: PyTree, old: Optional[PyTree],
+                  state: Optional[PyTree] = None) -> Optional[jax.Array]:
+    del old, state
     if not self.orth_reg_weight:
       return None
     return self.orth_reg_weight * orthogonality_regularizer(new)
 
-  def gradient_transform(self, old: Optional[PyTree]) -> Optional[optax.GradientTransformation]:
+  def gradient_transform(self, old: Optional[PyTree], state: Optional[PyTree] = None
+                         ) -> Optional[optax.GradientTransformation]:
+    del state
     if not (self.project and old):
       return None
     return projection.orthogonal_projection(old, rtol=self.projection_rtol)
+
+  def resolve(self, backbone: Any, paths: Sequence[str]) -> "SVDFamily":
+    """A depth choice of injection (`injection.TopBlocks`) turned into the layer paths it
+    names, by the backbone's block pattern."""
+    if not isinstance(self.inject_layers, injection.TopBlocks):
+      return self
+    n = self.inject_layers.n
+    chosen = injection.top_block_layers(list(paths), n, backbone.block_pattern)
+    logging.info("Injection into the top %d blocks: %d layers (%s ...)", n, len(chosen),
+                 ", ".join(chosen[:4]))
+    return dataclasses.replace(self, inject_layers=chosen)
 
   def configured(self, settings: MethodSettings) -> "SVDFamily":
     return dataclasses.replace(

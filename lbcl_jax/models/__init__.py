@@ -1,4 +1,5 @@
-"""Model families (T5, BERT) and Hugging Face checkpoint I/O."""
+"""Model families (T5, BERT, and the decoders Llama, Qwen2, Qwen3, Mistral, Gemma 2) and
+Hugging Face checkpoint I/O."""
 
 from lbcl_jax.models.hf import CheckpointError
 from lbcl_jax.models.hf import CheckpointNotFoundError

@@ -1,8 +1,13 @@
-"""GGUF checkpoints (llama.cpp's single-file format) for the Llama family.
+"""GGUF checkpoints (llama.cpp's single-file format) for the Llama, Mistral and Qwen2 families.
 
 `from_pretrained(path)` reads a `.gguf` file whose `general.architecture` is 'llama' (Llama,
-SmolLM2, TinyLlama, ...) into `(LlamaForCausalLM, params)`, computing what transformers computes
-after `AutoModelForCausalLM.from_pretrained(dir, gguf_file=name)`:
+SmolLM2, TinyLlama, Mistral, ...) or 'qwen2' (Qwen2, Qwen2.5) into `(model, params)`, computing
+what transformers computes after `AutoModelForCausalLM.from_pretrained(dir, gguf_file=name)`:
+
+* llama.cpp writes Mistral as 'llama'; as transformers, a 'llama' file whose `general.name` is
+  exactly 'mistral' becomes a Mistral model (with `MistralConfig`'s default sliding window, the
+  file has none), any other a Llama one. 'qwen2' files have q/k/v biases and no q/k
+  permutation, and transformers ignores their `rope.dimension_count`;
 
 * the metadata (`llama.block_count`, `llama.embedding_length`, ...) becomes an HF-style
   config.json dict (`read_config`), with the same key mapping as transformers' GGUF loader;
@@ -12,10 +17,12 @@ after `AutoModelForCausalLM.from_pretrained(dir, gguf_file=name)`:
   back in order (transformers' `LlamaTensorProcessor._reverse_permute_weights`);
 * the tokenizer is rebuilt from the `tokenizer.ggml.*` metadata (`load_tokenizer`).
 
-`hf.from_pretrained` / `hf.load_tokenizer` dispatch here for paths ending in `.gguf`. The
-`gguf` package is imported lazily (it is an optional dependency), so importing lbcl_jax never
-needs it. Any unusable file raises `hf.CheckpointError` (or `hf.CheckpointNotFoundError` for a
-missing one) naming the file and the metadata field or tensor at fault.
+`hf.from_pretrained` / `hf.load_tokenizer` dispatch here for paths ending in `.gguf`; this
+module imports the family registry (`lbcl_jax.models.registry`), not hf.py, so the two form no
+cycle. The `gguf` package is imported lazily (it is an optional dependency), so importing
+lbcl_jax never needs it. Any unusable file raises `CheckpointError` (or
+`CheckpointNotFoundError` for a missing one; both in `registry`, re-exported by `hf`) naming
+the file and the metadata field or tensor at fault.
 """
 
 from __future__ import annotations
@@ -31,9 +38,14 @@ from typing import Any, Optional
 import jax.numpy as jnp
 import numpy as np
 
-from lbcl_jax.models import hf
+from lbcl_jax.models import registry
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+# GGUF architecture -> (config.json's model_type, HF class); 'llama' may become Mistral.
+_MODEL_TYPES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+                "mistral": ("mistral", "MistralForCausalLM")}
+# Metadata keys transformers' GGUF_CONFIG_MAPPING leaves out per architecture.
+_IGNORED_CONFIG_KEYS = {"qwen2": ("rope.dimension_count",)}
 
 # `{arch}.<key>` metadata -> HF config field (transformers' GGUF_CONFIG_MAPPING for llama).
 _LLAMA_CONFIG_KEYS = {
@@ -79,8 +91,8 @@ _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
 
 
-def _error(path, message: str) -> hf.CheckpointError:
-  return hf.CheckpointError(f"{path}: {message}")
+def _error(path, message: str) -> registry.CheckpointError:
+  return registry.CheckpointError(f"{path}: {message}")
 
 
 # ----------------------------------------------------------------------------- locating
@@ -123,7 +135,7 @@ def _open(path: str | os.PathLike):
   gguf = _import_gguf()
   path = pathlib.Path(path).expanduser()
   if not path.is_file():
-    raise hf.CheckpointNotFoundError(f"{path}: GGUF file not found")
+    raise registry.CheckpointNotFoundError(f"{path}: GGUF file not found")
   # Check the layout first: GGUFReader's own errors on a truncated or corrupt file are numpy
   # reshape/view messages that say nothing about which part is broken.
   problem = _layout_problem(path, gguf)
@@ -282,8 +294,15 @@ def _architecture(metadata: Mapping[str, Any], path) -> str:
   return arch
 
 
+def _model_type(arch: str, metadata: Mapping[str, Any]) -> str:
+  # transformers tests `"mistral" in [general.name]`: a list, so the name must equal it.
+  if arch == "llama" and metadata.get("general.name") == "mistral":
+    return "mistral"
+  return _MODEL_TYPES[arch][0]
+
+
 def config_from_metadata(metadata: Mapping[str, Any], tensor_names, path) -> dict[str, Any]:
-  """An HF `config.json` dict (model_type 'llama') from GGUF metadata."""
+  """An HF `config.json` dict (model_type 'llama', 'mistral' or 'qwen2') from GGUF metadata."""
   arch = _architecture(metadata, path)
   for key in _REQUIRED_KEYS:
     if f"{arch}.{key}" not in metadata:
@@ -295,10 +314,11 @@ def config_from_metadata(metadata: Mapping[str, Any], tensor_names, path) -> dic
   if scaling not in (None, "none"):
     raise _error(path, f"rope scaling {scaling!r} is not supported (field "
                        f"'{arch}.rope.scaling.type')")
-  cfg: dict[str, Any] = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+  model_type, hf_class = _MODEL_TYPES[_model_type(arch, metadata)]
+  cfg: dict[str, Any] = {"architectures": [hf_class], "model_type": model_type}
   for key, name in _LLAMA_CONFIG_KEYS.items():
     value = metadata.get(f"{arch}.{key}")
-    if value is None:
+    if value is None or key in _IGNORED_CONFIG_KEYS.get(arch, ()):
       continue
     expected = float if name in ("rope_theta", "rms_norm_eps") else int
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (
@@ -321,7 +341,7 @@ def config_from_metadata(metadata: Mapping[str, Any], tensor_names, path) -> dic
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
-  """The HF-style config dict of a llama GGUF file (reads the metadata only)."""
+  """The HF-style config dict of a GGUF file (reads the metadata only)."""
   reader = _open(path)
   return config_from_metadata(read_metadata(reader, path), [t.name for t in reader.tensors],
                               path)
@@ -354,15 +374,18 @@ def reverse_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def read_tensors(reader, cfg: Mapping[str, Any], path) -> dict[str, np.ndarray]:
-  """Every tensor as float32 under its HF name, q/k un-permuted."""
+  """Every tensor as float32 under its HF name, q/k un-permuted where llama.cpp permuted them
+  (its 'llama' architecture, Mistral included; not 'qwen2')."""
   gguf = _import_gguf()
+  permuted = cfg["model_type"] in ("llama", "mistral")
   n_heads = cfg["num_attention_heads"]
   n_kv = cfg.get("num_key_value_heads", n_heads)
   out = {}
   for tensor in reader.tensors:
     name = hf_tensor_name(tensor.name)
     if name is None:
-      raise _error(path, f"unexpected tensor {tensor.name!r} for a llama GGUF file")
+      raise _error(path, f"unexpected tensor {tensor.name!r} for a {cfg['model_type']} GGUF "
+                         "file")
     qtype = tensor.tensor_type
     try:
       array = gguf.quants.dequantize(tensor.data, qtype)
@@ -373,16 +396,16 @@ def read_tensors(reader, cfg: Mapping[str, Any], path) -> dict[str, np.ndarray]:
       raise _error(path, f"tensor {tensor.name!r} ({qtype.name}) cannot be dequantized "
                          f"({e})") from e
     array = np.asarray(array, np.float32)
-    if ".self_attn.q_proj." in name:
+    if permuted and ".self_attn.q_proj." in name:
       array = reverse_permute(array, n_heads)
-    elif ".self_attn.k_proj." in name:
+    elif permuted and ".self_attn.k_proj." in name:
       array = reverse_permute(array, n_kv)
     out[name] = array
   return out
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """`(config.json dict, {HF name: float32 array})` of a llama GGUF file."""
+  """`(config.json dict, {HF name: float32 array})` of a GGUF file."""
   reader = _open(path)
   metadata = read_metadata(reader, path)
   cfg = config_from_metadata(metadata, [t.name for t in reader.tensors], path)
@@ -391,17 +414,17 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
 
 def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32,
                     param_dtype: Any = None):
-  """`(model, params)` of a llama GGUF file, like `hf.from_pretrained` for a directory.
+  """`(model, params)` of a GGUF file, like `hf.from_pretrained` for a directory.
 
   Raises:
-    hf.CheckpointNotFoundError: the file does not exist.
-    hf.CheckpointError: an unsupported architecture, unknown quant type, truncated or corrupt
+    CheckpointNotFoundError: the file does not exist.
+    CheckpointError: an unsupported architecture, unknown quant type, truncated or corrupt
       file, or unusable metadata (the message names the file and the field or tensor).
   """
   param_dtype = jnp.float32 if param_dtype is None else param_dtype
   path = pathlib.Path(path).expanduser()
   cfg, tensors = read_checkpoint(path)
-  family = hf.get_family("llama")
+  family = registry.get_family(cfg["model_type"])
   try:
     config = family.config_from_hf(cfg, dtype=dtype, param_dtype=param_dtype)
   except (ValueError, TypeError) as e:

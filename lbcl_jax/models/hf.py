@@ -1,12 +1,13 @@
-"""Hugging Face checkpoint I/O and the model-family registry.
+"""Hugging Face checkpoint I/O, and the model-family registry's public names.
 
 A *family* (T5, BERT, ...) knows how to turn a `config.json` dict into its config, build its
-Flax module and convert tensors between HF's names/layout and its Flax params. Families are
-keyed by `config.json`'s `model_type`. Each family calls `register_family` at the bottom of
-its own module (`t5.py`, `bert.py`, `llama.py`), which `get_family` imports on demand for the
-model types listed in `_FAMILY_MODULES`; hf.py imports no family module, so a family module
-may import hf.py without a cycle. A model can only exist once its module has been imported,
-so `family_of_model` always finds its family registered.
+Flax module and convert tensors between HF's names/layout and its Flax params; the registry
+(`Family`, `register_family`, `get_family`, `family_of_model`) and the checkpoint errors live in
+`lbcl_jax.models.registry` and are re-exported here, the names families and callers use. Each
+family registers at the bottom of its own module (`t5.py`, `bert.py`, `llama.py`), imported on
+demand by `get_family`; neither the registry nor hf.py imports a family module, so a family
+module may import hf.py without a cycle. Single `.gguf` files are read by
+`lbcl_jax.models.gguf`, which imports the registry, not hf.py.
 
 Checkpoints are directories with `config.json` plus `model.safetensors`, a sharded
 `model.safetensors.index.json`, or `pytorch_model.bin` (torch imported only then). Any
@@ -18,7 +19,6 @@ message names the file and, for a tensor, its key.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 import pathlib
@@ -26,7 +26,7 @@ import pickle
 import re
 import shutil
 import tempfile
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping
 
 import flax.linen as nn
 import flax.traverse_util
@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lbcl_jax import files
-from lbcl_jax.errors import InputError
+from lbcl_jax.models import gguf
+from lbcl_jax.models import registry
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -43,94 +44,18 @@ SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 TORCH_NAME = "pytorch_model.bin"
 TORCH_INDEX_NAME = "pytorch_model.bin.index.json"
 
-
-class CheckpointError(InputError):
-  """A checkpoint directory, config or tensor is unusable; the message says which and why."""
-
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-  """The checkpoint directory, its config.json or its weights file does not exist."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-  """How one model family maps to and from Hugging Face checkpoints.
-
-  Attributes:
-    name: a short name, e.g. 't5'.
-    config_from_hf: `(cfg_dict, *, dtype, param_dtype) -> config`; raise ValueError on bad
-      fields.
-    config_to_hf: `config -> dict`, a config.json that transformers loads (with
-      'architectures' and 'model_type').
-    make_model: `config -> nn.Module`.
-    params_from_hf: `(tensors, config, *, source) -> params` (unboxed nested dict below
-      'params'); raise ValueError naming `source` and the key for a missing, unexpected or
-      misshaped tensor.
-    params_to_hf: `(params, config) -> {hf_key: np.ndarray}` in HF's layout.
-    supported_architectures: the HF `architectures` entries this family can load.
-    model_class: the Flax module class `make_model` returns (lets `save_pretrained` find the
-      family of a model); optional.
-  """
-
-  name: str
-  config_from_hf: Callable[..., Any]
-  config_to_hf: Callable[[Any], dict]
-  make_model: Callable[[Any], nn.Module]
-  params_from_hf: Callable[..., Any]
-  params_to_hf: Callable[[Any, Any], dict]
-  supported_architectures: tuple[str, ...] = ()
-  model_class: Optional[type] = None
-
-  @classmethod
-  def of_module(cls, name: str, module: Any, model_class: type) -> "Family":
-    """The family a model module defines under the standard names: `config_from_hf`,
-    `config_to_hf`, `make_model`, `params_from_hf`, `params_to_hf` and
-    `SUPPORTED_ARCHITECTURES` (call it at the bottom of the module with
-    `sys.modules[__name__]`)."""
-    return cls(name=name, config_from_hf=module.config_from_hf,
-               config_to_hf=module.config_to_hf, make_model=module.make_model,
-               params_from_hf=module.params_from_hf, params_to_hf=module.params_to_hf,
-               supported_architectures=tuple(module.SUPPORTED_ARCHITECTURES),
-               model_class=model_class)
-
-
-_FAMILIES: dict[str, Family] = {}
-# Modules that register a family when imported; imported lazily so hf.py does not depend on
-# them (and they may import hf.py to register).
-_FAMILY_MODULES = {
-    "bert": "lbcl_jax.models.bert",
-    "llama": "lbcl_jax.models.llama",
-    "t5": "lbcl_jax.models.t5",
-}
-
-
-def register_family(model_type: str, family: Family) -> None:
-  """Registers (or replaces) the family for config.json's `model_type`."""
-  _FAMILIES[model_type] = family
-
-
-def get_family(model_type: str) -> Family:
-  """The family registered for `model_type`, importing its module if known; KeyError if none."""
-  if model_type not in _FAMILIES and model_type in _FAMILY_MODULES:
-    try:
-      importlib.import_module(_FAMILY_MODULES[model_type])
-    except ImportError:
-      pass  # Reported below as an unsupported model type.
-  if model_type not in _FAMILIES:
-    raise KeyError(model_type)
-  return _FAMILIES[model_type]
-
-
-def registered_model_types() -> tuple[str, ...]:
-  return tuple(sorted(set(_FAMILIES) | set(_FAMILY_MODULES)))
-
-
-def family_of_model(model: nn.Module) -> tuple[str, Family]:
-  """(model_type, family) of a Flax model built by one of the registered families."""
-  for model_type, family in _FAMILIES.items():
-    if family.model_class is not None and isinstance(model, family.model_class):
-      return model_type, family
-  raise ValueError(f"no registered family builds {type(model).__name__} models")
+# The registry's names, re-exported: families register, and callers catch checkpoint errors,
+# through hf.
+CheckpointError = registry.CheckpointError
+CheckpointNotFoundError = registry.CheckpointNotFoundError
+Family = registry.Family
+register_family = registry.register_family
+get_family = registry.get_family
+registered_model_types = registry.registered_model_types
+family_of_model = registry.family_of_model
+# The registry's own dict (code that registers a family for a while, such as a test, removes it
+# again through it).
+_FAMILIES = registry._FAMILIES  # pylint: disable=protected-access
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -362,7 +287,6 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, dtype: Any = jnp.float32,
   """
   param_dtype = jnp.float32 if param_dtype is None else param_dtype
   if _is_gguf(path_or_hub_id):
-    from lbcl_jax.models import gguf  # pylint: disable=g-import-not-at-top
     return gguf.from_pretrained(path_or_hub_id, dtype=dtype, param_dtype=param_dtype)
   directory = _resolve(path_or_hub_id)
   cfg = _read_config(directory)
@@ -420,7 +344,6 @@ def load_tokenizer(path_or_hub_id: str | os.PathLike):
   naming the tokenizer class.
   """
   if _is_gguf(path_or_hub_id):
-    from lbcl_jax.models import gguf  # pylint: disable=g-import-not-at-top
     return gguf.load_tokenizer(path_or_hub_id)
   import transformers  # pylint: disable=g-import-not-at-top
   path = pathlib.Path(path_or_hub_id).expanduser()

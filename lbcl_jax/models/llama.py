@@ -7,12 +7,20 @@ head shared by consecutive query heads as HF's `repeat_kv`), a SwiGLU feed-forwa
 (`down(silu(gate(x)) * up(x))`) and an lm_head that is either its own matrix or the token
 embedding (`tie_word_embeddings`). SmolLM2, TinyLlama and Llama 2 checkpoints are of this kind.
 
+Three switches of `LlamaConfig` make the same module the Qwen2, Qwen3 and Mistral decoders
+(`qwen2.py`, `qwen3.py`, `mistral.py` map their config.json to them): an o_proj bias unlike
+q/k/v's (`attention_out_bias`), per-head RMSNorm on queries and keys (`qk_norm`), and a sliding
+attention window on some or all layers (`sliding_window`, `layer_types`). The HF state-dict
+conversion they share is `llama_hf`.
+
 Module paths mirror Hugging Face's parameter names so that adapter regexes read the same in both
 (adapters intercept `nn.Dense` calls by module path)::
 
   model/embed_tokens                                  nn.Embed, param `embedding` (vocab, hidden)
   model/layers_{i}/input_layernorm                    param `scale`
-  model/layers_{i}/self_attn/{q_proj,k_proj,v_proj,o_proj}   nn.Dense (bias iff attention_bias)
+  model/layers_{i}/self_attn/{q_proj,k_proj,v_proj,o_proj}   nn.Dense (bias iff attention_bias;
+                                                      o_proj's iff attention_out_bias)
+  model/layers_{i}/self_attn/{q_norm,k_norm}          qk_norm only, param `scale` (head_dim)
   model/layers_{i}/post_attention_layernorm           param `scale`
   model/layers_{i}/mlp/{gate_proj,up_proj,down_proj}  nn.Dense (bias iff mlp_bias)
   model/norm                                          param `scale`
@@ -22,7 +30,8 @@ Dense kernels use Flax's `(d_in, d_out)` layout, i.e. the transpose of HF's `wei
 
 Logical axis names (the names the other families use, see `config_lib.logical_axis_rules`).
   Parameters: 'vocab' (embedding rows, lm_head columns), 'embed' (hidden size, norm scales),
-  'joined_kv' (heads * head_dim of q/k/v/o), 'mlp' (intermediate size).
+  'joined_kv' (heads * head_dim of q/k/v/o), 'mlp' (intermediate size), 'kv' (head_dim of
+  the q/k norm scales).
   Activations: 'activation_batch', 'activation_length', 'activation_embed' for hidden states,
   'activation_heads', 'activation_kv' for per-head queries/keys/values, 'activation_mlp' for
   the feed-forward hidden layer, 'activation_vocab' for logits.
@@ -35,7 +44,8 @@ to compare padded batches.)
 Decoding uses a fixed-size KV cache in the flax 'cache' collection. `decode=True` appends the
 given tokens to the cache (creating it on the first call, with `max_decode_length` slots), with
 their own attention mask; positions continue from the number of real tokens cached so far. See
-`prefill`, `decode_step` and `greedy_generate`.
+`prefill`, `decode_step` and `greedy_generate`. The cache keeps every slot, so a sliding window
+is only a mask (over slots, as HF counts cache positions) in decoding as in the full forward.
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ import numpy as np
 from jax import lax
 
 from lbcl_jax.models import hf
+from lbcl_jax.models import llama_hf
 from lbcl_jax.models import ops
 
 Array = jax.Array
@@ -86,6 +97,18 @@ class LlamaConfig:
     param_dtype: dtype the parameters are created/stored in.
     remat: what each decoder layer keeps for the backward pass, a key of
       `ops.REMAT_POLICIES` ("none", "weights", "full"); not a Hugging Face field.
+
+  Switches of the other decoders built on this module (Llama checkpoints leave them unset):
+    attention_out_bias: whether o_proj has a bias; None means `attention_bias` (Qwen2 has
+      q/k/v biases and none on o_proj).
+    qk_norm: RMSNorm over head_dim of every query and key head before the rotary embedding
+      (Qwen3's `q_norm`/`k_norm`, one scale of `head_dim` shared by the heads).
+    sliding_window: a query at slot q sees keys at slots k with `q - sliding_window < k <= q`
+      (HF's `sliding_window_overlay`: itself and the `sliding_window - 1` slots before it);
+      slots count padding too, as HF's cache positions do. None: no window.
+    layer_types: per layer "sliding_attention" (windowed, if `sliding_window` is set) or
+      "full_attention"; None means every layer windowed when `sliding_window` is set (Mistral)
+      and full otherwise. Qwen2/Qwen3 derive it from `max_window_layers`.
   """
 
   vocab_size: int = 32000
@@ -107,11 +130,27 @@ class LlamaConfig:
   bos_token_id: Optional[int] = 1
   eos_token_id: Union[int, tuple[int, ...], None] = 2
   pad_token_id: Optional[int] = None
+  attention_out_bias: Optional[bool] = None
+  qk_norm: bool = False
+  sliding_window: Optional[int] = None
+  layer_types: Optional[tuple[str, ...]] = None
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
   remat: str = "none"
 
   def __post_init__(self):
+    if self.attention_out_bias is None:
+      object.__setattr__(self, "attention_out_bias", self.attention_bias)
+    if self.sliding_window is not None and self.sliding_window < 1:
+      raise ValueError(f"sliding_window {self.sliding_window} must be positive (or None)")
+    if self.layer_types is None:
+      kind = "full_attention" if self.sliding_window is None else "sliding_attention"
+      object.__setattr__(self, "layer_types", (kind,) * self.num_hidden_layers)
+    object.__setattr__(self, "layer_types", tuple(self.layer_types))  # hashable
+    if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= {
+        "full_attention", "sliding_attention"}:
+      raise ValueError(f"layer_types {self.layer_types} must give 'full_attention' or "
+                       f"'sliding_attention' for each of the {self.num_hidden_layers} layers")
     if self.remat not in ops.REMAT_POLICIES:
       raise ValueError(f"remat {self.remat!r} is not one of {sorted(ops.REMAT_POLICIES)}")
     if self.num_key_value_heads is None:
@@ -131,6 +170,12 @@ class LlamaConfig:
     if self.hidden_act not in ops.ACTIVATIONS:
       raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; use one of "
                        f"{sorted(ops.ACTIVATIONS)}")
+
+  @property
+  def layer_windows(self) -> tuple[Optional[int], ...]:
+    """Each layer's attention window (None: full causal attention)."""
+    return tuple(self.sliding_window if t == "sliding_attention" else None
+                 for t in self.layer_types)
 
   @property
   def num_groups(self) -> int:
@@ -169,10 +214,12 @@ class LlamaRMSNorm(nn.Module):
   epsilon: float = 1e-6
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
+  axis_name: str = "embed"  # logical name of the normalised axis ('kv' for per-head norms)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+    scale = self.param("scale",
+                       nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
                        (x.shape[-1],), self.param_dtype)
     # HF casts the normalised states back to the input dtype before scaling.
     return ops.rms_norm(x, scale, self.epsilon, False, self.dtype)
@@ -222,8 +269,15 @@ class LlamaAttention(nn.Module):
       y = _dense(cfg, n * d_head, ("embed", "joined_kv"), cfg.attention_bias, name)(x)
       return nn.with_logical_constraint(y.reshape(batch, length, n, d_head), _HEADS)
 
-    query = apply_rotary(project(n_heads, "q_proj"), cos, sin)
-    key = apply_rotary(project(n_kv, "k_proj"), cos, sin)
+    def head_norm(y, name):
+      # Qwen3: one RMSNorm over head_dim for every head, before the rotation.
+      if not cfg.qk_norm:
+        return y
+      return LlamaRMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, axis_name="kv",
+                          name=name)(y)
+
+    query = apply_rotary(head_norm(project(n_heads, "q_proj"), "q_norm"), cos, sin)
+    key = apply_rotary(head_norm(project(n_kv, "k_proj"), "k_norm"), cos, sin)
     value = project(n_kv, "v_proj")
 
     if decode:
@@ -240,8 +294,7 @@ class LlamaAttention(nn.Module):
 
     # Query head h uses key/value head h // num_groups, as HF's repeat_kv.
     query = query.reshape(batch, length, n_kv, cfg.num_groups, d_head)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", query, key.astype(cfg.dtype))
-    scores = scores.astype(jnp.float32) * (d_head ** -0.5)
+    scores = self._scores(query, key.astype(cfg.dtype))
     # Masked keys get the lowest finite score (HF adds finfo.min): a padding query with no
     # visible key then attends uniformly instead of producing NaNs.
     probs = ops.softmax(scores, mask[:, :, None]).astype(cfg.dtype)
@@ -249,8 +302,14 @@ class LlamaAttention(nn.Module):
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, value.astype(cfg.dtype))
     out = nn.with_logical_constraint(out.reshape(batch, length, n_heads, d_head), _HEADS)
     out = out.reshape(batch, length, n_heads * d_head)
-    return _dense(cfg, cfg.hidden_size, ("joined_kv", "embed"), cfg.attention_bias,
+    return _dense(cfg, cfg.hidden_size, ("joined_kv", "embed"), cfg.attention_out_bias,
                   "o_proj")(out)
+
+  def _scores(self, query: Array, key: Array) -> Array:
+    """f32 attention logits `[B, kv heads, groups, Lq, Lk]` of grouped queries and keys before
+    the mask (Gemma 2 overrides it: its own scaling and soft-capping)."""
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", query, key)
+    return scores.astype(jnp.float32) * (self.config.head_dim ** -0.5)
 
 
 class LlamaMLP(nn.Module):
@@ -309,12 +368,15 @@ class LlamaModel(nn.Module):
     self.norm = LlamaRMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
 
   def __call__(self, input_ids: Array, positions: Array, mask: Array, deterministic: bool = True,
-               decode: bool = False, cache_index: Optional[Array] = None) -> Array:
+               decode: bool = False, cache_index: Optional[Array] = None,
+               window_mask: Optional[Array] = None) -> Array:
+    """`window_mask`: the mask of the layers with a sliding window (`mask` for the others)."""
     cfg = self.config
     x = nn.with_logical_constraint(self.embed_tokens(input_ids), _HIDDEN)
     cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-    for layer in self.layers:
-      x = layer(x, cos, sin, mask, deterministic, decode, cache_index)
+    for layer, window in zip(self.layers, cfg.layer_windows):
+      x = layer(x, cos, sin, mask if window is None else window_mask, deterministic, decode,
+                cache_index)
     return self.norm(x)
 
 
@@ -345,6 +407,9 @@ class LlamaForCausalLM(nn.Module):
   """
 
   config: LlamaConfig
+  # The decoder body (embedding, layers, final norm); a family with its own body but this
+  # bookkeeping and head (Gemma 2) replaces it.
+  model_class = LlamaModel
 
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
@@ -373,7 +438,8 @@ class LlamaForCausalLM(nn.Module):
       key_mask = lax.dynamic_update_slice(key_mask_var.value, mask, (0, cache_index))
       cache_len = key_mask.shape[1]
       query_slots = cache_index + jnp.arange(length)
-      causal = jnp.arange(cache_len)[None, :] <= query_slots[:, None]  # [Lq, T]
+      key_slots = jnp.arange(cache_len)
+      causal = key_slots[None, :] <= query_slots[:, None]  # [Lq, T]
       attn_mask = key_mask[:, None, None, :] & causal[None, None]
       index_var.value = cache_index + length
       key_mask_var.value = key_mask
@@ -381,12 +447,19 @@ class LlamaForCausalLM(nn.Module):
     else:
       if position_ids is None:
         position_ids = _positions_from_mask(mask)
+      query_slots = key_slots = jnp.arange(length)
       causal = jnp.tril(jnp.ones((length, length), jnp.bool_))
       attn_mask = mask[:, None, None, :] & causal[None, None]
+    window_mask = None
+    if cfg.sliding_window is not None and any(w is not None for w in cfg.layer_windows):
+      # HF's sliding_window_overlay on cache slots (padding included): k > q - window. The
+      # cache keeps every slot, so decoding needs only this mask, no rolling buffer.
+      recent = key_slots[None, :] > query_slots[:, None] - cfg.sliding_window
+      window_mask = attn_mask & recent[None, None]
 
-    model = LlamaModel(cfg, name="model")
+    model = self.model_class(cfg, name="model")
     hidden = model(input_ids, jnp.asarray(position_ids), attn_mask, deterministic, decode,
-                   cache_index)
+                   cache_index, window_mask)
     if logits_at is not None:
       hidden = jnp.take_along_axis(hidden, jnp.asarray(logits_at, jnp.int32)[..., None], axis=1)
     if cfg.tie_word_embeddings:
@@ -556,177 +629,40 @@ def causal_lm_loss(logits: Array, labels: Array, label_mask: Array) -> Array:
 
 # ----------------------------------------------------------------------------- HF conversion
 
-_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-               "num_attention_heads", "max_position_embeddings")
-_OPTIONAL_INT_FIELDS = ("num_key_value_heads", "head_dim", "bos_token_id", "pad_token_id")
-
-
-def _rope_theta(cfg: Mapping[str, Any]) -> float:
-  """rope_theta from a transformers 5 (`rope_parameters`) or 4 (`rope_theta`) config."""
-  params = cfg.get("rope_parameters")
-  if isinstance(params, Mapping):
-    rope_type = params.get("rope_type", params.get("type"))
-    theta, field = params.get("rope_theta", cfg.get("rope_theta")), "rope_parameters"
-  else:
-    scaling = cfg.get("rope_scaling")
-    rope_type = None if scaling is None else scaling.get("rope_type", scaling.get("type"))
-    theta, field = cfg.get("rope_theta"), "rope_scaling"
-  if rope_type not in (None, "default"):
-    raise ValueError(f"field {field!r}: rope type {rope_type!r} is not supported (only the "
-                     "default rotary embedding)")
-  return 10000.0 if theta is None else float(theta)
+# HF's `LlamaConfig` defaults of the fields a config.json may omit.
+HF_DEFAULTS = {**{f.name: f.default for f in dataclasses.fields(LlamaConfig)},
+                "num_key_value_heads": None}
 
 
 def config_from_hf(cfg: Mapping[str, Any], *, dtype: DType = jnp.float32,
                    param_dtype: DType = jnp.float32) -> LlamaConfig:
   """`LlamaConfig` from a HF `config.json` dict (missing keys take HF's defaults)."""
-  model_type = cfg.get("model_type", "llama")
-  if model_type != "llama":
-    raise ValueError(f"field 'model_type' is {model_type!r}, expected 'llama'")
-  defaults = LlamaConfig()
-  kwargs: dict[str, Any] = {}
-  for name in _INT_FIELDS + _OPTIONAL_INT_FIELDS:
-    value = cfg.get(name, getattr(defaults, name))
-    if value is None and name in _OPTIONAL_INT_FIELDS:
-      kwargs[name] = None
-      continue
-    if not isinstance(value, int) or isinstance(value, bool):
-      raise ValueError(f"field {name!r} must be an integer, got {value!r}")
-    kwargs[name] = value
-  if "num_key_value_heads" not in cfg:
-    kwargs["num_key_value_heads"] = None  # HF: same as num_attention_heads
-  eos = cfg.get("eos_token_id", defaults.eos_token_id)
-  if isinstance(eos, (list, tuple)):
-    eos = tuple(int(e) for e in eos)
-  elif eos is not None:
-    eos = int(eos)
-  kwargs["eos_token_id"] = eos
-  for name in ("rms_norm_eps", "attention_dropout", "initializer_range"):
-    kwargs[name] = float(cfg.get(name, getattr(defaults, name)))
-  for name in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
-    kwargs[name] = bool(cfg.get(name, getattr(defaults, name)))
-  kwargs["hidden_act"] = str(cfg.get("hidden_act", defaults.hidden_act))
-  kwargs["rope_theta"] = _rope_theta(cfg)
-  if cfg.get("pretraining_tp", 1) not in (1, None):
-    raise ValueError(f"field 'pretraining_tp' is {cfg['pretraining_tp']!r}; only 1 is "
-                     "supported")
+  llama_hf.check_model_type(cfg, "llama")
+  kwargs = llama_hf.config_kwargs(cfg, HF_DEFAULTS)
+  for name in ("attention_bias", "mlp_bias"):
+    kwargs[name] = bool(cfg.get(name, HF_DEFAULTS[name]))
   return LlamaConfig(dtype=dtype, param_dtype=param_dtype, **kwargs)
 
 
 def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
   """A `config.json` dict that transformers 4 and 5 load as `LlamaForCausalLM`."""
-  eos = config.eos_token_id
-  return {
-      "architectures": ["LlamaForCausalLM"],
-      "model_type": "llama",
-      "vocab_size": config.vocab_size,
-      "hidden_size": config.hidden_size,
-      "intermediate_size": config.intermediate_size,
-      "num_hidden_layers": config.num_hidden_layers,
-      "num_attention_heads": config.num_attention_heads,
-      "num_key_value_heads": config.num_key_value_heads,
-      "head_dim": config.head_dim,
-      "hidden_act": config.hidden_act,
-      "max_position_embeddings": config.max_position_embeddings,
-      "rms_norm_eps": config.rms_norm_eps,
-      # transformers 4 reads rope_theta/rope_scaling, transformers 5 rope_parameters.
-      "rope_theta": config.rope_theta,
-      "rope_scaling": None,
-      "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
-      "attention_bias": config.attention_bias,
-      "attention_dropout": config.attention_dropout,
-      "mlp_bias": config.mlp_bias,
-      "tie_word_embeddings": config.tie_word_embeddings,
-      "initializer_range": config.initializer_range,
-      "pretraining_tp": 1,
-      "bos_token_id": config.bos_token_id,
-      "eos_token_id": list(eos) if isinstance(eos, tuple) else eos,
-      "pad_token_id": config.pad_token_id,
-      "use_cache": True,
-      "dtype": jnp.dtype(config.param_dtype).name,
-  }
-
-
-# One tensor of the HF state dict and where it lives in our params.
-_Tensor = hf.LayoutTensor
-
-
-def _layout(config: LlamaConfig) -> list[_Tensor]:
-  """Every tensor of a LlamaForCausalLM state dict and where it lives in our params."""
-  h, d_q = config.hidden_size, config.num_attention_heads * config.head_dim
-  d_kv, ff = config.num_key_value_heads * config.head_dim, config.intermediate_size
-  out = [_Tensor("model.embed_tokens.weight", ("model", "embed_tokens", "embedding"),
-                 (config.vocab_size, h))]
-
-  def linear(hf_name, path, d_in, d_out, bias):
-    out.append(_Tensor(f"{hf_name}.weight", (*path, "kernel"), (d_out, d_in), transpose=True))
-    if bias:
-      out.append(_Tensor(f"{hf_name}.bias", (*path, "bias"), (d_out,)))
-
-  for i in range(config.num_hidden_layers):
-    hf_layer, ours = f"model.layers.{i}", ("model", f"layers_{i}")
-    for name, d_in, d_out in (("q_proj", h, d_q), ("k_proj", h, d_kv), ("v_proj", h, d_kv),
-                              ("o_proj", d_q, h)):
-      linear(f"{hf_layer}.self_attn.{name}", (*ours, "self_attn", name), d_in, d_out,
-             config.attention_bias)
-    for name, d_in, d_out in (("gate_proj", h, ff), ("up_proj", h, ff), ("down_proj", ff, h)):
-      linear(f"{hf_layer}.mlp.{name}", (*ours, "mlp", name), d_in, d_out, config.mlp_bias)
-    for name in ("input_layernorm", "post_attention_layernorm"):
-      out.append(_Tensor(f"{hf_layer}.{name}.weight", (*ours, name, "scale"), (h,)))
-  out.append(_Tensor("model.norm.weight", ("model", "norm", "scale"), (h,)))
-  if not config.tie_word_embeddings:
-    linear("lm_head", ("lm_head",), h, config.vocab_size, False)
-  return out
-
-
-def _is_ignored(key: str) -> bool:
-  # Rotary inverse-frequency buffers some older checkpoints saved; they are recomputed.
-  return key.endswith("rotary_emb.inv_freq")
+  if (config.qk_norm or config.sliding_window is not None
+      or config.attention_out_bias != config.attention_bias):
+    raise ValueError("this config has switches HF's LlamaConfig cannot express (qk_norm, "
+                     "sliding_window or an o_proj bias unlike q/k/v's); save it with its own "
+                     "family (qwen2, qwen3, mistral)")
+  return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+          **llama_hf.common_to_hf(config), "attention_bias": config.attention_bias,
+          "mlp_bias": config.mlp_bias, "pretraining_tp": 1}
 
 
 def params_from_hf(tensors: Mapping[str, np.ndarray], config: LlamaConfig, *,
                    source: str) -> dict[str, Any]:
-  """Our params from a HF `LlamaForCausalLM` state dict (HF names, `(out, in)` weights).
-
-  A tied config accepts an `lm_head.weight` only if it equals the embedding (our model has one
-  table). Raises `hf.CheckpointError` naming `source` and the key for a missing, unexpected,
-  misshaped or non-float tensor.
-  """
-  params: dict[str, Any] = {}
-  used = set()
-  for t in _layout(config):
-    expected = tuple(reversed(t.shape)) if t.transpose else t.shape
-    array = hf.convert_tensor(tensors, t.hf_name, expected, config.param_dtype, source=source,
-                              transpose=t.transpose)
-    used.add(t.hf_name)
-    node = params
-    for part in t.path[:-1]:
-      node = node.setdefault(part, {})
-    node[t.path[-1]] = jnp.asarray(array)
-  if config.tie_word_embeddings and "lm_head.weight" in tensors:
-    head, embed = np.asarray(tensors["lm_head.weight"]), np.asarray(
-        tensors["model.embed_tokens.weight"])
-    if head.shape != embed.shape or not np.array_equal(head, embed):
-      raise hf.CheckpointError(
-          f"{source}: tensor 'lm_head.weight' differs from 'model.embed_tokens.weight'; this "
-          "config ties them (tie_word_embeddings) so they must be equal")
-    used.add("lm_head.weight")
-  unexpected = sorted(k for k in set(tensors) - used if not _is_ignored(k))
-  if unexpected:
-    raise hf.CheckpointError(
-        f"{source}: unexpected tensor {unexpected[0]!r} for this Llama config"
-        + (f" (and {len(unexpected) - 1} more: {unexpected[1:6]})" if len(unexpected) > 1
-           else ""))
-  return params
+  """Our params from a HF `LlamaForCausalLM` state dict (see `llama_hf.params_from_hf`)."""
+  return llama_hf.params_from_hf(tensors, config, source=source, family="Llama")
 
 
-def params_to_hf(params: Mapping[str, Any], config: LlamaConfig) -> dict[str, np.ndarray]:
-  """HF `LlamaForCausalLM` state dict (`(out, in)` weights) from our params.
-
-  A tied config writes no `lm_head.weight` (as transformers saves tied models). Arrays keep
-  their dtype and are C-contiguous (as safetensors needs).
-  """
-  return hf.tensors_by_layout(params, _layout(config))
+params_to_hf = llama_hf.params_to_hf
 
 
 # ----------------------------------------------------------------------------- registry

@@ -157,6 +157,31 @@ def _gated_bwd(name, res, g):
 gated.defvjp(_gated_fwd, _gated_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def softcap(x: Array, cap: float) -> Array:
+  """`tanh(x / cap) * cap` (Gemma 2's soft-capping of attention scores and logits), in HF's
+  order; the backward pass saves x and recomputes the tanh.
+
+  >>> import jax.numpy as jnp
+  >>> [round(float(v), 3) for v in softcap(jnp.array([0.5, 100.0]), 2.0)]
+  [0.49, 2.0]
+  """
+  return _softcap_fwd(x, cap)[0]
+
+
+def _softcap_fwd(x, cap):
+  return jnp.tanh(x / cap) * cap, x
+
+
+def _softcap_bwd(cap, x, g):
+  x = lax.optimization_barrier(x)  # recompute, not CSE with the forward (_pointwise)
+  t = jnp.tanh(x / cap)
+  return ((g * (1.0 - t * t)).astype(x.dtype),)
+
+
+softcap.defvjp(_softcap_fwd, _softcap_bwd)
+
+
 # ----------------------------------------------------------------------------- softmax
 
 

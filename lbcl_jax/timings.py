@@ -1,0 +1,60 @@
+"""`Timings`: the wall seconds of one invocation of a run, per phase, and its compile time."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import time
+
+import jax
+
+
+class Timings:
+  """Wall seconds of this invocation per phase, and how much of them JAX spent compiling.
+
+  A phase entered inside another pauses the outer one, so the phases add up to the time spent
+  inside them. `compile` (tracing, lowering and XLA compilation, from JAX's own monitoring
+  events) overlaps the phases it happened in.
+  """
+
+  _compile_seconds = 0.0
+  _listening = False
+
+  def __init__(self):
+    self.seconds: dict[str, float] = collections.defaultdict(float)
+    if not Timings._listening:
+      # One process-wide listener (JAX cannot scope one to a run); runs read deltas of it.
+      jax.monitoring.register_event_duration_secs_listener(Timings._on_event)
+      Timings._listening = True
+    self._compile_start = Timings._compile_seconds
+    self._stack: list[list] = []  # [name, start] of the open phases, innermost last
+
+  @staticmethod
+  def _on_event(name: str, seconds: float, **_) -> None:
+    if name.startswith("/jax/core/compile/"):
+      Timings._compile_seconds += seconds
+
+  @contextlib.contextmanager
+  def phase(self, name: str):
+    now = time.perf_counter()
+    if self._stack:
+      outer = self._stack[-1]
+      self.seconds[outer[0]] += now - outer[1]
+    self._stack.append([name, now])
+    try:
+      yield
+    finally:
+      now = time.perf_counter()
+      self.seconds[name] += now - self._stack.pop()[1]
+      if self._stack:
+        self._stack[-1][1] = now
+
+  def as_dict(self) -> dict[str, float]:
+    """Seconds per phase so far, the open phases up to now included."""
+    seconds = dict(self.seconds)
+    now = time.perf_counter()
+    for name, start in self._stack:
+      seconds[name] = seconds.get(name, 0.0) + now - start
+    out = {k: round(v, 3) for k, v in seconds.items()}
+    out["compile"] = round(Timings._compile_seconds - self._compile_start, 3)
+    return out
