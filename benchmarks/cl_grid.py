@@ -32,7 +32,7 @@ import numpy as np
 from lbcl_jax import files
 from lbcl_jax import plots
 
-import machine as machine_lib
+import machine
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -322,12 +322,7 @@ def make_record(name: str, flags: Sequence[str], wall: float, results: dict,
           "n_eval": (cfg["data"]["validation_examples"] if results["eval_split"] == "validation"
                      else cfg["data"]["max_test_examples"]),
           "sensitivity": results["sensitivity"],
-          "machine": machine()}
-
-
-def machine() -> str:
-  """The CPU model, its vector extensions and the core count (speed differs with each)."""
-  return machine_lib.summary()
+          "machine": machine.summary()}
 
 
 def run_cell(spec: Spec, name: str, flags: Sequence[str], workdir: pathlib.Path, data_dir: str,

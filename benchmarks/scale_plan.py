@@ -64,12 +64,13 @@ import json
 import math
 import os
 import pathlib
-import platform
 import re
 import subprocess
 import sys
 import time
 from typing import Any, Mapping
+
+import machine
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -636,17 +637,6 @@ def fsdp_split(summary: dict) -> dict[str, float]:
   return out
 
 
-def cpu_model() -> str:
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    for line in out.splitlines():
-      if line.startswith("Model name:"):
-        return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
 def xla_flags(devices: int) -> list[str]:
   """N fake CPU devices, and XLA:CPU's memory-minimising schedule: its default schedules for
   thread concurrency and issues every fsdp all-gather at the start of the step, holding the
@@ -741,7 +731,7 @@ def main(argv=None) -> None:
   doc = {
       "setting": dataclasses.asdict(Setting()),
       "accelerators_gib": ACCELERATORS, "usable_fraction": USABLE,
-      "cpu": cpu_model(), "jax": jax.__version__, "xla_flags": xla_flags(0)[1:],
+      "cpu": machine.summary(), "jax": jax.__version__, "xla_flags": xla_flags(0)[1:],
       "wall_seconds_this_invocation": round(time.perf_counter() - t0),
       "compile_seconds_total": round(sum(
           p["compile_seconds"] for r in records for p in r.get("programs", {}).values())),

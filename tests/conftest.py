@@ -29,3 +29,29 @@ def cl_benchmark_dir() -> pathlib.Path:
 @pytest.fixture
 def t5_tokenizer_dir() -> pathlib.Path:
   return require_shared("t5_tokenizer")
+
+
+@pytest.fixture(scope="module")
+def torch():
+  return pytest.importorskip("torch", reason="HF parity tests need torch")
+
+
+@pytest.fixture(scope="module")
+def transformers(torch):
+  del torch
+  return pytest.importorskip("transformers", reason="HF parity tests need transformers")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+  """torch on one thread for a module: its two intra-op threads busy-wait against JAX's thread
+  pool on a 2-core machine (HF generate ran 30x slower after a JAX computation)."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  except ImportError:
+    yield
+    return
+  before = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(before)

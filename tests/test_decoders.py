@@ -32,6 +32,12 @@ from lbcl_jax.models import qwen3
 
 import driver_utils as du
 from conftest import REPO_ROOT
+from hf_parity import hf_greedy
+from hf_parity import hf_positions
+from hf_parity import rel_diff
+
+# torch's threads against JAX's on 2 cores (conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MODULES = {"qwen2": qwen2, "qwen3": qwen3, "mistral": mistral}
 HF_CLASS = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -66,39 +72,10 @@ generate = jax.jit(llama.greedy_generate, static_argnums=(0, 4),
                    static_argnames=("eos_token_id", "pad_token_id"))
 
 
-@pytest.fixture(scope="module")
-def torch():
-  return pytest.importorskip("torch", reason="HF parity tests need torch")
 
 
-@pytest.fixture(scope="module")
-def transformers(torch):
-  del torch
-  return pytest.importorskip("transformers", reason="HF parity tests need transformers")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-  # As in test_llama.py: torch's threads busy-wait against JAX's pool on 2 cores.
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    yield
-    return
-  before = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(before)
-
-
-def rel_diff(ours, theirs, mask):
-  """max |ours - theirs| over real positions, relative to max |theirs| there."""
-  valid = np.asarray(mask).astype(bool)
-  return float(np.abs(ours - theirs)[valid].max() / np.abs(theirs[valid]).max())
-
-
-def hf_positions(mask):
-  return np.where(mask > 0, np.cumsum(mask, -1) - 1, 0)
 
 
 def hf_config(transformers, variant: str):
@@ -136,13 +113,6 @@ def our_logits(model, params, ids=IDS, mask=MASK):
   return np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(ids),
                                          jnp.asarray(mask)))
 
-
-def hf_greedy(torch, model, ids, mask, max_new, eos, pad):
-  with torch.no_grad():
-    out = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                         do_sample=False, num_beams=1, max_new_tokens=max_new,
-                         eos_token_id=eos, pad_token_id=pad).numpy()[:, ids.shape[1]:]
-  return np.pad(out, ((0, 0), (0, max_new - out.shape[1])), constant_values=pad)
 
 
 def greedy_without_cache(model, params, ids, mask, max_new, pad):

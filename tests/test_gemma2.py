@@ -37,6 +37,12 @@ from lbcl_jax.models import ops
 import driver_utils as du
 from conftest import REPO_ROOT
 from test_method_battery import BATTERY
+from hf_parity import hf_greedy
+from hf_parity import hf_positions
+from hf_parity import rel_diff
+
+# torch's threads against JAX's on 2 cores (conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # Left-padded batch (pad id 0) of prompts of up to 12 tokens: three times the window.
 IDS = np.array([[0, 0, 0, 5, 6, 7, 8, 9, 10, 11, 12, 13],
@@ -65,39 +71,10 @@ VARIANTS = {
 }
 
 
-def rel_diff(ours, theirs, mask=MASK):
-  """max |ours - theirs| over real positions, relative to max |theirs| there."""
-  valid = np.asarray(mask).astype(bool)
-  return float(np.abs(ours - theirs)[valid].max() / np.abs(theirs[valid]).max())
 
 
-def hf_positions(mask):
-  return np.where(mask > 0, np.cumsum(mask, -1) - 1, 0)
 
 
-@pytest.fixture(scope="module")
-def torch():
-  return pytest.importorskip("torch", reason="HF parity tests need torch")
-
-
-@pytest.fixture(scope="module")
-def transformers(torch):
-  del torch
-  return pytest.importorskip("transformers", reason="HF parity tests need transformers")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-  # As in test_llama.py: torch's threads busy-wait against JAX's pool on 2 cores.
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    yield
-    return
-  before = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(before)
 
 
 def hf_tiny(transformers, torch, variant: str, seed: int = 0):
@@ -136,14 +113,6 @@ def our_logits(model, params, ids=IDS, mask=MASK):
                                          jnp.asarray(mask)))
 
 
-def hf_greedy(torch, model, ids, mask, max_new, eos, pad):
-  """HF's greedy new tokens, padded to `max_new` with `pad` (HF stops when all rows end)."""
-  with torch.no_grad():
-    out = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                         do_sample=False, num_beams=1, max_new_tokens=max_new,
-                         eos_token_id=eos, pad_token_id=pad).numpy()[:, ids.shape[1]:]
-  return np.pad(out, ((0, 0), (0, max_new - out.shape[1])), constant_values=pad)
-
 
 def from_hf_model(ref):
   """Our model and params of an in-memory HF model (its config through config.json's dict)."""
@@ -174,7 +143,7 @@ def test_hf_checkpoint_loads_with_hf_logits(variant, torch, transformers, tmp_pa
   theirs = hf_logits(torch, ref)
   ours = our_logits(model, params)
   assert ours.dtype == np.float32 and ours.shape == theirs.shape
-  diff = rel_diff(ours, theirs)
+  diff = rel_diff(ours, theirs, MASK)
   print(f"tiny gemma2 {variant} HF->ours: max relative logit difference {diff:.2e}")
   assert diff < 1e-5
   # A left-padded row computes what the same row does unpadded.
@@ -189,7 +158,7 @@ def test_each_gemma_difference_matters(torch, transformers, monkeypatch):
   ref = hf_tiny(transformers, torch, "tied")
   model, params = from_hf_model(ref)
   theirs = hf_logits(torch, ref)
-  assert rel_diff(our_logits(model, params), theirs) < 1e-5
+  assert rel_diff(our_logits(model, params), theirs, MASK) < 1e-5
   cfg = model.config
   wrong = {
       "window + 1": dataclasses.replace(cfg, sliding_window=5),
@@ -201,16 +170,16 @@ def test_each_gemma_difference_matters(torch, transformers, monkeypatch):
       "no final cap": dataclasses.replace(cfg, final_logit_softcapping=None),
   }
   for name, config in wrong.items():
-    diff = rel_diff(our_logits(gemma2.Gemma2ForCausalLM(config), params), theirs)
+    diff = rel_diff(our_logits(gemma2.Gemma2ForCausalLM(config), params), theirs, MASK)
     assert diff > 1e-3, (name, diff)
   # Without the embedding's sqrt(hidden) scale: the same table, divided by it.
   unscaled = jax.tree_util.tree_map(lambda x: x, params)
   unscaled["model"]["embed_tokens"]["embedding"] = (
       params["model"]["embed_tokens"]["embedding"] / np.sqrt(cfg.hidden_size))
-  assert rel_diff(our_logits(model, unscaled), theirs) > 1e-3
+  assert rel_diff(our_logits(model, unscaled), theirs, MASK) > 1e-3
   # Llama's norm in every place of Gemma's (the layers look the class up when called).
   monkeypatch.setattr(gemma2, "Gemma2RMSNorm", llama.LlamaRMSNorm)
-  assert rel_diff(our_logits(gemma2.Gemma2ForCausalLM(cfg), params), theirs) > 1e-3
+  assert rel_diff(our_logits(gemma2.Gemma2ForCausalLM(cfg), params), theirs, MASK) > 1e-3
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -233,7 +202,7 @@ def test_saved_checkpoint_loads_in_hf_and_back_exactly(variant, torch, transform
       tmp_path / "ckpt", attn_implementation="eager").eval()
   assert ref.config.sliding_window == config.sliding_window
   assert ref.config.query_pre_attn_scalar == config.query_pre_attn_scalar
-  diff = rel_diff(our_logits(model, params), hf_logits(torch, ref))
+  diff = rel_diff(our_logits(model, params), hf_logits(torch, ref), MASK)
   print(f"tiny gemma2 {variant} ours->HF: max relative logit difference {diff:.2e}")
   assert diff < 1e-5
   _, again = hf.from_pretrained(tmp_path / "ckpt")
@@ -292,7 +261,7 @@ def test_decode_cache_steps_match_full_forward():
   for t in range(5, IDS.shape[1]):
     logits, cache = decode_step(model, params, cache, IDS[:, t:t + 1], MASK[:, t:t + 1])
     steps.append(np.asarray(logits))
-  assert rel_diff(np.concatenate(steps, axis=1), full) < 1e-5
+  assert rel_diff(np.concatenate(steps, axis=1), full, MASK) < 1e-5
 
 
 def test_bfloat16_and_remat_track_the_plain_model():
@@ -305,7 +274,7 @@ def test_bfloat16_and_remat_track_the_plain_model():
   half = our_logits(gemma2.Gemma2ForCausalLM(dataclasses.replace(config, dtype=jnp.bfloat16)),
                     params)
   assert half.dtype == np.float32 and np.isfinite(half).all()
-  assert rel_diff(half, full) < 5e-2
+  assert rel_diff(half, full, MASK) < 5e-2
   remat = gemma2.Gemma2ForCausalLM(dataclasses.replace(config, remat="full"))
 
   def loss(m, p):

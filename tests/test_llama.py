@@ -24,6 +24,13 @@ from lbcl_jax.models import gguf as gguf_lib
 from lbcl_jax.models import hf
 from lbcl_jax.models import llama
 
+from hf_parity import hf_greedy
+from hf_parity import hf_positions
+from hf_parity import rel_diff
+
+# torch's threads against JAX's on 2 cores (conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Left-padded batch (pad id 0): rows of different lengths.
@@ -67,26 +74,8 @@ PROMPTS = [
 REAL_NEW = 12
 
 
-def rel_diff(ours, theirs, mask):
-  """max |ours - theirs| over real positions, relative to max |theirs| there."""
-  valid = np.asarray(mask).astype(bool)
-  return float(np.abs(ours - theirs)[valid].max() / np.abs(theirs[valid]).max())
 
 
-def hf_positions(mask):
-  """Positions counted over real tokens, as HF's generate derives them."""
-  return np.where(mask > 0, np.cumsum(mask, -1) - 1, 0)
-
-
-@pytest.fixture(scope="module")
-def torch():
-  return pytest.importorskip("torch", reason="HF parity tests need torch")
-
-
-@pytest.fixture(scope="module")
-def transformers(torch):
-  del torch
-  return pytest.importorskip("transformers", reason="HF parity tests need transformers")
 
 
 @pytest.fixture(scope="module")
@@ -94,19 +83,6 @@ def gguf():
   return pytest.importorskip("gguf", reason="GGUF tests need the `gguf` package")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-  # torch's two intra-op threads busy-wait against JAX's thread pool on a 2-core machine
-  # (HF generate ran 30x slower after a JAX computation); one thread avoids that.
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    yield
-    return
-  before = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(before)
 
 
 def tiny_config(variant: str, **overrides) -> llama.LlamaConfig:
@@ -141,14 +117,6 @@ def our_logits(model, params, ids=IDS, mask=MASK):
   return np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(ids),
                                          jnp.asarray(mask)))
 
-
-def hf_greedy(torch, model, ids, mask, max_new, eos, pad):
-  """HF's greedy new tokens, padded to `max_new` with `pad` (HF stops when all rows end)."""
-  with torch.no_grad():
-    out = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                         do_sample=False, num_beams=1, max_new_tokens=max_new,
-                         eos_token_id=eos, pad_token_id=pad).numpy()[:, ids.shape[1]:]
-  return np.pad(out, ((0, 0), (0, max_new - out.shape[1])), constant_values=pad)
 
 
 # ----------------------------------------------------------------------------- tiny models
