@@ -79,6 +79,28 @@ DIVERGED = 3
 
 
 @dataclasses.dataclass(frozen=True)
+class Row:
+  """A method row beyond the paper's (a grid's `extra_rows`): validated as its own family
+  (cells `val_<family>_...`, the same budget as every family), then run as the paper's rows
+  are (order 1, and seeds 1 and 2 with `seeds`).
+
+  Attributes:
+    family: its validation family.
+    flags: the flags that make it (`--config.method=...` and any `--config.<method>.over=`).
+    label: its name in tables.
+    injects: it injects as L-CL / LB-CL do (it gets the grid's injection where the validation
+      chose none).
+    seeds: it runs with seeds 1 and 2 too.
+  """
+
+  family: str
+  flags: tuple[str, ...]
+  label: str
+  injects: bool = False
+  seeds: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
 class Spec:
   """What a grid runs and how its outputs are named.
 
@@ -122,6 +144,28 @@ class Spec:
   # Injection variants this grid's analyses add to INJECTION_VARIANTS (label -> flags), such as
   # a control that names the model's own layers by a path regex.
   extra_injections: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+  # Methods beyond the paper's (replay, EWC, InfLoRA): row name -> `Row`.
+  extra_rows: Mapping[str, Row] = dataclasses.field(default_factory=dict)
+
+  @property
+  def methods(self) -> tuple[str, ...]:
+    return METHODS + tuple(self.extra_rows)
+
+  @property
+  def families(self) -> tuple[str, ...]:
+    return FAMILIES + tuple(dict.fromkeys(r.family for r in self.extra_rows.values()
+                                          if r.family not in FAMILIES))
+
+  @property
+  def seed_methods(self) -> tuple[str, ...]:
+    return SEED_METHODS + tuple(m for m, r in self.extra_rows.items() if r.seeds)
+
+  def family_of(self, method: str) -> str:
+    return self.extra_rows[method].family if method in self.extra_rows else FAMILY[method]
+
+  @property
+  def labels(self) -> dict[str, str]:
+    return {**PAPER_NAMES, **{m: r.label for m, r in self.extra_rows.items()}}
 
   @property
   def injection_variants(self) -> dict[str, list[str]]:
@@ -160,10 +204,10 @@ def choices(spec: Spec, records: Mapping[str, dict],
   if spec.choices_from is not None:
     return choices(spec.choices_from, load_records(spec.choices_from), partial)
   cells = spec.validation_cells(records)
-  sweeps = {f: [n for n in cells if n.startswith(f"val_{f}_")] for f in FAMILIES}
+  sweeps = {f: [n for n in cells if n.startswith(f"val_{f}_")] for f in spec.families}
   done = [f for f, names in sweeps.items()
           if len(names) == spec.validation_budget and all(n in records for n in names)]
-  if len(done) < len(FAMILIES) and not (partial and done):
+  if len(done) < len(spec.families) and not (partial and done):
     return None
   out = {}
   for family in done:
@@ -181,9 +225,17 @@ def choices(spec: Spec, records: Mapping[str, dict],
 
 
 def method_flags(method: str, chosen: Mapping[str, dict],
-                 injection: Sequence[str] = PAPER_INJECTION) -> list[str]:
+                 injection: Sequence[str] = PAPER_INJECTION, row: Optional[Row] = None
+                 ) -> list[str]:
   """A method's flags: its family's chosen ones; an injecting method also gets `injection`'s
-  flags for what the validation did not choose."""
+  flags for what the validation did not choose. `row`: a method beyond the paper's."""
+  if row is not None:
+    flags = [f for f in chosen[row.family]["flags"]
+             if not f.startswith(("--config.injection.",) if not row.injects else ())]
+    if row.injects:
+      given = {f.split("=", 1)[0] for f in flags}
+      flags = [f for f in injection if f.split("=", 1)[0] not in given] + flags
+    return [*row.flags, *[f for f in flags if f not in row.flags]]
   flags = chosen[FAMILY[method]]["flags"]
   if method in INJECTS:
     given = {f.split("=", 1)[0] for f in flags}
@@ -208,14 +260,15 @@ def grid_cells(spec: Spec, grid: str, chosen: Mapping[str, dict],
                orders: Sequence[int] | None = None) -> dict[str, list[str]]:
   """Cell -> flags of the phases after validation (`chosen`: the validation's choices)."""
   orders = spec.main_orders if orders is None else orders
-  methods = [m for m in METHODS if FAMILY[m] in chosen]  # partial choices: the chosen families
+  # Partial choices: the chosen families' methods.
+  methods = [m for m in spec.methods if spec.family_of(m) in chosen]
+  flags_of = lambda m: method_flags(m, chosen, spec.injection, spec.extra_rows.get(m))
   out = {}
   if grid in ("main", "all"):
     for order in orders:
       for method in methods:
         if order == 1 or method in spec.other_order_methods:
-          out[f"o{order}_{method}"] = [*method_flags(method, chosen, spec.injection),
-                                       f"--config.order={spec.orders[order]}"]
+          out[f"o{order}_{method}"] = [*flags_of(method), f"--config.order={spec.orders[order]}"]
     published = published_flags(chosen) if spec.published_row and "svd" in chosen else None
     if published is not None and 1 in orders:
       out["o1_lbcl_published"] = [*published, f"--config.order={spec.orders[1]}"]
@@ -224,10 +277,9 @@ def grid_cells(spec: Spec, grid: str, chosen: Mapping[str, dict],
                        "--config.optim.learning_rate=0.0", "--config.optim.max_steps_per_task=1",
                        *spec.zeroshot_flags]
   if grid in ("seeds", "all"):
-    for method in [m for m in SEED_METHODS if m in methods]:
+    for method in [m for m in spec.seed_methods if m in methods]:
       for seed in EXTRA_SEEDS:
-        out[f"o1_{method}_seed{seed}"] = [*method_flags(method, chosen, spec.injection),
-                                          f"--config.order={spec.orders[1]}",
+        out[f"o1_{method}_seed{seed}"] = [*flags_of(method), f"--config.order={spec.orders[1]}",
                                           f"--config.seed={seed}"]
   if spec.after_adam and grid in ("after_adam", "all") and "svd" in chosen:
     for order in orders:
@@ -322,6 +374,8 @@ def make_record(name: str, flags: Sequence[str], wall: float, results: dict,
           "n_eval": (cfg["data"]["validation_examples"] if results["eval_split"] == "validation"
                      else cfg["data"]["max_test_examples"]),
           "sensitivity": results["sensitivity"],
+          # Per stage: set-up / end / training seconds, trainable and method-state bytes.
+          "stage_costs": results.get("stage_costs"),
           "machine": machine.summary()}
 
 
@@ -414,8 +468,9 @@ def _mean(values) -> float | None:
 
 
 def table1(spec: Spec, records: Mapping[str, dict], space: Optional[str], suffix: str = "",
-           methods=METHODS, orders: Sequence[int] | None = None) -> dict[str, dict]:
+           methods=None, orders: Sequence[int] | None = None) -> dict[str, dict]:
   orders = spec.main_orders if orders is None else orders
+  methods = spec.methods if methods is None else methods
   rows = {}
   for method in methods:
     per = [_usable(records.get(f"o{o}_{method}{suffix}")) for o in orders]
@@ -437,10 +492,11 @@ def table1(spec: Spec, records: Mapping[str, dict], space: Optional[str], suffix
   return rows
 
 
-def seed_variance(records: Mapping[str, dict], space: Optional[str]) -> dict[str, dict]:
+def seed_variance(records: Mapping[str, dict], space: Optional[str],
+                  methods: Sequence[str] = SEED_METHODS) -> dict[str, dict]:
   """Order 1 average accuracy and BWT over seeds 0, 1, 2 per method."""
   out = {}
-  for method in SEED_METHODS:
+  for method in methods:
     names = [f"o1_{method}"] + [f"o1_{method}_seed{s}" for s in EXTRA_SEEDS]
     sp = [space_of(records[n], space) for n in names if _usable(records.get(n))]
     accs = [s["average_accuracy"] for s in sp]
@@ -451,6 +507,26 @@ def seed_variance(records: Mapping[str, dict], space: Optional[str]) -> dict[str
                      "se": round(float(np.std(accs, ddof=1) / np.sqrt(len(accs))), 1),
                      "bwts": bwts,
                      "bwt_mean": _mean(bwts)}
+  return out
+
+
+def costs(spec: Spec, records: Mapping[str, dict]) -> dict[str, dict]:
+  """Per method, what a task costs on order 1, seed 0 (records with `stage_costs`), as the
+  mean over its stages: the stage's set-up and end (the method's own passes: injection
+  scoring, a Fisher, layer inputs), its training, and the bytes it trains and keeps."""
+  out = {}
+  for method in spec.methods:
+    r = _usable(records.get(f"o1_{method}"))
+    stages = list((r or {}).get("stage_costs") or {})
+    if not stages:
+      continue
+    c = [r["stage_costs"][s] for s in stages]
+    mean = lambda k: round(float(np.mean([x.get(k, 0.0) for x in c])), 1)
+    out[method] = {"setup_and_end_seconds": round(float(np.mean(
+                       [x.get("begin_seconds", 0.0) + x.get("end_seconds", 0.0) for x in c])), 1),
+                   "train_seconds": mean("train_seconds"),
+                   "trainable_mb": round(mean("trainable_bytes") / 2**20, 1),
+                   "method_state_mb_last": round(c[-1].get("method_state_bytes", 0) / 2**20, 1)}
   return out
 
 
@@ -565,7 +641,7 @@ def write_plots(spec: Spec, report: dict, records: Mapping[str, dict],
   plots.save_figure(fig, out_dir / f"{spec.plot_prefix}_sensitivity.png")
 
   if spec.heatmaps:
-    runs = [(m, _usable(records.get(f"o1_{m}"))) for m in METHODS]
+    runs = [(m, _usable(records.get(f"o1_{m}"))) for m in spec.methods]
     runs = [(m, r) for m, r in runs if r]
     if runs:
       cols = 4
@@ -574,7 +650,7 @@ def write_plots(spec: Spec, report: dict, records: Mapping[str, dict],
       axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
       for ax, (method, r) in zip(axes, runs):
         plots.draw_accuracy_heatmap(ax, r["accuracy_matrix"], r["tasks"], r["tasks"])
-        ax.set_title(f"{PAPER_NAMES[method]}: avg {_f(r['average_accuracy'])}, "
+        ax.set_title(f"{spec.labels[method]}: avg {_f(r['average_accuracy'])}, "
                      f"BWT {_f(r['bwt'])}", fontsize=9)
       for ax in axes[len(runs):]:
         ax.set_axis_off()
@@ -582,7 +658,8 @@ def write_plots(spec: Spec, report: dict, records: Mapping[str, dict],
       plots.save_figure(fig, out_dir / f"{spec.plot_prefix}_heatmaps.png")
 
 
-def _table_md(t1: dict, title: str, paper: bool, orders: Sequence[int]) -> list[str]:
+def _table_md(t1: dict, title: str, paper: bool, orders: Sequence[int],
+              labels: Mapping[str, str] = PAPER_NAMES) -> list[str]:
   head = ("| method | " + " | ".join(f"order {o}" for o in orders) +
           " | **avg** | test SE | BWT avg | learned (diagonal) avg |")
   sep = "| --- |" + " --- |" * len(orders) + " --- | --- | --- | --- |"
@@ -591,7 +668,7 @@ def _table_md(t1: dict, title: str, paper: bool, orders: Sequence[int]) -> list[
     sep += " --- | --- |"
   out = [title, "", head, sep]
   for method, row in t1.items():
-    line = (f"| {PAPER_NAMES.get(method, method)} | " + " | ".join(_f(v) for v in row["orders"]) +
+    line = (f"| {labels.get(method, method)} | " + " | ".join(_f(v) for v in row["orders"]) +
             f" | **{_f(row['average'])}** | {_f(row['average_test_se'])} | "
             f"{_f(row['bwt_average'])} | {_f(row.get('learned_average'))} |")
     if paper:
@@ -633,11 +710,13 @@ def markdown(spec: Spec, report: dict) -> str:
   orders = report["settings"]["main_orders"]
   if space is None:
     out += _table_md(report["table1"], "Table 1, exact match of the generated answer (no task "
-                     "identity):", True, orders)
+                     "identity):", True, orders, spec.labels)
   else:
-    out += _table_md(report["table1"], "Table 1, seen labels (no task identity):", True, orders)
+    out += _table_md(report["table1"], "Table 1, seen labels (no task identity):", True, orders,
+                     spec.labels)
   if "table1_task" in report:
-    out += _table_md(report["table1_task"], "Table 1, the task's own labels:", False, orders)
+    out += _table_md(report["table1_task"], "Table 1, the task's own labels:", False, orders,
+                     spec.labels)
   after = report.get("projection_after_adam")
   if after and any(r["average"] is not None or any(o is not None for o in r["orders"])
                    for r in after[str(space)].values()):
@@ -653,9 +732,17 @@ def markdown(spec: Spec, report: dict) -> str:
             "| method | accuracies | mean | std | SE | BWTs | BWT mean |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
     for method, v in report["seed_variance"].items():
-      out.append(f"| {PAPER_NAMES[method]} | {' / '.join(_f(a) for a in v['accuracies'])} | "
+      out.append(f"| {spec.labels[method]} | {' / '.join(_f(a) for a in v['accuracies'])} | "
                  f"{_f(v['mean'])} | {_f(v['std'])} | {_f(v['se'])} | "
                  f"{' / '.join(_f(b) for b in v['bwts'])} | {_f(v['bwt_mean'])} |")
+    out.append("")
+  if report.get("costs"):
+    out += ["Cost per task (order 1, seed 0; means over the tasks; the machine of each record):",
+            "", "| method | set-up + end s | training s | trained MB | method state MB after "
+            "the last task |", "| --- | --- | --- | --- | --- |"]
+    for method, c in report["costs"].items():
+      out.append(f"| {spec.labels[method]} | {c['setup_and_end_seconds']} | "
+                 f"{c['train_seconds']} | {c['trainable_mb']} | {c['method_state_mb_last']} |")
     out.append("")
   an = report["analyses"]
 
@@ -719,9 +806,9 @@ def build_report(spec: Spec, records: Mapping[str, dict], data_dir: str) -> dict
                      for m in ("bcl", "lbcl")},
                   **{f"{m} (after Adam)": table1(spec, records, sp, "_after_adam", (m,))[m]
                      for m in ("bcl", "lbcl")}} for sp in spec.spaces}
-  report["seed_variance"] = seed_variance(records, space)
+  report["seed_variance"] = seed_variance(records, space, spec.seed_methods)
   for extra in spec.spaces[1:]:
-    report[f"seed_variance_{extra}"] = seed_variance(records, extra)
+    report[f"seed_variance_{extra}"] = seed_variance(records, extra, spec.seed_methods)
   shares = sensitivity_by_depth(spec, records)
   report.update({
       "zeroshot": ({"average_accuracy": zs["average_accuracy"],
@@ -729,6 +816,7 @@ def build_report(spec: Spec, records: Mapping[str, dict], data_dir: str) -> dict
                                          (_pct(v) for v in zs["accuracy_matrix"][-1])))}
                    if zs else None),
       "analyses": analyses(spec, records),
+      "costs": costs(spec, records),
       "sensitivity_by_depth": shares,
       "depth_summary": depth_summary(shares),
       "paper": {"olora_table1_t5_large": PAPER_OLORA_TABLE1,
@@ -815,8 +903,8 @@ def main(spec: Spec, description: str, argv: Sequence[str] | None = None) -> Non
       phases = ("main", "seeds", "after_adam", "analyses") if args.grid == "all" else (args.grid,)
       for phase in phases:
         failed += run_cells(spec, grid_cells(spec, phase, chosen), args, env)
-      if len(chosen) < len(FAMILIES):
-        missing = ", ".join(f for f in FAMILIES if f not in chosen)
+      if len(chosen) < len(spec.families):
+        missing = ", ".join(f for f in spec.families if f not in chosen)
         sys.exit(f"ran the chosen families' cells; the validation sweep of {missing} is "
                  "unfinished: rerun when it is")
 

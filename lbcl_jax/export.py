@@ -206,11 +206,17 @@ def load_run(workdir: str | os.PathLike, stage: Optional[int] = None,
     if base.adapter_config is None:
       raise InputError(f"--workdir={workdir}: the checkpoint of the base after stage "
                        f"{finished} is gone (only mid-stage checkpoints remain)")
-    # Every checkpoint after stage k holds the k finished adapters as one stack ("old").
-    num_old = int(progress["stage"])
+    # Every checkpoint after stage k holds the k finished adapters as one stack ("old"), or,
+    # for a method carrying one adapter through the stages (SeqLoRA), that adapter alone.
+    num_old = method.trainable.num_old(int(progress["stage"]))
+    if num_old < int(progress["stage"]) and stage != finished:
+      raise InputError(f"--stage={stage}: method {config.method!r} carries one adapter "
+                       f"through every stage, and only its state after the last finished "
+                       f"stage ({finished}) is kept")
     stack = stage_lib.abstract_adapter(base, key, num_tasks=num_old)
     old = ckpt.restore(steps[0], {"old": stack})["old"]
-    old = jax.tree.map(lambda x: np.asarray(x)[:stage], jax.device_get(old))
+    keep = stage if num_old == int(progress["stage"]) else num_old
+    old = jax.tree.map(lambda x: np.asarray(x)[:keep], jax.device_get(old))
     return RunModel(config=config, backbone=backbone, trains_base=False,
                     params=jax.device_get(base.params),
                     adapters=adapters_lib.flatten_layers(old),

@@ -28,6 +28,9 @@ class Progress:
       printed in its `warning:` lines.
     stages: the stage names.
     rng_key: the run's PRNG key data (checked on resume).
+    stage_costs: stage name -> what the stage cost: `begin_seconds` and `end_seconds` (its
+      set-up and end, which hold the method's own passes: injection scoring, a Fisher, layer
+      inputs), `train_seconds`, `trainable_bytes`, `method_state_bytes` (after it).
   """
 
   stage: int = 0
@@ -42,6 +45,7 @@ class Progress:
   train_seconds: float = 0.0
   stages: list = dataclasses.field(default_factory=list)
   rng_key: list = dataclasses.field(default_factory=list)
+  stage_costs: dict = dataclasses.field(default_factory=dict)
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

@@ -117,7 +117,11 @@ def method_settings(config: ml_collections.ConfigDict) -> methods_lib.MethodSett
       num_seed_samples=config.injection.num_seed_samples,
       score_aggregation=config.injection.aggregation,
       olora_lambda1=config.olora.lambda1, olora_lambda2=config.olora.lambda2,
-      projection_rtol=config.projection.rtol, orth_reg_weight=config.adapters.orth_reg_weight)
+      projection_rtol=config.projection.rtol, orth_reg_weight=config.adapters.orth_reg_weight,
+      replay_over=config.replay.over, replay_per_task=config.replay.per_task,
+      replay_share=config.replay.share, ewc_over=config.ewc.over, ewc_weight=config.ewc.weight,
+      ewc_samples=config.ewc.samples, inflora_samples=config.inflora.samples,
+      inflora_threshold=config.inflora.threshold)
 
 
 def optimizer_settings(config: ml_collections.ConfigDict) -> methods_lib.OptimizerSettings:

@@ -5,14 +5,17 @@
   the jitted functions kept across stages), and the stage functions over the loop's state
   (`loop_state.LoopState`): `begin` (the trainable, as the method starts it, its optimizer and
   state), `end` (the trained tree folded in, the method's state), `save` and `restore`.
+* `StageProbe`: what a method may ask of a stage's data and model (`methods.Probe`).
 * `abstract_adapter`: one adapter's (or a stack's) shapes and shardings, what checkpoints are
   restored onto.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Callable, Optional
+import functools
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -158,16 +161,11 @@ class Stage:
       return jax.jit(self._init_new, out_shardings=shardings)
     return self.kept.get("fresh_adapter", make)(stage_key)
 
-  def score_old(self, params: Any, old: Any, names: list[str], stage_key: jax.Array):
-    """The method's `score_old`: old triplets' scores on seed samples of the stage's task."""
-
-    def score(num_seed_samples: int, aggregation: str = "mean"):
-      seed = int(jax.random.randint(jax.random.fold_in(stage_key, 1), (), 0, 2**31 - 1))
-      samples = pipeline.seed_samples(self.data[names[0]].train_examples, num_seed_samples, seed)
-      seeds = self.backbone.seed_batch(samples, tasks_lib.get_task(names[0]))
-      return self.scorer(aggregation)(params, old, seeds)
-
-    return score
+  def probe(self, names: Sequence[str], params: Any, old: Any,
+            stage_key: jax.Array) -> "StageProbe":
+    """The method's `Probe` of a stage: its tasks' data, the model as `params` and `old` (the
+    base and the frozen stack the stage trains on) make it."""
+    return StageProbe(self, list(names), params, old, stage_key)
 
   def scorer(self, aggregation: str = "mean") -> Callable:
     """The sensitivity pass with the method's `aggregation` over the seed samples, jitted once
@@ -191,6 +189,58 @@ class Stage:
           spmd_axis_name=sharding.BATCH_AXES)
 
     return self.kept.get(f"score/{aggregation}", lambda: jax.jit(run))
+
+  def _per_sample_loss(self, params: Any, stack: Any, sample: Any) -> jax.Array:
+    """The backbone's loss of one sample (a row of a `seed_batch`), with `stack` applied."""
+    batch = jax.tree.map(lambda x: x[None], sample)
+    scaling = self.base.adapter_config.scaling if self.base.adapter_config else 1.0
+    applied = (contextlib.nullcontext() if stack is None
+               else adapters_lib.intercept(stack, scaling))
+    with sharding.per_sample_rules(self.base.rules), applied:
+      return self.backbone.loss(params, batch, None)
+
+  def squared_grads_fn(self) -> Callable:
+    """`(trained, base_eff, seeds) -> tree like trained`: the mean over the seed samples of
+    each one's squared gradient of the loss with respect to the stage's trainable tree, one
+    sample at a time (a scan: never more than one gradient held)."""
+    kind = self.method.trainable
+
+    def run(trained, base_eff, seeds):
+      def loss(t, sample):
+        params, stack = kind.model(t, base_eff)
+        return self._per_sample_loss(params, stack, sample)
+
+      def body(acc, sample):
+        g = jax.grad(loss)(trained, sample)
+        return jax.tree.map(lambda a, x: a + jnp.square(x.astype(jnp.float32)), acc, g), None
+
+      acc = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trained)
+      acc, _ = jax.lax.scan(body, acc, seeds)
+      n = jax.tree.leaves(seeds)[0].shape[0]
+      return jax.tree.map(lambda a: a / n, acc)
+
+    return jax.jit(run)
+
+  def input_grams_fn(self) -> Callable:
+    """`(params, seeds) -> {layer: [d_in, d_in]}`: `adapters.input_grams` of every adapted
+    layer summed over the seed samples, one sample at a time (its padding masked out)."""
+    paths = list(self.base.paths)
+
+    def run(params, seeds):
+      def body(acc, sample):
+        batch = jax.tree.map(lambda x: x[None], sample)
+        masks = [batch[k] for k in ("attention_mask", "label_mask", "option_mask") if k in batch]
+        with sharding.per_sample_rules(self.base.rules):
+          grams = adapters_lib.input_grams(
+              lambda: self.backbone.loss(params, batch, None), paths, masks)
+        return {p: acc[p] + grams[p] for p in acc}, None
+
+      acc = {p: jnp.zeros((d,) * 2, jnp.float32)
+             for p, d in ((p, adapters_lib.get_kernel(params, p).shape[0]) for p in paths)}
+      acc, _ = jax.lax.scan(body, acc, seeds)
+      return acc
+
+    return jax.jit(run)
 
   # -- optimizer --------------------------------------------------------------------------------
 
@@ -225,28 +275,31 @@ class Stage:
     """The stage's trainable tree (as the method's trainable starts it), optimizer and
     optimizer state."""
     progress, stage_key = state.progress, state.stage_key
-    trainable, scores = self.method.trainable.start(
+    kind = self.method.trainable
+    trainable, scores = kind.start(
         self.method, state.params, lambda: self.fresh_adapter(stage_key), state.old or None,
-        self.score_old(state.params, state.old, names, stage_key))
+        self.probe(names, state.params, state.old, stage_key), state.method_state)
     if scores is not None:
       progress.sensitivity[progress.stages[progress.stage]] = {
           path: np.asarray(v).tolist() for path, v in scores.items()}
+    if kind.masks_frozen:  # an adapter, as the method made it: laid out as a fresh one
       trainable = jax.device_put(trainable, self.trainable_shardings(trainable))
     optimizer = self.optimizer(state.old, state.method_state)
     opt_state = self.init_opt_state(optimizer, trainable)
     progress.phase, progress.step = "train", 0
     return state.replace(trainable=trainable, optimizer=optimizer, opt_state=opt_state)
 
-  def end(self, state: LoopState) -> LoopState:
+  def end(self, state: LoopState, names: Sequence[str]) -> LoopState:
     """The trained tree folded in (the new adapter joins the frozen stack, or the trained base
     replaces the base) and the method's state updated; the stage's trainable, optimizer and
     effective base dropped."""
+    probe = self.probe(names, state.params, state.old, state.stage_key)
     params, old = self.method.trainable.finish(state.trainable, state.params, state.old)
     if old is not None:
       # Laid out as a restored stack is (`abstract_adapter`), whatever the stacking chose.
       old = jax.device_put(old, jax.tree.map(lambda a: a.sharding, abstract_adapter(
           self.base, state.stage_key, num_tasks=adapters_lib.num_tasks(old))))
-    method_state = self.method.end_stage(state.method_state, state.trainable, old)
+    method_state = self.method.end_stage(state.method_state, state.trainable, old, probe)
     if method_state is not None:
       method_state = jax.device_put(method_state, sharding.replicated(self.base.mesh))
     return state.replace(params=params, old=old, base_eff=None, trainable=None,
@@ -274,9 +327,10 @@ class Stage:
       trees["method_state"] = state.method_state
     ckpt.save(progress.global_step, trees, progress.to_json())
 
-  def restore(self, ckpt, step: int, progress: Progress, key: jax.Array) -> LoopState:
-    """The loop's state as checkpoint `step` holds it. At a stage boundary the stage is still
-    to begin (`begin`), as in an uninterrupted run."""
+  def restore(self, ckpt, step: int, progress: Progress, key: jax.Array,
+              stages: Sequence[Sequence[str]]) -> LoopState:
+    """The loop's state as checkpoint `step` holds it (`stages`: the run's stages' tasks). At a
+    stage boundary the stage is still to begin (`begin`), as in an uninterrupted run."""
     saved = ckpt.items(step)
     if progress.rng_key and progress.rng_key != _key_ints(key):
       raise InputError(f"checkpoint {step} was written with another seed")
@@ -285,11 +339,12 @@ class Stage:
     base_abs = _abstract_with_shardings(self.base.params)
     abstract = {}
     if "old" in saved:
-      abstract["old"] = abstract_adapter(self.base, stage_key, num_tasks=progress.stage)
+      abstract["old"] = abstract_adapter(
+          self.base, stage_key, num_tasks=self.method.trainable.num_old(progress.stage))
     if "params" in saved:
       abstract["params"] = base_abs
     if "method_state" in saved:
-      abstract["method_state"] = self.abstract_method_state(progress.stage, stage_key)
+      abstract["method_state"] = self.abstract_method_state(stages[:progress.stage], key)
     if abstract:
       restored = ckpt.restore(step, abstract)
       state = state.replace(old=restored.get("old"), params=restored.get("params", state.params),
@@ -306,19 +361,83 @@ class Stage:
                             opt_state=restored["opt_state"])
     return state
 
-  def abstract_method_state(self, num_stages: int, key: jax.Array) -> Any:
-    """Shapes and shardings (replicated) of the method's state after `num_stages` stages, by
-    tracing `Method.end_stage` over them: what a checkpointed state is restored onto."""
+  def abstract_method_state(self, stages: Sequence[Sequence[str]], key: jax.Array) -> Any:
+    """Shapes and shardings (replicated) of the method's state after the finished `stages`
+    (their tasks; `key` the run's), by tracing `Method.end_stage` over them, each with its
+    stage's probe: what a checkpointed state is restored onto."""
     trainable = self.method.trainable
     params = _abstract_with_shardings(self.base.params)
     trained = trainable.like(params, lambda: abstract_adapter(self.base, key))
     old, state = None, None
-    for _ in range(num_stages):
-      params, old = jax.eval_shape(trainable.finish, trained, params, old)
-      state = jax.eval_shape(self.method.end_stage, state, trained, old)
+
+    def end(state, trained, params, old, names, stage_key):
+      probe = self.probe(names, params, old, stage_key)
+      params, old = trainable.finish(trained, params, old)
+      return self.method.end_stage(state, trained, old, probe), params, old
+
+    for i, names in enumerate(stages):
+      stage_key = jax.random.fold_in(key, i)
+      state, params, old = jax.eval_shape(
+          functools.partial(end, names=names, stage_key=stage_key), state, trained, params, old)
     replicated = sharding.replicated(self.base.mesh)
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
                         state)
+
+
+class StageProbe:
+  """The driver's `methods.Probe` for one stage: draws from the stage's task's training
+  examples, and the model as the stage trains it (`params`, the base; `old`, the frozen stack
+  merged into it when the method's trainable trains on top of the old adapters)."""
+
+  # Each kind of draw folds its own constant into the stage key, then the caller's salt.
+  SCORE_SALT, DRAW_SALT = 1, 4
+
+  def __init__(self, stage: Stage, tasks: list[str], params: Any, old: Any,
+               stage_key: jax.Array):
+    self._stage, self.tasks, self.run_tasks = stage, tasks, list(stage.data)
+    self._params, self._old, self._key = params, old, stage_key
+
+  def _seed(self, *salts: int) -> int:
+    # Eager even while `end_stage` is traced (`abstract_method_state`): the draws are host
+    # values, the same in both.
+    with jax.ensure_compile_time_eval():
+      key = self._key
+      for s in salts:
+        key = jax.random.fold_in(key, s)
+      return int(jax.random.randint(key, (), 0, 2**31 - 1))
+
+  def _examples(self):
+    return self._stage.data[self.tasks[0]].train_examples
+
+  def sample(self, n: int, salt: int) -> np.ndarray:
+    examples = self._examples()  # a task smaller than n gives all it has
+    return pipeline.seed_sample_indices([e.label_index for e in examples],
+                                        min(n, len(examples)), self._seed(self.DRAW_SALT, salt))
+
+  def _seed_batch(self, n: int, salt: int):
+    examples = self._examples()
+    picked = [examples[i] for i in self.sample(n, salt)]
+    return self._stage.backbone.seed_batch(picked, tasks_lib.get_task(self.tasks[0]))
+
+  def score_old(self, num_seed_samples: int, aggregation: str = "mean"):
+    seed = self._seed(self.SCORE_SALT)
+    samples = pipeline.seed_samples(self._examples(), num_seed_samples, seed)
+    seeds = self._stage.backbone.seed_batch(samples, tasks_lib.get_task(self.tasks[0]))
+    return self._stage.scorer(aggregation)(self._params, self._old, seeds)
+
+  def _trained_on(self) -> Any:
+    """The base the stage's trainable trained on (`NewAdapter.model`'s `base_eff`)."""
+    if self._stage.method.trainable.merges_old and self._old:
+      return self._stage.merge(self._params, self._old)
+    return self._params
+
+  def squared_grads(self, trained: Any, n: int, salt: int = 0) -> Any:
+    fn = self._stage.kept.get("squared_grads", self._stage.squared_grads_fn)
+    return fn(trained, self._trained_on(), self._seed_batch(n, salt))
+
+  def input_grams(self, stack: Any, n: int, salt: int = 0) -> dict:
+    fn = self._stage.kept.get("input_grams", self._stage.input_grams_fn)
+    return fn(self._stage.merge(self._params, stack), self._seed_batch(n, salt))
 
 
 def _key_ints(key: jax.Array) -> list[int]:

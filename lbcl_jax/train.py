@@ -136,6 +136,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       json.dumps(checkpointing.config_to_dict(config), sort_keys=True), "the run config")
   workdir = os.fspath(workdir)
   timings = Timings()
+  config, stage, tasks, key = build_stage(config, timings)
+
+  os.makedirs(workdir, exist_ok=True)
+  lock = checkpointing.WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
+  try:
+    with _StopOnSigterm() as stop:
+      return _run(config, workdir, stage, tasks, key, timings, stop)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def build_stage(config: ml_collections.ConfigDict, timings: Optional[Timings] = None
+                ) -> tuple[ml_collections.ConfigDict, stage_lib.Stage, list[str], jax.Array]:
+  """Everything a run's stages use, built (and so checked against the config) before any
+  work: (the config, with the family a decoder checkpoint runs as; the `Stage`; the run's
+  tasks; the run's key)."""
+  timings = timings or Timings()
   # Everything is built, and so checked against the config, before the workdir is touched.
   method = methods_lib.get_method(config.method, settings_lib.method_settings(config))
   loop = settings_lib.LoopConfig.from_config(config, method)
@@ -160,15 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   stage = stage_lib.Stage(backbone=backbone, method=method, base=base, data=data, loop=loop,
                           optimizer_settings=settings_lib.optimizer_settings(config),
                           kept=stage_lib.Kept())
-
-  os.makedirs(workdir, exist_ok=True)
-  lock = checkpointing.WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
-  try:
-    with _StopOnSigterm() as stop:
-      return _run(config, workdir, stage, tasks, key, timings, stop)
-  finally:
-    if lock is not None:
-      lock.release()
+  return config, stage, tasks, key
 
 
 @dataclasses.dataclass
@@ -217,11 +227,17 @@ def _run(config: ml_collections.ConfigDict, workdir: str, stage: stage_lib.Stage
       label = progress.stages[progress.stage]
       with timings.phase("stage_setup"):
         if state.trainable is None:  # not resumed mid-stage
+          t0 = time.time()
           state = stage.begin(state, names)
+          progress.stage_costs[label] = {"begin_seconds": round(time.time() - t0, 3),
+                                         "trainable_bytes": _nbytes(state.trainable),
+                                         "train_seconds": -progress.train_seconds}
         if state.base_eff is None:
-          # The base with every old adapter merged in: what the stage's forward pass starts
-          # from. Evaluation computes it at the end of a stage; a resumed run afresh.
-          state = state.replace(base_eff=stage.merge(state.params, state.old))
+          # The base with every old adapter merged in (or the base alone, for a trainable that
+          # carries the old adapter on): what the stage's forward pass starts from. Evaluation
+          # computes the former at the end of a stage; a resumed run afresh.
+          under = state.old if stage.method.trainable.merges_old else None
+          state = state.replace(base_eff=stage.merge(state.params, under))
 
       with timings.phase("train"):
         try:
@@ -235,7 +251,15 @@ def _run(config: ml_collections.ConfigDict, workdir: str, stage: stage_lib.Stage
 
       # Evaluate every task seen so far with all adapters folded in (no task id).
       with timings.phase("eval"):
-        state = stage.end(state)
+        t0 = time.time()
+        state = stage.end(state, names)
+        jax.block_until_ready(state.method_state)
+        costs = progress.stage_costs.setdefault(label, {})
+        costs.update(end_seconds=round(time.time() - t0, 3),
+                     method_state_bytes=_nbytes(state.method_state),
+                     # (set to minus the total when the stage began)
+                     train_seconds=round(costs.get("train_seconds", 0.0)
+                                         + progress.train_seconds, 3))
         eval_params = stage.merge(state.params, state.old)
         trained = [n for s in stages[:progress.stage + 1] for n in s]
         rows = {}
@@ -248,7 +272,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, stage: stage_lib.Stage
                 backbone, predict, eval_params, stage.data[name].split(loop.eval_split), name,
                 batch_size=loop.eval_batch_size, mesh=base.mesh, labels=labels))
         row = rows[loop.label_space]
-        state = state.replace(base_eff=eval_params)
+        if stage.method.trainable.merges_old:  # the next stage trains on it
+          state = state.replace(base_eff=eval_params)
         del eval_params
       progress.accuracy_matrix.append(row)
       for space in loop.extra_label_spaces:
@@ -276,6 +301,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, stage: stage_lib.Stage
         matrix=progress.accuracy_matrix, joint=joint,
         global_steps=progress.global_step, train_seconds=progress.train_seconds,
         sensitivity=progress.sensitivity, losses=progress.losses, warnings=progress.warnings,
+        stage_costs=progress.stage_costs,
         eval_split=loop.eval_split, label_space=loop.label_space,
         label_spaces=results_lib.label_space_summaries(
             progress.label_space_matrices, joint=joint),
@@ -303,10 +329,10 @@ def train_stage(stage: stage_lib.Stage, state: LoopState, names: list[str], labe
   the stage's last step. `state.base_eff` is what the forward pass starts from: the base with
   every old adapter merged in (or the base)."""
   loop, mesh, progress, stage_key = stage.loop, stage.base.mesh, state.progress, state.stage_key
-  stream = task_data.train_stream(
+  stream = stage.method.batches(
       stage.data, names, loop.micro_batch_size,
-      seed=int(jax.random.randint(jax.random.fold_in(stage_key, 2), (), 0, 2**31 - 1)),
-      train_padding=loop.train_padding)
+      int(jax.random.randint(jax.random.fold_in(stage_key, 2), (), 0, 2**31 - 1)),
+      loop.train_padding, state.method_state)
   num_steps = stream.num_steps_per_epoch * loop.num_epochs * loop.grad_accum_steps
   if loop.max_steps_per_task:
     # Per task: a joint stage (MTL) of n tasks gets the budget of n sequential stages.
@@ -381,6 +407,11 @@ def train_stage(stage: stage_lib.Stage, state: LoopState, names: list[str], labe
   return state
 
 
+def _nbytes(tree: Any) -> int:
+  """Bytes of a pytree's arrays (0 for None)."""
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
 def _watch_loss(first_bad, loss, step):
   """(step, loss) of the first non-finite loss so far ((-1, 0) while there is none)."""
   bad_step, bad_value = first_bad
@@ -442,7 +473,7 @@ def _resume(ckpt: checkpointing.RunCheckpointer, stage: stage_lib.Stage, stages:
                    step, progress.stage, progress.step, progress.phase)
       if progress.stage >= len(stages):
         return LoopState(progress=progress, key=key, params=stage.base.params)
-      return stage.restore(ckpt, step, progress, key)
+      return stage.restore(ckpt, step, progress, key, stages)
     except checkpointing.CheckpointRestoreError as e:
       moved = ckpt.quarantine(step)
       print(f"warning: checkpoint {e.directory} could not be restored ({e.reason}); moved it "
@@ -535,11 +566,6 @@ def _check_collapse(config: ml_collections.ConfigDict, backbone: backbones.Backb
     progress.warnings.append(message)
   if jax.process_index() == 0:
     print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  flat = flax.traverse_util.flatten_dict(checkpointing.config_to_dict(config), sep=".")
-  return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in flat.items()}
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -29,8 +29,9 @@ class Anchored(methods.Method):
   description: str = "SVD adapters pulled toward the mean of the finished tasks' adapters"
   weight: float = 1.0
 
-  def end_stage(self, state: Optional[Any], trained: Any, old: Optional[Any]) -> Any:
-    del old
+  def end_stage(self, state: Optional[Any], trained: Any, old: Optional[Any],
+                probe: Any = None) -> Any:
+    del old, probe
     if state is None:
       return {"count": jnp.ones((), jnp.float32), "mean": trained}
     count = state["count"] + 1

@@ -46,23 +46,28 @@ def test_choices_take_the_best_validation_cell_and_wait_for_the_whole_sweep():
   rng = np.random.default_rng(0)
   records = {}
   first = spec.validation_cells(records)
-  # The LoRA family's lambda_1 cells and the SVD family's injection cells wait for their
-  # learning-rate cells: 8 SeqFT, 5 LoRA and 4 SVD cells first.
-  assert len(first) == 8 + len(generative_cl.LORA_LRS) + len(generative_cl.SVD_LRS) == 8 + 5 + 4
-  assert not any("lambda" in n or "_inj_" in n for n in first)
+  # The LoRA family's lambda_1 cells, the SVD families' injection cells and EWC's lambda cells
+  # wait for their learning-rate cells: 8 SeqFT, 5 LoRA and 4 SVD cells first, and beyond the
+  # paper's table 4 replay + LB-CL, 5 EWC, 8 replay and 8 InfLoRA cells.
+  paper = [n for n in first if n.split("_")[1] in cl_grid.FAMILIES]
+  assert len(paper) == 8 + len(generative_cl.LORA_LRS) + len(generative_cl.SVD_LRS) == 8 + 5 + 4
+  assert len([n for n in first if n.split("_")[1] not in cl_grid.FAMILIES]) == 25
+  assert not any("lambda" in n or "_inj_" in n or "weight" in n for n in first)
   scores = dict(zip(first, rng.permutation(len(first)).astype(float)))
   for name, flags in first.items():
     records[name] = _record(name, flags, rng, spaces=(None,), avg=scores[name])
   assert cl_grid.choices(spec, records) is None  # the second stages have not run
-  # SeqFT's sweep is complete: it can go on while the others' second stages run.
+  # The sweeps without a second stage are complete: they go on while the others' run.
   partial = cl_grid.choices(spec, records, partial=True)
-  assert sorted(partial) == ["seqft"]
+  assert sorted(partial) == ["inflora", "replay", "seqft"]
   early = cl_grid.grid_cells(spec, "all", partial)
   assert sorted(early) == sorted(["o1_seqft", "o2_seqft", "o3_seqft", "zeroshot",
-                                  "o1_seqft_seed1", "o1_seqft_seed2"])
+                                  "o1_seqft_seed1", "o1_seqft_seed2"] + [
+                                      f"o1_{m}{s}" for m in ("replay", "inflora")
+                                      for s in ("", "_seed1", "_seed2")])
   assert cl_grid.choices(spec, {}, partial=True) is None
   cells = spec.validation_cells(records)
-  assert len(cells) == 3 * spec.validation_budget
+  assert len(cells) == len(spec.families) * spec.validation_budget == 7 * 8
   best_lora = max((n for n in first if n.startswith("val_lora_")), key=scores.get)
   best_svd = max((n for n in first if n.startswith("val_svd_")), key=scores.get)
   for x in generative_cl.OLORA_LAMBDA1:
@@ -82,7 +87,7 @@ def test_choices_take_the_best_validation_cell_and_wait_for_the_whole_sweep():
                   "average_accuracy": None}
   scores.update({n: 100.0 + i for i, n in enumerate(second) if n != top})
   chosen = cl_grid.choices(spec, records)
-  for family in cl_grid.FAMILIES:
+  for family in spec.families:
     names = [n for n in cells if n.startswith(f"val_{family}_")]
     assert len(names) == spec.validation_budget
     winner = max((n for n in names if n in scores), key=scores.get)
@@ -128,6 +133,16 @@ def test_grid_cells_of_both_grids():
                                         "--config.injection.with_sigma=True"]}}
   gen = cl_grid.grid_cells(generative_cl.SPEC, "all", picked)
   assert len(gen) == 8 + 2 * 4 + 1 + 8 + 1
+  # The rows beyond the paper's table, once their families are chosen: order 1 and two seeds
+  # each; replay + LB-CL injects as LB-CL does.
+  extras = {f: {"flags": ["--config.optim.learning_rate=1e-3"]}
+            for f in ("replay", "ewc", "inflora", "replaysvd")}
+  gen = cl_grid.grid_cells(generative_cl.SPEC, "all", {**picked, **extras})
+  assert len(gen) == 8 + 2 * 4 + 1 + 8 + 1 + 4 * 3
+  assert gen["o1_replay_lbcl"][:2] == ["--config.method=replay", "--config.replay.over=lbcl"]
+  assert "--config.injection.layers=all" in gen["o1_replay_lbcl"]
+  assert not any("injection" in f for f in gen["o1_ewc_seed2"])
+  assert gen["o1_inflora"][0] == "--config.method=inflora"
   assert "--config.injection.layers=depth:2" in gen["o1_lbcl"]
   published = gen["o1_lbcl_published"]
   assert "--config.injection.layers=all" in published and "depth:2" not in " ".join(published)
@@ -339,3 +354,15 @@ def test_cell_settings_and_learned_column():
                        orders=(1,))["olora"]
   want = round(100 * float(np.mean([rec["accuracy_matrix"][i][i] for i in range(4)])), 1)
   assert row["learned"] == [want] and row["learned_average"] == want
+
+
+def test_costs_are_the_means_over_a_records_stages():
+  spec = generative_cl.SPEC
+  stage = lambda b, e, t, tb, sb: {"begin_seconds": b, "end_seconds": e, "train_seconds": t,
+                                   "trainable_bytes": tb, "method_state_bytes": sb}
+  records = {"o1_ewc": {"stage_costs": {"a": stage(1.0, 3.0, 10.0, 2**20, 2**21),
+                                        "b": stage(2.0, 4.0, 20.0, 2**20, 2**22)}},
+             "o1_seqft": {"stage_costs": None}, "o1_lbcl": {"diverged": True}}
+  assert cl_grid.costs(spec, records) == {"ewc": {
+      "setup_and_end_seconds": 5.0, "train_seconds": 15.0, "trainable_mb": 1.0,
+      "method_state_mb_last": 4.0}}

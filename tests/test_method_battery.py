@@ -25,6 +25,7 @@ from lbcl_jax import methods
 from lbcl_jax import sensitivity
 from lbcl_jax import settings
 from lbcl_jax import train
+from lbcl_jax.data import pipeline as methods_lib_pipeline
 
 import driver_utils as du
 
@@ -35,10 +36,14 @@ class Row:
 
   trains_base: bool = False
   frozen_sigma: bool = False   # sigma stays at its initial value
+  frozen_v: bool = False       # V stays as the method set it before training (InfLoRA)
   injects: bool = False        # the second task starts from the old triplets
+  continues: bool = False      # the second task starts from the first's trained adapter
   projects: bool = False       # the new U/V updates avoid the old subspaces
-  regularized: bool = False    # a loss term once old adapters exist
+  regularized: bool = False    # a loss term once old adapters (or a method state) exist
   joint: bool = False          # one stage for all tasks
+  generative: bool = False     # runs only on a generative backbone (the driver row: tiny Llama)
+  settings: tuple = ()         # (MethodSettings field, value) pairs for the toy
 
 
 BATTERY = {
@@ -50,6 +55,11 @@ BATTERY = {
     "bcl": Row(projects=True),
     "lbcl": Row(injects=True, projects=True),
     "mtl": Row(frozen_sigma=True, joint=True),
+    "seqlora": Row(frozen_sigma=True, continues=True),
+    "inflora": Row(frozen_sigma=True, frozen_v=True),
+    "replay": Row(trains_base=True, generative=True),
+    # lambda 1 for the toy (the default, 1e3, is for real models' small Fisher entries).
+    "ewc": Row(trains_base=True, regularized=True, settings=(("ewc_weight", 1.0),)),
 }
 
 D, INNER, R, STEPS = 8, 6, 2, 4
@@ -103,51 +113,91 @@ def test_every_method_has_a_battery_row():
   assert set(BATTERY) == set(methods.METHODS)
 
 
+class ToyProbe:
+  """`methods.Probe` on the tiny model: the stage's task's rows are its samples."""
+
+  def __init__(self, names, params, old, data, method, scaling):
+    self.tasks, self.run_tasks = list(names), list(data)
+    self._params, self._old, self._data = params, old, data
+    self._method, self._scaling = method, scaling
+
+  def _rows(self, n):
+    return jax.tree.map(lambda a: a[:n], self._data[self.tasks[0]])
+
+  def sample(self, n, salt):
+    labels = np.zeros(len(self._data[self.tasks[0]]["x"]), np.int64)
+    return methods_lib_pipeline.seed_sample_indices(labels, n, salt)
+
+  def score_old(self, n, aggregation="mean"):
+    backbone, params = TinyBackbone(), self._params
+
+    def loss_of_stack(stack, sample):
+      with adapters.intercept(stack, self._scaling):
+        return backbone.loss(params, jax.tree.map(lambda a: a[None], sample), None)
+
+    return sensitivity.score_old_triplets(loss_of_stack, self._old, self._rows(n),
+                                          aggregation=aggregation)
+
+  def squared_grads(self, trained, n, salt=0):
+    kind = self._method.trainable
+    base = (adapters.merge(self._params, self._old, self._scaling)
+            if kind.merges_old and self._old else self._params)
+
+    def loss(t, sample):
+      params, stack = kind.model(t, base)
+      batch = jax.tree.map(lambda a: a[None], sample)
+      if stack is None:
+        return TinyBackbone().loss(params, batch, None)
+      with adapters.intercept(stack, self._scaling):
+        return TinyBackbone().loss(params, batch, None)
+
+    grads = jax.vmap(jax.grad(loss), in_axes=(None, 0))(trained, self._rows(n))
+    return jax.tree.map(lambda g: jnp.mean(jnp.square(g), axis=0), grads)
+
+  def input_grams(self, stack, n, salt=0):
+    params = adapters.merge(self._params, stack, self._scaling) if stack else self._params
+    x = self._rows(n)["x"]
+    return adapters.input_grams(lambda: MODEL.apply({"params": params}, x),
+                                ["block_0/q", "block_0/v", "block_1/q", "block_1/v"])
+
+
 @functools.lru_cache(maxsize=None)
 def _run_method(name, transform_after_adam=False):
-  """Two tasks (one joint stage for MTL) through the driver's train step."""
-  backbone, method = TinyBackbone(), methods.get_method(name)
+  """Two tasks (one joint stage for MTL) through the driver's train step, with the stage
+  functions the driver calls (the trainable's start and finish, the method's end of stage)."""
+  row = BATTERY[name]
+  backbone = TinyBackbone()
+  method = methods.get_method(
+      name, methods.MethodSettings(**dict(row.settings)) if row.settings else None)
+  kind = method.trainable
   params = _base_params()
   cfg = adapters.AdapterConfig(targets=r".*/(q|v)", rank=R, init=method.adapter_init)
   data = {"a": _task_data(1), "b": _task_data(2)}
   settings = methods.OptimizerSettings(learning_rate=1e-2, weight_decay=0.01,
                                        transform_after_adam=transform_after_adam)
-  old, history = None, []
+  old, state, history = None, None, []
   for t, names in enumerate(method.stages(["a", "b"])):
     batch = jax.tree.map(lambda *a: jnp.concatenate(a), *[data[n] for n in names])
-    record = {"regularizer": None}
-    if method.trains_base:
-      trainable = jax.tree.map(jnp.copy, params)  # the step donates it; `params` is cached
-    else:
-      fresh = adapters.init_new(jax.random.key(10 + t), params, cfg)
-
-      def score_old(n, aggregation="mean", batch=batch):
-        seeds = jax.tree.map(lambda a: a[:n], batch)
-
-        def loss_of_stack(stack, sample):
-          with adapters.intercept(stack, cfg.scaling):
-            return backbone.loss(params, jax.tree.map(lambda a: a[None], sample), None)
-
-        return sensitivity.score_old_triplets(loss_of_stack, old, seeds,
-                                              aggregation=aggregation)
-
-      trainable, _ = method.init_adapter(fresh, old, score_old)
-      record["regularizer"] = method.regularizer(trainable, old)
-    tx = methods.build_optimizer(method, old, settings)
+    probe = ToyProbe(names, params, old, data, method, cfg.scaling)
+    fresh = lambda t=t: adapters.init_new(jax.random.key(10 + t), params, cfg)
+    trainable, _ = kind.start(method, params, fresh, old, probe, state)
+    # The step donates the trainable; `params` is cached and old adapters are kept.
+    trainable = jax.tree.map(jnp.copy, trainable)
+    record = {"regularizer": method.regularizer(trainable, old, state)}
+    tx = methods.build_optimizer(method, old, settings, state)
     step = train.make_train_step(backbone, method, tx, scaling=cfg.scaling)
-    base_eff = adapters.merge(params, old, cfg.scaling) if old else params
+    base_eff = adapters.merge(params, old, cfg.scaling) if old and kind.merges_old else params
     record["init"] = jax.tree.map(jnp.copy, trainable)
     opt_state, losses = tx.init(trainable), []
     for i in range(STEPS):
       trainable, opt_state, loss = step(trainable, opt_state, base_eff, old or {}, batch,
-                                        jax.random.key(i))
+                                        jax.random.key(i), state)
       losses.append(float(loss))
-    record.update(losses=losses, final=trainable, old_before=old)
+    record.update(losses=losses, final=trainable, old_before=old, state_before=state)
     history.append(record)
-    if method.trains_base:
-      params = trainable
-    else:
-      old = adapters.append_task({"old": old or {}, "new": trainable})["old"]
+    end_probe = ToyProbe(names, params, old, data, method, cfg.scaling)
+    params, old = kind.finish(trainable, params, old)
+    state = method.end_stage(state, trainable, old, end_probe)
   return method, params, old, history
 
 
@@ -173,32 +223,36 @@ def test_method_through_the_train_step(name):
   for h in history:
     assert all(math.isfinite(v) for v in h["losses"])
     assert h["losses"][-1] < h["losses"][0], (name, h["losses"])
+  if not row.joint:
+    # The regulariser exists exactly when the method has one and old adapters (or its state)
+    # exist (or, for AdaLoRA's orthogonality term of the SVD family, whenever it is set).
+    orth = getattr(method, "orth_reg_weight", 0.0) > 0
+    assert (history[0]["regularizer"] is not None) == orth
+    assert (history[1]["regularizer"] is not None) == (row.regularized or orth)
+    if row.regularized:  # (EWC's is 0 where the stage starts, at its anchor)
+      h = history[1]
+      assert float(method.regularizer(h["final"], h["old_before"], h["state_before"])) > 0
   if row.trains_base:
     assert old is None
     assert not np.array_equal(params["block_0"]["q"]["kernel"],
                               _base_params()["block_0"]["q"]["kernel"])
     return
-  assert adapters.num_tasks(old) == len(history)
+  assert adapters.num_tasks(old) == method.trainable.num_old(len(history))
   last = adapters.flatten_layers(history[-1]["final"])
   first_init = adapters.flatten_layers(history[-1]["init"])
   for path, leaf in last.items():
     sigma_moved = not np.array_equal(leaf["sigma"], first_init[path]["sigma"])
     assert sigma_moved != row.frozen_sigma, path
+    v_moved = not np.array_equal(leaf["V"], first_init[path]["V"])
+    assert v_moved != row.frozen_v, path
   if not row.joint:
-    # The regulariser exists exactly when the method has one and old adapters exist (or,
-    # for AdaLoRA's orthogonality term of the SVD family, whenever its weight is set).
-    orth = getattr(method, "orth_reg_weight", 0.0) > 0
-    assert (history[0]["regularizer"] is not None) == orth
-    assert (history[1]["regularizer"] is not None) == (row.regularized or orth)
-    if row.regularized:
-      assert float(history[1]["regularizer"]) > 0
     # Injection: with one old task alpha = 1, so the second task starts from a copy of the
-    # first task's trained U (and V); a fresh adapter otherwise.
+    # first task's trained U (and V); so does a continued adapter; a fresh adapter otherwise.
     first = adapters.flatten_layers(history[0]["final"])
     init = adapters.flatten_layers(history[1]["init"])
     for path in first:
       copied = np.allclose(init[path]["U"], first[path]["U"], rtol=1e-6)
-      assert copied == row.injects, path
+      assert copied == (row.injects or row.continues), path
     if row.projects:
       # The method's gradient transform leaves no gradient in the old span ...
       old = history[1]["old_before"]
@@ -320,10 +374,12 @@ def test_registry_and_labels():
 
 @pytest.mark.parametrize("name", sorted(BATTERY))
 def test_method_through_the_driver(tmp_path, name):
-  """The whole driver on a tiny random BERT: two tasks, a few steps each."""
+  """The whole driver on a tiny random BERT (a tiny Llama for a method that needs a generative
+  backbone): two tasks, a few steps each."""
   row = BATTERY[name]
+  model = du.tiny_llama(tmp_path) if row.generative else du.tiny_bert(tmp_path)
   r = train.train_and_evaluate(
-      du.make_config(*du.FAST, *du.tiny_bert(tmp_path), f"--config.method={name}",
+      du.make_config(*du.FAST, *model, f"--config.method={name}",
                      "--config.optim.max_steps_per_task=3", "--config.plots=False"),
       str(tmp_path / "wd"))
   m = r["accuracy_matrix"]

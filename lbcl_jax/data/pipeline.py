@@ -721,7 +721,14 @@ def eval_batches(data: BatchSource, batch_size: int, *, process_index: int | Non
 
 
 def seed_samples(examples: Sequence[Example], n: int, seed: int) -> list[Example]:
-  """`n` examples for sensitivity scoring: stratified over labels, deterministic in `seed`.
+  """`n` examples for sensitivity scoring: stratified over labels, deterministic in `seed`
+  (`seed_sample_indices`' draw)."""
+  idx = seed_sample_indices([e.label_index for e in examples], n, seed)
+  return [examples[i] for i in idx]
+
+
+def seed_sample_indices(labels: Sequence[int], n: int, seed: int) -> np.ndarray:
+  """Indices of `n` examples with `labels`, stratified over labels, deterministic in `seed`.
 
   Classes take turns (in a seeded order), each contributing its next example of a seeded
   per-class shuffle, so n >= #classes covers every class and class counts differ by at most
@@ -729,11 +736,11 @@ def seed_samples(examples: Sequence[Example], n: int, seed: int) -> list[Example
   """
   if n < 0:
     raise ValueError(f"n must be >= 0, got {n}")
-  if n > len(examples):
-    raise ValueError(f"asked for {n} seed samples but only {len(examples)} examples exist")
+  if n > len(labels):
+    raise ValueError(f"asked for {n} seed samples but only {len(labels)} examples exist")
   by_class: dict[int, list[int]] = {}
-  for i, e in enumerate(examples):
-    by_class.setdefault(e.label_index, []).append(i)
+  for i, label in enumerate(labels):
+    by_class.setdefault(int(label), []).append(i)
   classes = sorted(by_class)
   rng = np.random.default_rng([seed, 0x5EED5])
   queues = {c: list(rng.permutation(by_class[c])) for c in classes}
@@ -743,4 +750,4 @@ def seed_samples(examples: Sequence[Example], n: int, seed: int) -> list[Example
     for c in classes:
       if queues[c] and len(picked) < n:
         picked.append(int(queues[c].pop(0)))
-  return [examples[i] for i in picked]
+  return np.asarray(picked, dtype=np.int64)

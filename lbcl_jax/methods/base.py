@@ -4,37 +4,74 @@ A method is a frozen dataclass (hashable, so it can be a static argument of `jax
 driver (`lbcl_jax.train`) runs, once: `method = method.resolve(backbone, paths)`; then for every
 stage the method asks for:
 
-  trainable, scores = method.trainable.start(method, params, fresh, old, score_old)
-                      # a new adapter: method.init_adapter(fresh(), old, score_old)
+  trainable, scores = method.trainable.start(method, params, fresh, old, probe, state)
+                      # a new adapter: method.init_adapter(fresh(), old, probe, state)
   tx = build_optimizer(method, old, settings, state)              # gradient_transform inside
+  batches = method.batches(data, tasks, batch_size, seed, train_padding, state)
   train: loss = backbone loss (+ method.regularizer(new, old, state))
   params, old = method.trainable.finish(trainable, params, old)   # old + the new adapter
-  state = method.end_stage(state, trainable, old)                 # checkpointed with the run
+  state = method.end_stage(state, trainable, old, probe)          # checkpointed with the run
 
-What trains is the method's `trainable` (`NewAdapter` by default, `TrainedBase` for SeqFT), so
-the driver never asks which kind of method it runs. The base class is the plainest adapter
-method: a new adapter per task, old ones frozen and folded into the base, no injection, no
-constraint, no state. Subclasses override only what differs.
+What trains is the method's `trainable` (`NewAdapter` by default, `TrainedBase` for SeqFT,
+`ContinuedAdapter` for SeqLoRA), so the driver never asks which kind of method it runs. What a
+method may ask of the stage's data and model (seed-sample scores, a sample of the task's
+examples, squared per-sample gradients, the adapted layers' input statistics) it asks of the
+`Probe` the driver hands to `init_adapter` and `end_stage`. `Over` puts a method on top of
+another (replay or EWC over any method): every hook is the inner method's plus its own.
+
+The base class is the plainest adapter method: a new adapter per task, old ones frozen and
+folded into the base, no injection, no constraint, no state. Subclasses override only what
+differs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Callable, ClassVar, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Optional, Protocol, Sequence, Union
 
 import jax
+import numpy as np
 import optax
 
 from lbcl_jax import adapters
+from lbcl_jax.data import task_data
 
 PyTree = Any
 ScalarOrSchedule = Union[float, optax.Schedule]
-# score_old(num_seed_samples, aggregation="mean") -> {layer path: [K, r] triplet scores of the
-# old adapters on seed samples of the new task, aggregated over the samples as
-# `sensitivity.score_old_triplets`' `aggregation`}; given by the driver, which owns the data and
-# the model.
-ScoreFn = Callable[..., Mapping[str, jax.Array]]
+
+
+class Probe(Protocol):
+  """What a method may ask of a stage's data and model. The driver gives one to
+  `Method.init_adapter` (about the stage to come, the model before it) and to
+  `Method.end_stage` (about the stage just trained). Every draw is a pure function of the run's
+  seed, the stage and the caller's `salt`, so a resumed run asks and gets the same.
+
+  Under `jax.eval_shape` (the driver traces `end_stage` to know a checkpointed state's shapes)
+  the array arguments are abstract: answers built from them are traced, host draws are not.
+  """
+
+  tasks: Sequence[str]       # the stage's tasks
+  run_tasks: Sequence[str]   # every task of the run, in order
+
+  def score_old(self, num_seed_samples: int, aggregation: str = "mean"
+                ) -> Mapping[str, jax.Array]:
+    """{layer: [K, r]} scores of the old triplets on seed samples of the stage's task
+    (`sensitivity.score_old_triplets`)."""
+
+  def sample(self, n: int, salt: int) -> np.ndarray:
+    """Indices of `n` training examples of the stage's (first) task (all of them if it has
+    fewer), stratified over labels (`pipeline.seed_samples`' draw)."""
+
+  def squared_grads(self, trained: PyTree, n: int, salt: int = 0) -> PyTree:
+    """The mean over `n` training samples (at most) of the stage's task of the per-sample squared
+    gradient of the backbone's loss with respect to `trained` (the stage's trainable tree, in
+    the model the stage trained): the empirical diagonal Fisher."""
+
+  def input_grams(self, stack: Optional[PyTree], n: int, salt: int = 0
+                  ) -> Mapping[str, jax.Array]:
+    """{adapted layer path: [d_in, d_in]} the sum over the tokens of `n` training samples of the
+    stage's task of `x x^T`, `x` the layer's input, in the base with `stack` merged in."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +91,17 @@ class MethodSettings:
   projection_rtol: float = 1e-6
   # AdaLoRA's orthogonality regulariser on the new SVD adapter (None: the method's default).
   orth_reg_weight: Optional[float] = None
+  # Replay (`methods.replay`): the method underneath, memory examples per task, batch share.
+  replay_over: str = "seqft"
+  replay_per_task: int = 16
+  replay_share: float = 0.25
+  # EWC (`methods.ewc`): the method underneath, lambda, Fisher samples per task.
+  ewc_over: str = "seqft"
+  ewc_weight: float = 1e3
+  ewc_samples: int = 64
+  # InfLoRA (`methods.inflora`): samples whose layer inputs make the subspaces; GPM's threshold.
+  inflora_samples: int = 32
+  inflora_threshold: float = 0.95
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,13 +129,19 @@ class NewAdapter:
 
   # The optimizer labels leaves 'train' / 'frozen' (`param_labels`) and zeroes frozen ones.
   masks_frozen: ClassVar[bool] = True
+  # The stage trains on the base with every old adapter merged in (False: on the base alone).
+  merges_old: ClassVar[bool] = True
+
+  def num_old(self, num_stages: int) -> int:
+    """How many adapters the frozen stack holds after `num_stages` stages."""
+    return num_stages
 
   def adapter(self, config: adapters.AdapterConfig) -> Optional[adapters.AdapterConfig]:
     """The adapters the base carries for this trainable (None: none)."""
     return config
 
   def start(self, method: "Method", params: PyTree, fresh: Callable[[], PyTree],
-            old: Optional[PyTree], score_old: ScoreFn
+            old: Optional[PyTree], probe: Probe, state: Optional[PyTree] = None
             ) -> tuple[PyTree, Optional[Mapping[str, jax.Array]]]:
     """The stage's trainable tree before training, and the old triplets' scores if used.
 
@@ -96,10 +150,11 @@ class NewAdapter:
       params: the base the adapters apply to.
       fresh: makes a freshly initialised adapter (called only when one is needed).
       old: the stacked frozen adapters of finished stages (None before the first).
-      score_old: scores the old triplets on the new task's seed samples.
+      probe: the stage's data and model, as the method may ask of them.
+      state: the method's state (`Method.end_stage`'s; None before the first stage ends).
     """
     del params
-    return method.init_adapter(fresh(), old, score_old)
+    return method.init_adapter(fresh(), old, probe, state)
 
   def model(self, trainable: PyTree, base_eff: PyTree) -> tuple[PyTree, Optional[PyTree]]:
     """(the params the backbone runs on, a stack of adapters to add to them, or None)."""
@@ -127,8 +182,12 @@ class TrainedBase(NewAdapter):
     del config
     return None
 
-  def start(self, method, params, fresh, old, score_old):
-    del method, fresh, old, score_old
+  def num_old(self, num_stages):
+    del num_stages
+    return 0
+
+  def start(self, method, params, fresh, old, probe, state=None):
+    del method, fresh, old, probe, state
     return params, None
 
   def model(self, trainable, base_eff):
@@ -144,8 +203,31 @@ class TrainedBase(NewAdapter):
     return params
 
 
+@dataclasses.dataclass(frozen=True)
+class ContinuedAdapter(NewAdapter):
+  """What a stage trains: one adapter carried through every stage (SeqLoRA). The first stage
+  starts it as the method initialises a new adapter, each later one from where the last left
+  it; the frozen stack holds just it, and a stage trains on the base alone (the adapter is the
+  trainable, not a frozen part of the model)."""
+
+  merges_old: ClassVar[bool] = False
+
+  def num_old(self, num_stages):
+    return min(num_stages, 1)
+
+  def start(self, method, params, fresh, old, probe, state=None):
+    if old is None:
+      return super().start(method, params, fresh, old, probe, state)
+    return jax.tree.map(lambda x: x[-1], old), None
+
+  def finish(self, trainable, params, old):
+    del old
+    return params, jax.tree.map(lambda x: x[None], trainable)
+
+
 NEW_ADAPTER = NewAdapter()
 TRAINED_BASE = TrainedBase()
+CONTINUED_ADAPTER = ContinuedAdapter()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,17 +287,42 @@ class Method:
     """The training stages: the tasks each trains on, in order (default: one per task)."""
     return [[t] for t in tasks]
 
-  def init_adapter(self, fresh: PyTree, old: Optional[PyTree],
-                   score_old: ScoreFn) -> tuple[PyTree, Optional[Mapping[str, jax.Array]]]:
+  @property
+  def frozen_factors(self) -> tuple[str, ...]:
+    """The adapter factors ('U', 'sigma', 'V') the optimizer leaves at their initial value."""
+    return () if self.train_sigma else ("sigma",)
+
+  def init_adapter(self, fresh: PyTree, old: Optional[PyTree], probe: Probe,
+                   state: Optional[PyTree] = None
+                   ) -> tuple[PyTree, Optional[Mapping[str, jax.Array]]]:
     """The new task's adapter before training, and the old triplets' scores if it used them.
 
     Args:
       fresh: a freshly initialised adapter (`adapter_init`).
       old: the stacked frozen adapters of finished tasks (None before the first).
-      score_old: scores the old triplets on the new task's seed samples.
+      probe: the new stage's data and model (e.g. `probe.score_old`, scores of the old
+        triplets on the new task's seed samples).
+      state: the method's state (`end_stage`'s; None before the first stage ends).
     """
-    del old, score_old
+    del old, probe, state
     return fresh, None
+
+  def batches(self, data: Mapping[str, Any], tasks: Sequence[str], batch_size: int, seed: int,
+              train_padding: str = "task", state: Optional[PyTree] = None) -> Any:
+    """The stage's training batches: an object with `batch(step)` (a pure function of the
+    step) and `num_steps_per_epoch` (default: the stage's tasks' own stream,
+    `task_data.train_stream`).
+
+    Args:
+      data: every task's `task_data.TaskData`, in the run's order.
+      tasks: the stage's tasks.
+      batch_size: rows per step (the micro-batch, over every process).
+      seed: the stage's data seed.
+      train_padding: "task" or "batch" (`config.data.train_padding`).
+      state: the method's state.
+    """
+    del state
+    return task_data.train_stream(data, tasks, batch_size, seed, train_padding=train_padding)
 
   def regularizer(self, new: PyTree, old: Optional[PyTree],
                   state: Optional[PyTree] = None) -> Optional[jax.Array]:
@@ -235,8 +342,8 @@ class Method:
     del old, state
     return None
 
-  def end_stage(self, state: Optional[PyTree], trained: PyTree,
-                old: Optional[PyTree]) -> Optional[PyTree]:
+  def end_stage(self, state: Optional[PyTree], trained: PyTree, old: Optional[PyTree],
+                probe: Optional[Probe] = None) -> Optional[PyTree]:
     """The method's state after a stage: what later stages need from the finished ones (EWC's
     Fisher, a replay memory, GPM's bases). The driver checkpoints it with the run and restores
     it on resume, and hands it to `regularizer` and `gradient_transform`.
@@ -248,11 +355,13 @@ class Method:
       state: the state after the previous stage (None after none).
       trained: the finished stage's trained tree (its adapter, or the trained base).
       old: the frozen adapters after the stage (its adapter included; None if there are none).
+      probe: the finished stage's data and model (a stage's training examples, squared
+        gradients, layer inputs).
 
     Returns:
       The new state (default: None, a method without state).
     """
-    del state, trained, old
+    del state, trained, old, probe
     return None
 
   def configured(self, settings: MethodSettings) -> "Method":
@@ -261,12 +370,93 @@ class Method:
     return self
 
 
+@dataclasses.dataclass(frozen=True)
+class Over(Method):
+  """A method on top of another (`inner`): replay or EWC over any method. Every hook is the
+  inner method's; a subclass overrides what it adds and calls the inner hook inside. The
+  state is `{'inner': the inner method's, 'own': this one's}` (absent parts left out).
+
+  `over(inner)` is how the registry composes one (`config.<name>.over` names the inner); until
+  then `inner` is None and the method cannot run.
+
+  Attributes:
+    inner_name: the registry name of the method underneath.
+    inner: that method, configured.
+  """
+
+  inner_name: str = "seqft"
+  inner: Optional[Method] = None
+
+  def over(self, inner: Method) -> "Over":
+    """This method on top of `inner`, with the inner method's adapter settings."""
+    return dataclasses.replace(
+        self, inner=inner, adapter_init=inner.adapter_init, train_sigma=inner.train_sigma,
+        lora_alpha=inner.lora_alpha, adapter_dropout=inner.adapter_dropout)
+
+  @property
+  def _in(self) -> Method:
+    if self.inner is None:
+      raise ValueError(f"method {self.name!r} has no method underneath: compose it with "
+                       f"`over` (methods.get_method does)")
+    return self.inner
+
+  @staticmethod
+  def own(state: Optional[PyTree]) -> Optional[PyTree]:
+    return None if state is None else state.get("own")
+
+  @staticmethod
+  def inner_state(state: Optional[PyTree]) -> Optional[PyTree]:
+    return None if state is None else state.get("inner")
+
+  @staticmethod
+  def joined(inner_state: Optional[PyTree], own: Optional[PyTree]) -> Optional[PyTree]:
+    parts = {k: v for k, v in (("inner", inner_state), ("own", own)) if v is not None}
+    return parts or None
+
+  @property
+  def trainable(self) -> NewAdapter:
+    return self._in.trainable
+
+  @property
+  def frozen_factors(self) -> tuple[str, ...]:
+    return self._in.frozen_factors
+
+  def resolve(self, backbone, paths):
+    return dataclasses.replace(self, inner=self._in.resolve(backbone, paths))
+
+  def stages(self, tasks):
+    return self._in.stages(tasks)
+
+  def init_adapter(self, fresh, old, probe, state=None):
+    return self._in.init_adapter(fresh, old, probe, self.inner_state(state))
+
+  def batches(self, data, tasks, batch_size, seed, train_padding="task", state=None):
+    return self._in.batches(data, tasks, batch_size, seed, train_padding, self.inner_state(state))
+
+  def regularizer(self, new, old, state=None):
+    return self._in.regularizer(new, old, self.inner_state(state))
+
+  def gradient_transform(self, old, state=None):
+    return self._in.gradient_transform(old, self.inner_state(state))
+
+  def end_stage(self, state, trained, old, probe=None):
+    return self.joined(self._in.end_stage(self.inner_state(state), trained, old, probe),
+                       self.own(state))
+
+
+def add_penalties(*terms: Optional[jax.Array]) -> Optional[jax.Array]:
+  """The sum of the terms that are not None (None if all are)."""
+  present = [t for t in terms if t is not None]
+  return sum(present[1:], present[0]) if present else None
+
+
 # ---------------------------------------------------------------------------------------------
 # The optimizer every method trains with.
 
 
 def param_labels(method: Method, params: PyTree) -> PyTree:
-  """'train' / 'frozen' per leaf: old adapters and (unless trained) sigma are frozen.
+  """'train' / 'frozen' per leaf: old adapters and the method's `frozen_factors` (sigma of
+  LoRA-style methods, InfLoRA's V too) are frozen.
 
   Args:
     method: the method.
@@ -277,12 +467,13 @@ def param_labels(method: Method, params: PyTree) -> PyTree:
     A pytree of strings with the structure of `params`.
   """
   full = adapters.is_full_state(params)
+  frozen = () if not method.trainable.masks_frozen else method.frozen_factors
 
   def label(path, _):
     keys = [adapters.key_name(e) for e in path]
     if full and keys and keys[0] == "old":
       return "frozen"
-    if not method.train_sigma and keys and keys[-1] == "sigma":
+    if keys and keys[-1] in frozen:
       return "frozen"
     return "train"
 

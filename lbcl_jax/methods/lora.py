@@ -1,4 +1,5 @@
-"""The LoRA family: IncLoRA (a new LoRA per task) and O-LoRA (plus its orthogonality loss).
+"""The LoRA family: IncLoRA (a new LoRA per task), O-LoRA (plus its orthogonality loss) and
+SeqLoRA (one LoRA trained on every task in turn).
 
 LoRA-style methods keep sigma frozen at 1, so the adapter is exactly `B A` (B = U, A = V).
 """
@@ -11,7 +12,7 @@ from typing import Any, Optional
 import jax
 
 from lbcl_jax import olora as olora_lib
-from lbcl_jax.methods.base import Method, MethodSettings
+from lbcl_jax.methods.base import CONTINUED_ADAPTER, Method, MethodSettings, NewAdapter
 
 PyTree = Any
 
@@ -52,3 +53,16 @@ class LoRAFamily(Method):
   def configured(self, settings: MethodSettings) -> "LoRAFamily":
     return dataclasses.replace(self, olora_lambda1=settings.olora_lambda1,
                                olora_lambda2=settings.olora_lambda2)
+
+
+@dataclasses.dataclass(frozen=True)
+class SeqLoRA(LoRAFamily):
+  """One LoRA trained on each task in turn (the O-LoRA paper's SeqLoRA baseline), with O-LoRA's
+  LoRA settings; what EWC over adapters anchors (`config.ewc.over=seqlora`)."""
+
+  name: str = "seqlora"
+  description: str = "one LoRA trained on every task in turn"
+
+  @property
+  def trainable(self) -> NewAdapter:
+    return CONTINUED_ADAPTER

@@ -30,7 +30,7 @@ from lbcl_jax import adapters as adapters_lib
 from lbcl_jax import injection
 from lbcl_jax import projection
 from lbcl_jax import sensitivity
-from lbcl_jax.methods.base import Method, MethodSettings, ScoreFn
+from lbcl_jax.methods.base import Method, MethodSettings, Probe
 
 PyTree = Any
 
@@ -109,11 +109,13 @@ class SVDFamily(Method):
       # Keep the dataclass hashable (usable as a static jit argument).
       object.__setattr__(self, "inject_layers", tuple(self.inject_layers))
 
-  def init_adapter(self, fresh: PyTree, old: Optional[PyTree],
-                   score_old: ScoreFn) -> tuple[PyTree, Optional[Mapping[str, jax.Array]]]:
+  def init_adapter(self, fresh: PyTree, old: Optional[PyTree], probe: Probe,
+                   state: Optional[PyTree] = None
+                   ) -> tuple[PyTree, Optional[Mapping[str, jax.Array]]]:
+    del state
     if not (self.inject and old):
       return fresh, None
-    scores = score_old(self.num_seed_samples, self.score_aggregation)
+    scores = probe.score_old(self.num_seed_samples, self.score_aggregation)
     inject = functools.partial(injection.inject, with_sigma=self.inject_sigma,
                                layers=self.inject_layers)
     return jax.jit(lambda o, s, f: inject(o, s, fresh=f))(old, scores, fresh), scores
