@@ -45,8 +45,27 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return _jsonable(config.to_dict())
 
 
+def _with_new_defaults(theirs: Any, mine: Any, defaults: Any) -> Any:
+  """`theirs` (a recorded config) with every field it lacks and `mine` has at the field's
+  default (`defaults`) taken from `mine`: a field added to the config since the run began, left
+  at its default, does not make the run another one."""
+  if not (isinstance(theirs, dict) and isinstance(mine, dict)):
+    return theirs
+  out = dict(theirs)
+  defaults = defaults if isinstance(defaults, dict) else {}
+  for k, v in mine.items():
+    if k not in theirs:
+      if k in defaults and defaults[k] == v:
+        out[k] = v
+    else:
+      out[k] = _with_new_defaults(theirs[k], v, defaults.get(k))
+  return out
+
+
 def check_workdir_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
-  """Records the config in a fresh workdir, or refuses one that holds a different run."""
+  """Records the config in a fresh workdir, or refuses one that holds a different run. A field
+  the recorded config lacks (added to the code since) counts as the same when this run leaves
+  it at its default."""
   path = pathlib.Path(workdir) / CONFIG_FILE
   mine = config_to_dict(config)
   if path.exists():
@@ -54,6 +73,8 @@ def check_workdir_config(workdir: str | os.PathLike, config: ml_collections.Conf
       theirs = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
       raise InputError(f"{path}: not valid JSON ({e}); delete the workdir to start afresh") from e
+    from lbcl_jax import config_lib  # pylint: disable=g-import-not-at-top
+    theirs = _with_new_defaults(theirs, mine, config_to_dict(config_lib.base_config()))
     a, b = _comparable(theirs), _comparable(mine)
     if a != b:
       diffs = _diff(a, b)

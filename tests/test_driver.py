@@ -13,6 +13,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from lbcl_jax.errors import InputError
+
 import driver_utils as du
 
 
@@ -102,6 +104,22 @@ def test_refuses_workdir_of_another_config(tmp_path):
   assert proc.returncode != 0
   assert "holds a run of a different config" in proc.stderr
   assert "adapters.rank: 8 there, 4 now" in proc.stderr
+
+
+def test_a_field_added_since_at_its_default_is_the_same_run(tmp_path):
+  """A workdir whose recorded config predates a field (the code gained it since) resumes when
+  the run leaves the field at its default, and is refused when the run sets it otherwise."""
+  from lbcl_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  config = du.make_config(*du.FAST)
+  checkpointing.check_workdir_config(tmp_path, config)
+  path = tmp_path / checkpointing.CONFIG_FILE
+  recorded = json.loads(path.read_text())
+  del recorded["ewc"], recorded["replay"]["share"]
+  path.write_text(json.dumps(recorded))
+  checkpointing.check_workdir_config(tmp_path, config)  # the defaults: the same run
+  config.replay.share = 0.5
+  with pytest.raises(InputError, match=r"replay.share: '<absent>' there, 0.5 now"):
+    checkpointing.check_workdir_config(tmp_path, config)
 
 
 @pytest.mark.parametrize("override, message", [
