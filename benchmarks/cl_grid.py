@@ -376,7 +376,7 @@ def make_record(name: str, flags: Sequence[str], wall: float, results: dict,
           "sensitivity": results["sensitivity"],
           # Per stage: set-up / end / training seconds, trainable and method-state bytes.
           "stage_costs": results.get("stage_costs"),
-          "machine": machine.summary()}
+          "machine": machine.describe()}
 
 
 def run_cell(spec: Spec, name: str, flags: Sequence[str], workdir: pathlib.Path, data_dir: str,
