@@ -1,8 +1,11 @@
 """What the HF parity tests of the decoder families (test_llama, test_decoders, test_gemma2)
-compare with: logits over real positions, and positions as HF's generate derives them."""
+compare with: both stacks' logits of a left-padded batch, compared over real positions, and
+positions as HF's generate derives them."""
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -15,6 +18,20 @@ def rel_diff(ours, theirs, mask):
 def hf_positions(mask):
   """Positions counted over real tokens, as HF's generate derives them."""
   return np.where(mask > 0, np.cumsum(mask, -1) - 1, 0)
+
+
+def hf_logits(torch, model, ids, mask):
+  """An HF model's float32 logits of a left-padded batch, at `hf_positions`' positions (ours
+  derive theirs from the mask the same way)."""
+  with torch.no_grad():
+    return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                 position_ids=torch.tensor(hf_positions(mask))).logits.float().numpy()
+
+
+def our_logits(model, params, ids, mask):
+  """Our model's logits of the same batch."""
+  return np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(ids),
+                                         jnp.asarray(mask)))
 
 
 def hf_greedy(torch, model, ids, mask, max_new, eos, pad):

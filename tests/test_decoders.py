@@ -32,8 +32,8 @@ from lbcl_jax.models import qwen3
 
 import driver_utils as du
 from conftest import REPO_ROOT
+import hf_parity
 from hf_parity import hf_greedy
-from hf_parity import hf_positions
 from hf_parity import rel_diff
 
 # torch's threads against JAX's on 2 cores (conftest.one_torch_thread).
@@ -104,14 +104,11 @@ def hf_tiny(transformers, torch, variant: str, seed: int = 0):
 
 
 def hf_logits(torch, model, ids=IDS, mask=MASK):
-  with torch.no_grad():
-    return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                 position_ids=torch.tensor(hf_positions(mask))).logits.float().numpy()
+  return hf_parity.hf_logits(torch, model, ids, mask)
 
 
 def our_logits(model, params, ids=IDS, mask=MASK):
-  return np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(ids),
-                                         jnp.asarray(mask)))
+  return hf_parity.our_logits(model, params, ids, mask)
 
 
 

@@ -37,6 +37,7 @@ from lbcl_jax.models import ops
 import driver_utils as du
 from conftest import REPO_ROOT
 from test_method_battery import BATTERY
+import hf_parity
 from hf_parity import hf_greedy
 from hf_parity import hf_positions
 from hf_parity import rel_diff
@@ -103,14 +104,11 @@ def hf_tiny(transformers, torch, variant: str, seed: int = 0):
 
 
 def hf_logits(torch, model, ids=IDS, mask=MASK):
-  with torch.no_grad():
-    return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                 position_ids=torch.tensor(hf_positions(mask))).logits.float().numpy()
+  return hf_parity.hf_logits(torch, model, ids, mask)
 
 
 def our_logits(model, params, ids=IDS, mask=MASK):
-  return np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(ids),
-                                         jnp.asarray(mask)))
+  return hf_parity.our_logits(model, params, ids, mask)
 
 
 

@@ -24,8 +24,8 @@ from lbcl_jax.models import gguf as gguf_lib
 from lbcl_jax.models import hf
 from lbcl_jax.models import llama
 
+import hf_parity
 from hf_parity import hf_greedy
-from hf_parity import hf_positions
 from hf_parity import rel_diff
 
 # torch's threads against JAX's on 2 cores (conftest.one_torch_thread).
@@ -108,14 +108,11 @@ def hf_tiny(transformers, torch, variant: str, seed: int = 0):
 
 
 def hf_logits(torch, model, ids=IDS, mask=MASK):
-  with torch.no_grad():
-    return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                 position_ids=torch.tensor(hf_positions(mask))).logits.float().numpy()
+  return hf_parity.hf_logits(torch, model, ids, mask)
 
 
 def our_logits(model, params, ids=IDS, mask=MASK):
-  return np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(ids),
-                                         jnp.asarray(mask)))
+  return hf_parity.our_logits(model, params, ids, mask)
 
 
 
