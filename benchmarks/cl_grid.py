@@ -230,11 +230,12 @@ def method_flags(method: str, chosen: Mapping[str, dict],
   """A method's flags: its family's chosen ones; an injecting method also gets `injection`'s
   flags for what the validation did not choose. `row`: a method beyond the paper's."""
   if row is not None:
-    flags = [f for f in chosen[row.family]["flags"]
-             if not f.startswith(("--config.injection.",) if not row.injects else ())]
+    flags = chosen[row.family]["flags"]
     if row.injects:
       given = {f.split("=", 1)[0] for f in flags}
       flags = [f for f in injection if f.split("=", 1)[0] not in given] + flags
+    else:
+      flags = [f for f in flags if not f.startswith("--config.injection.")]
     return [*row.flags, *[f for f in flags if f not in row.flags]]
   flags = chosen[FAMILY[method]]["flags"]
   if method in INJECTS:

@@ -353,16 +353,6 @@ def extra_label_spaces(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return tuple(dict.fromkeys(n for n in names if n != config.eval.label_space))
 
 
-def _over_name(config: ml_collections.ConfigDict, methods) -> str:
-  """The method under `config.method` (replay, EWC), checked against the registry."""
-  name = config[config.method].over
-  if name not in methods.METHODS or isinstance(methods.METHODS[name], methods.Over):
-    valid = ", ".join(n for n, m in methods.METHODS.items() if not isinstance(m, methods.Over))
-    raise InputError(f"config.{config.method}.over={name!r}: {config.method} goes over one of "
-                     f"{valid}")
-  return name
-
-
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks what can be checked before any work starts; raises `InputError` naming the field.
 
@@ -375,11 +365,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   from lbcl_jax.data import pipeline
   # pylint: enable=g-import-not-at-top
 
-  method = methods.get_method(config.method)
-  if isinstance(method, methods.Over):  # the method underneath, as the run will compose it
-    method.configured(methods.MethodSettings(
-        replay_over=config.replay.over, ewc_over=config.ewc.over)).over(
-            methods.get_method(_over_name(config, methods)))
+  # Composed as the run will be (a method over another: the one its `over` field names).
+  methods.get_method(config.method, methods.MethodSettings(replay_over=config.replay.over,
+                                                           ewc_over=config.ewc.over))
   if config.data.source not in data.SOURCES:
     raise InputError(f"config.data.source={config.data.source!r}: expected one of {data.SOURCES}")
   tasks.resolve_order(config.order)

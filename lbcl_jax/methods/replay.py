@@ -65,10 +65,10 @@ class ReplayStream:
     self._rows = pipeline._local_rows(self.global_batch_size, index, count)  # pylint: disable=protected-access
     self.local_batch_size = self.global_batch_size // count
     new_len = new.data.lengths(np.arange(len(new.data)))
-    by_source: dict[int, list[int]] = {}
+    by_source: dict[int, tuple[Any, list[int]]] = {}
     for data, i in self.memory:
-      by_source.setdefault(id(data), []).append(i)
-    old_len = [data.lengths(np.asarray(by_source[id(data)])) for data, _ in self.memory]
+      by_source.setdefault(id(data), (data, []))[1].append(i)
+    old_len = [data.lengths(np.asarray(idx)) for data, idx in by_source.values()]
     # One shape for the stage: every batch padded to the longest example either part has.
     self.lengths = tuple(max(parts) for parts in zip(new_len, *old_len))
 
@@ -162,9 +162,7 @@ class Replay(Over):
       return super().batches(data, tasks, batch_size, seed, train_padding, state)
     k = self.num_old(batch_size)
     new = super().batches(data, tasks, batch_size - k, seed, train_padding, state)
-    names = list(data)
-    memory = [(data[names[t]].train, int(i))
-              for t, row in zip(_host(mine["task"]), _host(mine["index"])) for i in row]
+    memory = [(data[task].train, i) for task, i in memory_examples(state, data)]
     return ReplayStream(new, memory, k, seed + 0x4E9)
 
   def configured(self, settings: MethodSettings) -> "Replay":
