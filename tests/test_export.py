@@ -220,3 +220,25 @@ def test_config_export_final_writes_the_merged_model(tmp_path):
   assert (wd / "results.json").exists()
   written = json.loads((wd / "export" / "config.json").read_text())
   assert written["model_type"] == "bert" and (wd / "export" / "model.safetensors").is_file()
+
+
+def test_a_run_recorded_before_a_config_field_existed_loads(runs, tmp):
+  """A run whose config.json lacks fields added to the code since (the SmolLM2 grid's cells
+  begun before `replay` and `eval.matrix` existed) loads as the same run: those fields read as
+  their defaults (a run with a field unknown to `methods` used to fail with AttributeError)."""
+  workdir = runs("t5")
+  old = tmp / "t5_recorded_earlier"
+  shutil.copytree(workdir, old)
+  config = json.loads((old / "config.json").read_text())
+  for group, field in (("replay", None), ("ewc", None), ("eval", "matrix")):
+    if field is None:
+      del config[group]
+    else:
+      del config[group][field]
+  (old / "config.json").write_text(json.dumps(config))
+  then, now = export.load_run(old, need_adapters=True), export.load_run(workdir, need_adapters=True)
+  assert then.config.eval.matrix == "full" and then.config.replay == now.config.replay
+  assert then.config.to_dict() == now.config.to_dict()
+  for path, leaf in now.adapters.items():
+    for k, v in leaf.items():
+      np.testing.assert_array_equal(then.adapters[path][k], v)
