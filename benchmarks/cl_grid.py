@@ -1,6 +1,6 @@
-"""The machinery of a continual-learning benchmark grid, shared by `cl_methods.py` (MiniLM) and
-`generative_cl.py` (SmolLM2): cells, their records, validation choices, Table 1, seed spread,
-the analyses and their plots.
+"""The machinery of a continual-learning benchmark grid, shared by `cl_methods.py` (MiniLM),
+`generative_cl.py` and `long_cl.py` (SmolLM2): cells, their records, validation choices,
+Table 1, seed spread, the analyses and their plots.
 
 A *cell* is one `python -m lbcl_jax.main --config=<spec.config>` run in its own process, in
 `<workdir>/<cell>/`. Its summary (a *record*) goes to `<spec.cells_dir>/<cell>.json` in the
@@ -101,6 +101,39 @@ class Row:
 
 
 @dataclasses.dataclass(frozen=True)
+class PaperColumn:
+  """A published reference column of Table 1 (a grid's `paper_columns`).
+
+  Attributes:
+    heading: the column's heading, saying what the numbers are (model, orders, tasks).
+    values: method -> the published value (%); the other rows show "--".
+  """
+
+  heading: str
+  values: Mapping[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+  """A grid's own part of the report, beside the shared ones (a grid's `section`).
+
+  Attributes:
+    build: (spec, records) -> the keys it adds to the report's JSON (a pure function of the
+      records, as the rest of the report).
+    head: (spec, report) -> markdown lines before the shared ones.
+    tail: (spec, report) -> markdown lines after the shared ones.
+    plots: (spec, report, out_dir) -> None: writes `outputs`.
+    outputs: the files `plots` writes in the output directory.
+  """
+
+  build: Callable[["Spec", Mapping[str, dict]], dict]
+  head: Callable[["Spec", dict], list[str]] = lambda spec, report: []
+  tail: Callable[["Spec", dict], list[str]] = lambda spec, report: []
+  plots: Optional[Callable[["Spec", dict, pathlib.Path], None]] = None
+  outputs: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class Spec:
   """What a grid runs and how its outputs are named.
 
@@ -146,6 +179,22 @@ class Spec:
   extra_injections: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
   # Methods beyond the paper's (replay, EWC, InfLoRA): row name -> `Row`.
   extra_rows: Mapping[str, Row] = dataclasses.field(default_factory=dict)
+  # Per order, the methods the main phase runs there, in running order (None: every method on
+  # order 1, `other_order_methods` on the others). Table 1's rows are then the methods that
+  # run somewhere.
+  order_methods: Optional[Mapping[int, tuple[str, ...]]] = None
+  # The order-1 extras: a zero-shot cell in the main phase, the seeds phase, and the analyses
+  # (the analyses phase, its table and plot, and the sensitivity by depth of the lbcl cells).
+  zeroshot: bool = True
+  seeds: bool = True
+  analyses: bool = True
+  # A line printed under Table 1's title (what every number of it is over).
+  table_note: str = ""
+  # Table 1's published reference columns (None: O-LoRA's Table 1 and the LB-CL paper's
+  # average, on orders 1-3).
+  paper_columns: Optional[tuple[PaperColumn, ...]] = None
+  # The grid's own part of the report.
+  section: Optional[Section] = None
 
   @property
   def methods(self) -> tuple[str, ...]:
@@ -158,7 +207,23 @@ class Spec:
 
   @property
   def seed_methods(self) -> tuple[str, ...]:
+    if not self.seeds:
+      return ()
     return SEED_METHODS + tuple(m for m, r in self.extra_rows.items() if r.seeds)
+
+  @property
+  def table_methods(self) -> tuple[str, ...]:
+    """Table 1's rows: every method, or with `order_methods` those that run on some order."""
+    if self.order_methods is None:
+      return self.methods
+    ran = {m for ms in self.order_methods.values() for m in ms}
+    return tuple(m for m in self.methods if m in ran)
+
+  def runs_on(self, method: str, order: int) -> bool:
+    """Whether the main phase runs `method` on `order`."""
+    if self.order_methods is not None:
+      return method in self.order_methods.get(order, ())
+    return order == 1 or method in self.other_order_methods
 
   def family_of(self, method: str) -> str:
     return self.extra_rows[method].family if method in self.extra_rows else FAMILY[method]
@@ -176,8 +241,10 @@ class Spec:
   @property
   def outputs(self) -> tuple[str, ...]:
     p = self.plot_prefix
-    return (f"{self.name}.json", f"{self.name}.md", f"{p}_analyses.png", f"{p}_sensitivity.png"
-            ) + ((f"{p}_heatmaps.png",) if self.heatmaps else ())
+    return ((f"{self.name}.json", f"{self.name}.md") +
+            ((f"{p}_analyses.png", f"{p}_sensitivity.png") if self.analyses else ()) +
+            ((f"{p}_heatmaps.png",) if self.heatmaps else ()) +
+            (self.section.outputs if self.section else ()))
 
 
 def lr_flag(lr: str) -> str:
@@ -200,9 +267,14 @@ def choices(spec: Spec, records: Mapping[str, dict],
   """Per family, its chosen flags (without method, order and split), or None while the
   validation grid is unfinished. With `partial`, the families whose sweep is complete (so a
   grid can go on with them while another family's sweep still runs), None if there are none.
-  A spec with `choices_from` takes that grid's choices."""
+  A spec with `choices_from` takes that grid's choices of its own families (it waits for no
+  sweep of a family it does not run)."""
   if spec.choices_from is not None:
-    return choices(spec.choices_from, load_records(spec.choices_from), partial)
+    got = choices(spec.choices_from, load_records(spec.choices_from), partial=True) or {}
+    got = {f: c for f, c in got.items() if f in spec.families}
+    if not got or (len(got) < len(spec.families) and not partial):
+      return None
+    return got
   cells = spec.validation_cells(records)
   sweeps = {f: [n for n in cells if n.startswith(f"val_{f}_")] for f in spec.families}
   done = [f for f, names in sweeps.items()
@@ -267,16 +339,19 @@ def grid_cells(spec: Spec, grid: str, chosen: Mapping[str, dict],
   out = {}
   if grid in ("main", "all"):
     for order in orders:
-      for method in methods:
-        if order == 1 or method in spec.other_order_methods:
+      # In the running order `order_methods` gives, where it does.
+      ordered = methods if spec.order_methods is None else spec.order_methods.get(order, ())
+      for method in ordered:
+        if method in methods and spec.runs_on(method, order):
           out[f"o{order}_{method}"] = [*flags_of(method), f"--config.order={spec.orders[order]}"]
     published = published_flags(chosen) if spec.published_row and "svd" in chosen else None
     if published is not None and 1 in orders:
       out["o1_lbcl_published"] = [*published, f"--config.order={spec.orders[1]}"]
-    # The pre-trained model untouched (learning rate 0): what each task gets before training.
-    out["zeroshot"] = ["--config.method=inclora", f"--config.order={spec.orders[1]}",
-                       "--config.optim.learning_rate=0.0", "--config.optim.max_steps_per_task=1",
-                       *spec.zeroshot_flags]
+    if spec.zeroshot:
+      # The pre-trained model untouched (learning rate 0): what each task gets before training.
+      out["zeroshot"] = ["--config.method=inclora", f"--config.order={spec.orders[1]}",
+                         "--config.optim.learning_rate=0.0",
+                         "--config.optim.max_steps_per_task=1", *spec.zeroshot_flags]
   if grid in ("seeds", "all"):
     for method in [m for m in spec.seed_methods if m in methods]:
       for seed in EXTRA_SEEDS:
@@ -288,7 +363,8 @@ def grid_cells(spec: Spec, grid: str, chosen: Mapping[str, dict],
         out[f"o{order}_{method}_after_adam"] = [*method_flags(method, chosen, spec.injection),
                                                 f"--config.order={spec.orders[order]}",
                                                 "--config.projection.after_adam=True"]
-  if (grid == "analyses" or grid == "all" and spec.analyses_in_all) and "svd" in chosen:
+  if ((grid == "analyses" or grid == "all" and spec.analyses_in_all) and spec.analyses
+      and "svd" in chosen):
     base = [*method_flags("lbcl", chosen, spec.injection), f"--config.order={spec.orders[1]}"]
     for r in RANKS:
       if r != 8:
@@ -345,7 +421,11 @@ def cell_settings(cfg: Mapping) -> dict:
           "rank": cfg["adapters"]["rank"], "orth_reg_weight": cfg["adapters"]["orth_reg_weight"],
           "injection_layers": cfg["injection"]["layers"],
           "injection_with_sigma": cfg["injection"]["with_sigma"],
-          "olora_lambda1": cfg["olora"]["lambda1"], "seed": cfg["seed"]}
+          "olora_lambda1": cfg["olora"]["lambda1"], "seed": cfg["seed"],
+          # Records older than these fields measured the full matrix and stopped on an invalid
+          # row.
+          "eval_matrix": cfg.get("eval", {}).get("matrix", "full"),
+          "invalid_rows": cfg["data"].get("invalid_rows", "error")}
 
 
 def adapter_overlap(cell_dir: pathlib.Path) -> list[dict] | None:
@@ -375,8 +455,11 @@ def make_record(name: str, flags: Sequence[str], wall: float, results: dict,
           "n_eval": (cfg["data"]["validation_examples"] if results["eval_split"] == "validation"
                      else cfg["data"]["max_test_examples"]),
           "sensitivity": results["sensitivity"],
-          # Per stage: set-up / end / training seconds, trainable and method-state bytes.
+          # Per stage: set-up / end / training / evaluation / checkpoint seconds, the steady
+          # step time, peak RSS, trainable and method-state bytes.
           "stage_costs": results.get("stage_costs"),
+          # `data.invalid_rows=skip`: {task: {split: rows skipped}}.
+          "skipped_rows": results.get("skipped_rows"),
           "machine": machine.describe()}
 
 
@@ -468,10 +551,17 @@ def _mean(values) -> float | None:
   return None if any(v is None for v in values) else round(float(np.mean(values)), 1)
 
 
+def learned_row(matrix) -> np.ndarray:
+  """Each task's accuracy right after the stage that trained it: the matrix's diagonal, or a
+  joint run's (MTL: one stage trains every task) one row."""
+  m = np.asarray(matrix, np.float64)  # None (not measured) -> NaN
+  return m[0] if m.shape[0] == 1 and m.shape[1] > 1 else np.diag(m)
+
+
 def table1(spec: Spec, records: Mapping[str, dict], space: Optional[str], suffix: str = "",
            methods=None, orders: Sequence[int] | None = None) -> dict[str, dict]:
   orders = spec.main_orders if orders is None else orders
-  methods = spec.methods if methods is None else methods
+  methods = spec.table_methods if methods is None else methods
   rows = {}
   for method in methods:
     per = [_usable(records.get(f"o{o}_{method}{suffix}")) for o in orders]
@@ -481,8 +571,8 @@ def table1(spec: Spec, records: Mapping[str, dict], space: Optional[str], suffix
     ses = [None if p is None else test_se(s["accuracy_matrix"][-1], p["n_eval"])
            for p, s in zip(per, sp)]
     # Each task right after its own training (the matrix's diagonal): what was learned.
-    learned = [None if s is None else _pct(float(np.mean(np.diag(np.asarray(
-        s["accuracy_matrix"], np.float64))))) for s in sp]
+    learned = [None if s is None else _pct(float(np.mean(learned_row(s["accuracy_matrix"]))))
+               for s in sp]
     rows[method] = {
         "orders": acc, "average": _mean(acc),
         "learned": learned, "learned_average": _mean(learned),
@@ -589,6 +679,15 @@ def depth_summary(shares: Mapping[str, Mapping]) -> dict | None:
 
 def write_plots(spec: Spec, report: dict, records: Mapping[str, dict],
                 out_dir: pathlib.Path) -> None:
+  if spec.analyses:
+    _analyses_plots(spec, report, out_dir)
+  if spec.heatmaps:
+    _heatmaps(spec, records, out_dir)
+  if spec.section and spec.section.plots:
+    spec.section.plots(spec, report, out_dir)
+
+
+def _analyses_plots(spec: Spec, report: dict, out_dir: pathlib.Path) -> None:
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   an = report["analyses"]
   space = spec.spaces[0] or "exact match"
@@ -641,38 +740,51 @@ def write_plots(spec: Spec, report: dict, records: Mapping[str, dict],
   ax.set_title(f"Which blocks matter: sensitivity S of old triplets by depth (lbcl, {spec.model})")
   plots.save_figure(fig, out_dir / f"{spec.plot_prefix}_sensitivity.png")
 
-  if spec.heatmaps:
-    runs = [(m, _usable(records.get(f"o1_{m}"))) for m in spec.methods]
-    runs = [(m, r) for m, r in runs if r]
-    if runs:
-      cols = 4
-      rows = -(-len(runs) // cols)
-      fig = Figure(figsize=(4.2 * cols, 3.4 * rows))
-      axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
-      for ax, (method, r) in zip(axes, runs):
-        plots.draw_accuracy_heatmap(ax, r["accuracy_matrix"], r["tasks"], r["tasks"])
-        ax.set_title(f"{spec.labels[method]}: avg {_f(r['average_accuracy'])}, "
-                     f"BWT {_f(r['bwt'])}", fontsize=9)
-      for ax in axes[len(runs):]:
-        ax.set_axis_off()
-      fig.suptitle(f"Accuracy matrices, order 1, seed 0, {spec.model} (row: after training on)")
-      plots.save_figure(fig, out_dir / f"{spec.plot_prefix}_heatmaps.png")
+
+def _heatmaps(spec: Spec, records: Mapping[str, dict], out_dir: pathlib.Path) -> None:
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  runs = [(m, _usable(records.get(f"o1_{m}"))) for m in spec.methods]
+  runs = [(m, r) for m, r in runs if r]
+  if runs:
+    cols = 4
+    rows = -(-len(runs) // cols)
+    fig = Figure(figsize=(4.2 * cols, 3.4 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax, (method, r) in zip(axes, runs):
+      plots.draw_accuracy_heatmap(ax, r["accuracy_matrix"], r["tasks"], r["tasks"])
+      ax.set_title(f"{spec.labels[method]}: avg {_f(r['average_accuracy'])}, "
+                   f"BWT {_f(r['bwt'])}", fontsize=9)
+    for ax in axes[len(runs):]:
+      ax.set_axis_off()
+    fig.suptitle(f"Accuracy matrices, order 1, seed 0, {spec.model} (row: after training on)")
+    plots.save_figure(fig, out_dir / f"{spec.plot_prefix}_heatmaps.png")
+
+
+SPACE_WORDS = {"seen": "seen labels", "task": "the task's own labels", None: "exact match"}
 
 
 def _table_md(t1: dict, title: str, paper: bool, orders: Sequence[int],
-              labels: Mapping[str, str] = PAPER_NAMES) -> list[str]:
+              labels: Mapping[str, str] = PAPER_NAMES, note: str = "",
+              columns: Optional[Sequence[PaperColumn]] = None) -> list[str]:
+  """Table 1 in markdown; `paper`: with the published reference columns (`columns`, or by
+  default O-LoRA's Table 1 and the LB-CL paper's average)."""
   head = ("| method | " + " | ".join(f"order {o}" for o in orders) +
           " | **avg** | test SE | BWT avg | learned (diagonal) avg |")
   sep = "| --- |" + " --- |" * len(orders) + " --- | --- | --- | --- |"
-  if paper:
+  if paper and columns is not None:
+    head += "".join(f" {c.heading} |" for c in columns)
+    sep += " --- |" * len(columns)
+  elif paper:
     head += " O-LoRA paper T5-large (O1 / O2 / O3 / avg) | LB-CL paper T5-large avg |"
     sep += " --- | --- |"
-  out = [title, "", head, sep]
+  out = [title, "", *([note, ""] if note else []), head, sep]
   for method, row in t1.items():
     line = (f"| {labels.get(method, method)} | " + " | ".join(_f(v) for v in row["orders"]) +
             f" | **{_f(row['average'])}** | {_f(row['average_test_se'])} | "
             f"{_f(row['bwt_average'])} | {_f(row.get('learned_average'))} |")
-    if paper:
+    if paper and columns is not None:
+      line += "".join(f" {_f(c.values.get(method))} |" for c in columns)
+    elif paper:
       ref = PAPER_OLORA_TABLE1.get(method)
       ref_s = " / ".join(f"{v:.1f}" for v in ref) if ref else "--"
       if method == "mtl" and ref:
@@ -683,13 +795,13 @@ def _table_md(t1: dict, title: str, paper: bool, orders: Sequence[int],
 
 
 def markdown(spec: Spec, report: dict) -> str:
-  out = []
+  out = list(spec.section.head(spec, report)) if spec.section else []
   space = spec.spaces[0]
-  space_words = {"seen": "seen labels", "task": "the task's own labels", None: "exact match"}
   ch = report["validation"]["chosen"]
   if ch:
-    out += [f"Chosen on order 1's validation split ({spec.validation_budget} runs per family, "
-            f"{space_words[space]}):", "",
+    grid = f" of {spec.choices_from.name}" if spec.choices_from else ""
+    out += [f"Chosen on order 1's validation split{grid} ({spec.validation_budget} runs per "
+            f"family, {SPACE_WORDS[space]}):", "",
             "| family | chosen flags | validation avg |", "| --- | --- | --- |"]
     for fam, c in ch.items():
       out.append(f"| {fam} | `{' '.join(c['flags'])}` | {_f(c['validation_average'])} |")
@@ -711,25 +823,25 @@ def markdown(spec: Spec, report: dict) -> str:
   orders = report["settings"]["main_orders"]
   if space is None:
     out += _table_md(report["table1"], "Table 1, exact match of the generated answer (no task "
-                     "identity):", True, orders, spec.labels)
+                     "identity):", True, orders, spec.labels, spec.table_note, spec.paper_columns)
   else:
     out += _table_md(report["table1"], "Table 1, seen labels (no task identity):", True, orders,
-                     spec.labels)
+                     spec.labels, spec.table_note, spec.paper_columns)
   if "table1_task" in report:
     out += _table_md(report["table1_task"], "Table 1, the task's own labels:", False, orders,
                      spec.labels)
   after = report.get("projection_after_adam")
   if after and any(r["average"] is not None or any(o is not None for o in r["orders"])
                    for r in after[str(space)].values()):
-    out += _table_md(after[str(space)], f"Projection after Adam ({space_words[space]}):", False,
+    out += _table_md(after[str(space)], f"Projection after Adam ({SPACE_WORDS[space]}):", False,
                      orders)
   zs = report.get("zeroshot")
   if zs:
-    out += [f"Zero-shot (no training), {space_words[space]}: average "
+    out += [f"Zero-shot (no training), {SPACE_WORDS[space]}: average "
             f"{_f(zs['average_accuracy'])}; per task " +
             ", ".join(f"{t} {_f(a)}" for t, a in zs["per_task"].items()) + ".", ""]
   if report["seed_variance"]:
-    out += [f"Seed variance (order 1, seeds 0 / 1 / 2, {space_words[space]}):", "",
+    out += [f"Seed variance (order 1, seeds 0 / 1 / 2, {SPACE_WORDS[space]}):", "",
             "| method | accuracies | mean | std | SE | BWTs | BWT mean |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
     for method, v in report["seed_variance"].items():
@@ -745,12 +857,22 @@ def markdown(spec: Spec, report: dict) -> str:
       out.append(f"| {spec.labels[method]} | {c['setup_and_end_seconds']} | "
                  f"{c['train_seconds']} | {c['trainable_mb']} | {c['method_state_mb_last']} |")
     out.append("")
+  if spec.analyses:
+    out += _analyses_md(spec, report)
+  if spec.section:
+    out += spec.section.tail(spec, report)
+  return "\n".join(out) + "\n"
+
+
+def _analyses_md(spec: Spec, report: dict) -> list[str]:
+  out = []
+  space = spec.spaces[0]
   an = report["analyses"]
 
   def cells(d):
     return " | ".join("--" if v is None else f"{v['average_accuracy']:.1f} / {_f(v['bwt'])}"
                       for v in d.values())
-  out += [f"Analyses (lbcl, order 1, {space_words[space]}; average accuracy % / BWT):", "",
+  out += [f"Analyses (lbcl, order 1, {SPACE_WORDS[space]}; average accuracy % / BWT):", "",
           "| rank r | " + " | ".join(str(r) for r in an["rank"]) + " |",
           "| --- |" + " --- |" * len(an["rank"]), f"| avg / BWT | {cells(an['rank'])} |", "",
           "| seed samples | " + " | ".join(str(n) for n in an["seed_samples"]) + " |",
@@ -772,7 +894,7 @@ def markdown(spec: Spec, report: dict) -> str:
       out += ["", f"Top {d['quarter']} of {d['blocks']} blocks: {d['top_quarter_share']}% of the "
               f"sensitivity; bottom {d['quarter']}: {d['bottom_quarter_share']}% (uniform: "
               f"{d['uniform_quarter_share']}%); most sensitive: block {d['most_sensitive_block']}."]
-  return "\n".join(out) + "\n"
+  return out
 
 
 def build_report(spec: Spec, records: Mapping[str, dict], data_dir: str) -> dict:
@@ -810,22 +932,26 @@ def build_report(spec: Spec, records: Mapping[str, dict], data_dir: str) -> dict
   report["seed_variance"] = seed_variance(records, space, spec.seed_methods)
   for extra in spec.spaces[1:]:
     report[f"seed_variance_{extra}"] = seed_variance(records, extra, spec.seed_methods)
-  shares = sensitivity_by_depth(spec, records)
+  shares = sensitivity_by_depth(spec, records) if spec.analyses else {}
   report.update({
       "zeroshot": ({"average_accuracy": zs["average_accuracy"],
                     "per_task": dict(zip(zs["tasks"],
                                          (_pct(v) for v in zs["accuracy_matrix"][-1])))}
                    if zs else None),
-      "analyses": analyses(spec, records),
+      "analyses": analyses(spec, records) if spec.analyses else None,
       "costs": costs(spec, records),
       "sensitivity_by_depth": shares,
       "depth_summary": depth_summary(shares),
-      "paper": {"olora_table1_t5_large": PAPER_OLORA_TABLE1,
-                "lbcl_paper_average_t5_large": PAPER_LBCL_AVERAGE},
+      "paper": ({"olora_table1_t5_large": PAPER_OLORA_TABLE1,
+                 "lbcl_paper_average_t5_large": PAPER_LBCL_AVERAGE}
+                if spec.paper_columns is None else
+                {c.heading: dict(c.values) for c in spec.paper_columns}),
       "cells": {k: {kk: vv for kk, vv in v.items() if kk != "sensitivity"}
                 for k, v in records.items()},
       "total_wall_seconds": round(sum(r["wall_seconds"] for r in records.values()), 1),
   })
+  if spec.section:
+    report.update(spec.section.build(spec, records))
   return report
 
 
@@ -881,8 +1007,11 @@ def main(spec: Spec, description: str, argv: Sequence[str] | None = None) -> Non
     sys.exit(f"--data_dir={args.data_dir}: no train.json for {', '.join(missing)} "
              "(expected O-LoRA's CL_Benchmark layout)")
   if spec.choices_from is not None and choices(spec, {}) is None and not args.report_only:
-    sys.exit(f"{spec.name} reuses the validation choices of {spec.choices_from.name}, whose "
-             f"validation grid is unfinished ({spec.choices_from.cells_dir})")
+    src = spec.choices_from
+    ready = choices(src, load_records(src), partial=True) or {}
+    sys.exit(f"{spec.name} waits for the validation choices of {src.name}: the sweeps of "
+             f"{', '.join(f for f in spec.families if f not in ready)} are unfinished "
+             f"({src.cells_dir}); rerun when they are")
   spec.cells_dir.mkdir(parents=True, exist_ok=True)
   workdir = pathlib.Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)

@@ -160,6 +160,11 @@ def base_config() -> ml_collections.ConfigDict:
   # of its longest example (one train-step compilation per task); "batch" pads each batch to
   # its own bucket (less padding, one compilation per bucket used).
   config.data.train_padding = "task"
+  # A row a task's file cannot use (a label not in labels.json, such as MNLI's 131 test rows
+  # labelled "-", an empty sentence, a missing key): "error" stops the run with one line naming
+  # the file and the row; "skip" drops it and counts it (results.json's `skipped_rows`, the
+  # report). O-LoRA keeps MNLI's "-" rows in its test set, where no answer can match them.
+  config.data.invalid_rows = "error"
 
   config.optim = ml_collections.ConfigDict()
   # AdamW learning rate (constant, as O-LoRA) and decoupled weight decay.
@@ -202,6 +207,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval.label_space = "seen"
   # Further label spaces also measured and recorded in results.json ("task", "seen,task", ...).
   config.eval.extra_label_spaces = ""
+  # Which entries of the accuracy matrix are measured: "full", every seen task after every
+  # stage (T(T+1)/2 evaluations); "diagonal_final", each task right after its own stage and
+  # every task after the last (2T - 1: what the average accuracy and BWT need, the choice for
+  # long sequences). Forgetting needs the full matrix and is absent (null) otherwise.
+  config.eval.matrix = "full"
   # Evaluation batch size (global).
   config.eval.batch_size = 64
   # Tokens generated per example in "generate" mode.
@@ -337,6 +347,7 @@ _EVAL_MODES = ("generate", "rank")
 _LABEL_SPACES = ("seen", "task")
 _EVAL_SPLITS = ("test", "validation")
 _TRAIN_PADDINGS = ("task", "batch")
+EVAL_MATRICES = ("full", "diagonal_final")
 _DTYPES = ("float32", "bfloat16", "float16")
 _REMATS = ("none", "weights", "full")
 
@@ -362,7 +373,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   # Imported here: the registries pull in more than a config file should.
   # pylint: disable=g-import-not-at-top
   from lbcl_jax import adapters, data, injection, methods, sensitivity, tasks
-  from lbcl_jax.data import pipeline
+  from lbcl_jax.data import pipeline, task_data
   # pylint: enable=g-import-not-at-top
 
   # Composed as the run will be (a method over another: the one its `over` field names).
@@ -374,6 +385,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.data.train_padding not in _TRAIN_PADDINGS:
     raise InputError(f"config.data.train_padding={config.data.train_padding!r}: expected one of "
                      f"{_TRAIN_PADDINGS}")
+  if config.data.invalid_rows not in task_data.INVALID_ROWS:
+    raise InputError(f"config.data.invalid_rows={config.data.invalid_rows!r}: expected one of "
+                     f"{task_data.INVALID_ROWS}")
+  if config.eval.matrix not in EVAL_MATRICES:
+    raise InputError(f"config.eval.matrix={config.eval.matrix!r}: expected one of "
+                     f"{EVAL_MATRICES}")
   if config.eval.mode not in _EVAL_MODES:
     raise InputError(f"config.eval.mode={config.eval.mode!r}: expected one of {_EVAL_MODES}")
   for field in ("dtype", "param_dtype"):

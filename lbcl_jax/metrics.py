@@ -11,7 +11,9 @@ evaluated (e.g. j > i when future tasks are not tested) are None or NaN. Definit
   here whatever the caller passes, e.g. the zero-shot pretrained model). Needs the entries
   above the diagonal, so it is None unless future tasks were evaluated and `reference` is given.
 * forgetting (Chaudhry et al., 2018, "Riemannian Walk"): the mean over j < T-1 of
-  max_{i <= T-2} R[i][j] - R[T-1][j] (missing entries are ignored in the max).
+  max_{j <= i <= T-2} R[i][j] - R[T-1][j]. It needs every row's seen tasks (the lower
+  triangle): None for a matrix measured only on its diagonal and last row
+  (`eval.matrix="diagonal_final"`), where the max would silently be the diagonal's.
 
 Every metric is a plain float, or None when undefined (one task, a missing entry, a joint MTL
 run): JSON-friendly.
@@ -86,10 +88,10 @@ def forgetting(matrix: Matrix | np.ndarray) -> float | None:
     return None
   values = []
   for j in range(t - 1):
-    past = r[:t - 1, j]
-    if np.isnan(past).all() or np.isnan(r[t - 1, j]):
+    past = r[j:t - 1, j]  # after training task j, before the last stage
+    if np.isnan(past).any() or np.isnan(r[t - 1, j]):
       return None
-    values.append(np.nanmax(past) - r[t - 1, j])
+    values.append(past.max() - r[t - 1, j])
   return _float(float(np.mean(values)))
 
 

@@ -106,10 +106,20 @@ def report_markdown(doc: Mapping[str, Any]) -> str:
          "|---|" + "---|" * len(tasks)]
   for stage, row in zip(doc["stages"], doc["accuracy_matrix"]):
     out.append(f"| {stage} | " + " | ".join(_percent(v) for v in row) + " |")
+  sparse = doc.get("eval_matrix", "full") != "full"
+  if sparse:
+    out += ["", f"Measured entries (`eval.matrix={doc['eval_matrix']}`): each task right after "
+            "its own stage, and every task after the last."]
   out += ["", "| metric | value |", "|---|---|"]
   for k in ("average_accuracy", "bwt", "fwt", "forgetting"):
     v = doc.get(k)
-    out.append(f"| {k} | {'n/a' if v is None else f'{100 * v:.2f}'} |")
+    why = " (needs `--config.eval.matrix=full`)" if v is None and sparse and k == "forgetting" else ""
+    out.append(f"| {k} | {'n/a' + why if v is None else f'{100 * v:.2f}'} |")
+  if doc.get("skipped_rows"):
+    # `data.invalid_rows="skip"`: rows of the task files that no answer could be scored on.
+    out += ["", "Invalid rows skipped (`data.invalid_rows=skip`): " + "; ".join(
+        f"{task} {', '.join(f'{split} {n}' for split, n in counts.items())}"
+        for task, counts in doc["skipped_rows"].items()) + "."]
   if doc.get("warnings"):
     # What the run found wrong but did not stop for (e.g. a task whose training collapsed).
     out += ["", "## Warnings", "", *(f"- {w}" for w in doc["warnings"])]

@@ -77,6 +77,8 @@ class LoopConfig:
   eval_split: str
   label_space: str
   extra_label_spaces: tuple
+  # "full" or "diagonal_final": which entries of the accuracy matrix are measured.
+  eval_matrix: str = "full"
 
   @property
   def micro_batch_size(self) -> int:
@@ -106,7 +108,8 @@ class LoopConfig:
         injection_chunk_size=config.injection.chunk_size,
         adapter=adapter_config(config, method),
         eval_split=config.eval.split, label_space=config.eval.label_space,
-        extra_label_spaces=config_lib.extra_label_spaces(config))
+        extra_label_spaces=config_lib.extra_label_spaces(config),
+        eval_matrix=config.eval.get("matrix", "full"))
 
 
 def method_settings(config: ml_collections.ConfigDict) -> methods_lib.MethodSettings:

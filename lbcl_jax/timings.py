@@ -1,9 +1,13 @@
-"""`Timings`: the wall seconds of one invocation of a run, per phase, and its compile time."""
+"""What a run costs: `Timings` (the wall seconds of one invocation, per phase, and its compile
+time) and the process's peak resident memory over a stretch of it (`reset_peak_rss`,
+`peak_rss_bytes`)."""
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import resource
+import sys
 import time
 
 import jax
@@ -58,3 +62,29 @@ class Timings:
     out = {k: round(v, 3) for k, v in seconds.items()}
     out["compile"] = round(Timings._compile_seconds - self._compile_start, 3)
     return out
+
+
+def reset_peak_rss() -> bool:
+  """Starts a new peak-RSS window: Linux resets the process's high-water mark (VmHWM) to its
+  current RSS on writing "5" to /proc/self/clear_refs. False where that is not possible (not
+  Linux, or no permission): `peak_rss_bytes` then reads the process's peak since it started."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def peak_rss_bytes() -> int:
+  """The process's peak resident memory in bytes since the last `reset_peak_rss` (or since it
+  started)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024  # reported in kB
+  except OSError:
+    pass
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, else kB

@@ -27,7 +27,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from absl import logging
 import flax
@@ -51,6 +51,7 @@ from lbcl_jax import settings as settings_lib
 from lbcl_jax import sharding
 from lbcl_jax import stage as stage_lib
 from lbcl_jax import tasks as tasks_lib
+from lbcl_jax import timings as timings_lib
 from lbcl_jax.data import task_data
 from lbcl_jax.errors import Diverged, InputError, Preempted
 from lbcl_jax.loop_state import LoopState, Progress
@@ -225,13 +226,17 @@ def _run(config: ml_collections.ConfigDict, workdir: str, stage: stage_lib.Stage
       progress = state.progress
       names = stages[progress.stage]
       label = progress.stages[progress.stage]
+      # The stage's peak RSS (a resumed stage's: from where this invocation picked it up).
+      timings_lib.reset_peak_rss()
       with timings.phase("stage_setup"):
         if state.trainable is None:  # not resumed mid-stage
           t0 = time.time()
           state = stage.begin(state, names)
-          progress.stage_costs[label] = {"begin_seconds": round(time.time() - t0, 3),
-                                         "trainable_bytes": _nbytes(state.trainable),
-                                         "train_seconds": -progress.train_seconds}
+          progress.stage_costs[label] = {
+              "old_tasks": sum(len(s) for s in stages[:progress.stage]),
+              "begin_seconds": round(time.time() - t0, 3),
+              "trainable_bytes": _nbytes(state.trainable),
+              "train_seconds": -progress.train_seconds}
         if state.base_eff is None:
           # The base with every old adapter merged in (or the base alone, for a trainable that
           # carries the old adapter on): what the stage's forward pass starts from. Evaluation
@@ -260,6 +265,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, stage: stage_lib.Stage
                      # (set to minus the total when the stage began)
                      train_seconds=round(costs.get("train_seconds", 0.0)
                                          + progress.train_seconds, 3))
+        t0 = time.time()
         eval_params = stage.merge(state.params, state.old)
         trained = [n for s in stages[:progress.stage + 1] for n in s]
         rows = {}
@@ -267,7 +273,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, stage: stage_lib.Stage
           # "seen": every label of the tasks trained so far; no task identity reaches the model.
           labels = tasks_lib.label_union(trained) if space == "seen" else None
           rows[space] = row = [None] * len(tasks)
-          for name in trained:
+          for name in evaluated_tasks(loop.eval_matrix, stages, progress.stage):
             row[tasks.index(name)] = float(evaluation.evaluate(
                 backbone, predict, eval_params, stage.data[name].split(loop.eval_split), name,
                 batch_size=loop.eval_batch_size, mesh=base.mesh, labels=labels))
@@ -275,10 +281,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str, stage: stage_lib.Stage
         if stage.method.trainable.merges_old:  # the next stage trains on it
           state = state.replace(base_eff=eval_params)
         del eval_params
+        costs["eval_seconds"] = round(time.time() - t0, 3)
       progress.accuracy_matrix.append(row)
       for space in loop.extra_label_spaces:
         progress.label_space_matrices.setdefault(space, []).append(rows[space])
-      seen = {n: row[tasks.index(n)] for n in trained}
+      seen = {n: row[tasks.index(n)] for n in trained if row[tasks.index(n)] is not None}
       logging.info("Accuracy after %s: %s", label, seen)
       writer.write_scalars(progress.global_step, {f"accuracy/{n}": v for n, v in seen.items()})
 
@@ -286,7 +293,14 @@ def _run(config: ml_collections.ConfigDict, workdir: str, stage: stage_lib.Stage
       progress.step = 0
       progress.phase = "stage_start"
       with timings.phase("checkpoint"):
+        t0 = time.time()
         stage.save(out.ckpt, state)
+        # Measured after the save, so the stage's checkpoint holds its mid-stage saves' time
+        # and peak RSS so far; the next stage's checkpoint (and results.json) the whole.
+        costs["checkpoint_seconds"] = round(costs.get("checkpoint_seconds", 0.0)
+                                            + time.time() - t0, 3)
+        costs["peak_rss_bytes"] = max(costs.get("peak_rss_bytes", 0),
+                                      timings_lib.peak_rss_bytes())
       if progress.stage < len(stages) and stop.requested(progress.global_step):
         out.close()
         raise Preempted(f"stopped on SIGTERM at the end of stage {label} (global step "
@@ -301,7 +315,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, stage: stage_lib.Stage
         matrix=progress.accuracy_matrix, joint=joint,
         global_steps=progress.global_step, train_seconds=progress.train_seconds,
         sensitivity=progress.sensitivity, losses=progress.losses, warnings=progress.warnings,
-        stage_costs=progress.stage_costs,
+        stage_costs=progress.stage_costs, eval_matrix=loop.eval_matrix,
+        skipped_rows=skipped_rows(stage.data),
         eval_split=loop.eval_split, label_space=loop.label_space,
         label_spaces=results_lib.label_space_summaries(
             progress.label_space_matrices, joint=joint),
@@ -366,11 +381,18 @@ def train_stage(stage: stage_lib.Stage, state: LoopState, names: list[str], labe
                      "--config.optim.learning_rate or clip gradients "
                      "(--config.optim.grad_clip=1.0)")
 
+  costs = progress.stage_costs.setdefault(label, {})
   t0, window_t, window_n = time.time(), time.time(), 0
+  # The steady-state step time: from the end of this invocation's first step (which compiles)
+  # to the end of its last, less the checkpoints in between.
+  steady_t0, saving = None, 0.0
   for step in range(start, num_steps):
     batch = sharding.global_batch(stream.batch(step), mesh, replicated_keys=replicated)
     state, loss = apply_train_step(step_fn, state, batch, jax.random.fold_in(train_key, step))
     first_bad = watch(first_bad, loss, step + 1)
+    if steady_t0 is None:
+      jax.block_until_ready(loss)
+      steady_t0 = time.time()
     progress.step = step + 1
     progress.global_step += 1
     window_n += 1
@@ -390,8 +412,12 @@ def train_stage(stage: stage_lib.Stage, state: LoopState, names: list[str], labe
         and not last) or stopping:
       check_finite()  # never checkpoint a diverged state
       progress.train_seconds += time.time() - t0
+      t0 = time.time()
       with out.timings.phase("checkpoint"):
         stage.save(out.ckpt, state)
+      saving += time.time() - t0
+      costs["checkpoint_seconds"] = round(costs.get("checkpoint_seconds", 0.0)
+                                          + time.time() - t0, 3)
       t0 = time.time()
     if stopping:
       bar.close()
@@ -404,7 +430,30 @@ def train_stage(stage: stage_lib.Stage, state: LoopState, names: list[str], labe
   bar.close()
   check_finite()
   progress.train_seconds += time.time() - t0
+  if steady_t0 is not None and num_steps - start > 1:
+    jax.block_until_ready(state.trainable)
+    costs["step_seconds"] = round((time.time() - steady_t0 - saving)
+                                  / (num_steps - start - 1), 4)
   return state
+
+
+def evaluated_tasks(matrix: str, stages: Sequence[Sequence[str]], index: int) -> list[str]:
+  """The tasks evaluated after stage `index`: every task trained so far ("full"), or, with
+  "diagonal_final", the stage's own tasks and, after the last stage, every task."""
+  trained = [n for s in stages[:index + 1] for n in s]
+  if matrix == "full" or index == len(stages) - 1:
+    return trained
+  return list(stages[index])
+
+
+def skipped_rows(data: Mapping[str, Any]) -> dict[str, dict[str, int]]:
+  """{task: {split: rows}} of the rows the data loader skipped (`data.invalid_rows="skip"`)."""
+  out = {}
+  for name, task in data.items():
+    counts = {k: int(v) for k, v in (getattr(task, "skipped_rows", None) or {}).items() if v}
+    if counts:
+      out[name] = counts
+  return out
 
 
 def _nbytes(tree: Any) -> int:

@@ -171,3 +171,36 @@ def test_a_bug_keeps_its_traceback(tmp_path):
   assert proc.returncode == 1
   assert "Traceback" in proc.stderr and "RuntimeError: a bug in the driver" in proc.stderr
   assert "error: " not in proc.stderr
+
+
+def test_diagonal_final_matrix_measures_what_average_and_bwt_need(tmp_path):
+  """`eval.matrix=diagonal_final` trains exactly as "full" does and measures its diagonal and
+  last row, nothing else; forgetting, which needs the rest, is absent and the report says why.
+  Both runs record each stage's costs."""
+  args = [*du.FAST, *du.tiny_bert(tmp_path), "--config.num_tasks=3",
+          "--config.optim.max_steps_per_task=3", "--config.checkpoint.every_steps=2"]
+  du.run_main(tmp_path / "full", *args)
+  du.run_main(tmp_path / "sparse", *args, "--config.eval.matrix=diagonal_final")
+  full, sparse = _results(tmp_path / "full"), _results(tmp_path / "sparse")
+  assert full["eval_matrix"] == "full" and sparse["eval_matrix"] == "diagonal_final"
+  assert full["losses"] == sparse["losses"]
+  f, s = full["accuracy_matrix"], sparse["accuracy_matrix"]
+  for i in range(3):
+    for j in range(3):
+      measured = i == j or i == 2
+      assert (s[i][j] is not None) == measured, (i, j)
+      if measured:
+        assert s[i][j] == f[i][j]
+  assert f[1][0] is not None  # the full run measured what the sparse one skipped
+  assert sparse["average_accuracy"] == full["average_accuracy"]
+  assert sparse["bwt"] == full["bwt"]
+  assert full["forgetting"] is not None and sparse["forgetting"] is None
+  assert "n/a (needs `--config.eval.matrix=full`)" in (tmp_path / "sparse" / "report.md").read_text()
+  for r in (full, sparse):
+    costs = [r["stage_costs"][label] for label in r["stages"]]
+    assert [c["old_tasks"] for c in costs] == [0, 1, 2]
+    for c in costs:
+      assert c["step_seconds"] > 0 and c["eval_seconds"] > 0
+      assert c["checkpoint_seconds"] > 0 and c["peak_rss_bytes"] > 2**20
+      # 3 steps, one of them the compiling first: the steady steps fit in the stage's training.
+      assert 2 * c["step_seconds"] < c["train_seconds"]

@@ -42,6 +42,20 @@ def test_forward_transfer_and_forgetting_with_a_full_matrix():
     metrics.forward_transfer(full, [0.1])
 
 
+def test_a_diagonal_and_last_row_matrix_keeps_average_and_bwt_but_not_forgetting():
+  # eval.matrix="diagonal_final": R[1][0] was not measured. Taking the max over what was
+  # measured would give task 0's forgetting as 0.9 - 0.6 whatever R[1][0] was.
+  sparse = [[0.9, None, None],
+            [None, 0.8, None],
+            [0.6, 0.5, 0.95]]
+  assert metrics.average_accuracy(sparse) == metrics.average_accuracy(R)
+  assert metrics.backward_transfer(sparse) == pytest.approx(metrics.backward_transfer(R))
+  assert metrics.forgetting(sparse) is None
+  # With R[1][0] measured above R[0][0], forgetting takes it (1.0 - 0.6 for task 0).
+  full = [[0.9, None, None], [1.0, 0.8, None], [0.6, 0.5, 0.95]]
+  assert metrics.forgetting(full) == pytest.approx(((1.0 - 0.6) + (0.8 - 0.5)) / 2)
+
+
 def test_degenerate_matrices():
   assert metrics.summarize([[0.5]]) == {"average_accuracy": 0.5, "bwt": None, "fwt": None,
                                         "forgetting": None}

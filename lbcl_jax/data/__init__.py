@@ -53,6 +53,14 @@ class DataError(InputError):
   """Bad input data; the message names the file (or source) and the row."""
 
 
+class InvalidRowError(DataError):
+  """One bad row (the rest of its file may be fine), raised by a source that can skip such rows.
+
+  The local source raises it unless `skip_invalid` is set; file-level faults stay `DataError`,
+  so a caller can tell the faults that skipping would get past from those it would not.
+  """
+
+
 def make_example(task: tasks_lib.Task, sentence: str, label_index: int) -> Example:
   return Example(task=task.name, sentence=sentence, label=task.labels[label_index],
                  label_index=int(label_index))
@@ -112,7 +120,7 @@ def sample_examples(examples: Sequence[Example], *, per_class: int | None = None
 
 
 def load_split(task: str | tasks_lib.Task, split: str, source: str, **opts: Any) -> list[Example]:
-  """Loads one split of one task from `source`.
+  """Loads one split of one task from `source`: `load_split_counted` without the count.
 
   Args:
     task: a task name or `Task`.
@@ -125,13 +133,29 @@ def load_split(task: str | tasks_lib.Task, split: str, source: str, **opts: Any)
       needs `root` (the CL_Benchmark directory) and takes `skip_invalid`; "hf"/"tfds" take the
       protocol's sizes (`train_per_class`, `test_per_class`, `test_size`) and their loader
       hooks; "synthetic" takes `suite_seed`, `train_per_class`, `test_per_class`. See each
-      module's `load`.
+      module's `load` (local: `load_counted`).
 
   Returns:
     The examples, each with its label string and label index.
 
   Raises:
     ValueError: unknown task or source; `DataError` (a ValueError) for bad data.
+  """
+  return load_split_counted(task, split, source, **opts)[0]
+
+
+def load_split_counted(task: str | tasks_lib.Task, split: str, source: str,
+                       **opts: Any) -> tuple[list[Example], int]:
+  """`load_split`, and how many rows of the split the source skipped as invalid.
+
+  Only the local source skips rows (with `skip_invalid=True`); the count is of rows in its file,
+  taken before sampling. The other sources raise on a bad row instead, and count 0.
+
+  Args:
+    task, split, source, **opts: as `load_split`.
+
+  Returns:
+    (the examples, exactly as `load_split` returns them; the number of rows skipped).
   """
   task = tasks_lib.get_task(task)
   if source not in _SOURCE_MODULES:
@@ -143,4 +167,6 @@ def load_split(task: str | tasks_lib.Task, split: str, source: str, **opts: Any)
         raise ValueError(f"{key}={opts[key]!r} is only read by source='local', not {source!r}")
       opts.pop(key, None)
   module = importlib.import_module(_SOURCE_MODULES[source])
-  return module.load(task, split, **opts)
+  if source == "local":
+    return module.load_counted(task, split, **opts)
+  return module.load(task, split, **opts), 0

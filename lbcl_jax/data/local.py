@@ -6,10 +6,11 @@
 
 `<category>/<dataset>` is the task's `path` in `lbcl_jax.tasks` (e.g. "SC/SST-2").
 
-Nothing is dropped silently: a bad row raises `DataError` naming the file and the row. With
-`skip_invalid=True` bad rows are skipped instead, each one logged, and the count is logged and
-returned by `read_split`. File-level faults (a missing file, bytes that are not UTF-8, text
-that is not JSON, JSON that is not a list) always raise: no row can be trusted after them.
+Nothing is dropped silently: a bad row raises `InvalidRowError` (a `DataError`) naming the file
+and the row. With `skip_invalid=True` bad rows are skipped instead, each one logged, and the
+count is logged and returned by `read_split` and `load_counted`. File-level faults (a missing
+file, bytes that are not UTF-8, text that is not JSON, JSON that is not a list) always raise,
+`skip_invalid` or not: no row can be trusted after them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from absl import logging
 from lbcl_jax import tasks as tasks_lib
 from lbcl_jax.data import DataError
 from lbcl_jax.data import Example
+from lbcl_jax.data import InvalidRowError
 from lbcl_jax.data import sample_examples
 
 SPLITS = ("train", "dev", "test")
@@ -107,8 +109,8 @@ def read_split(root: str | os.PathLike[str], task: str | tasks_lib.Task, split: 
     (examples in file order, number of rows skipped).
 
   Raises:
-    DataError: a missing or unreadable file, or (without `skip_invalid`) a bad row; the message
-      names the file and the row.
+    DataError: a missing or unreadable file; `InvalidRowError` (without `skip_invalid`) for a
+      bad row. The message names the file and the row.
   """
   task = tasks_lib.get_task(task)
   if split not in SPLITS:
@@ -131,7 +133,7 @@ def read_split(root: str | os.PathLike[str], task: str | tasks_lib.Task, split: 
     reason = _check_row(row, task)
     if reason is not None:
       if not skip_invalid:
-        raise DataError(f"{path}: row {i}: {reason}")
+        raise InvalidRowError(f"{path}: row {i}: {reason}")
       skipped += 1
       logging.warning("%s: row %d skipped: %s", path, i, reason)
       continue
@@ -143,11 +145,18 @@ def read_split(root: str | os.PathLike[str], task: str | tasks_lib.Task, split: 
   return examples, skipped
 
 
-def load(task: str | tasks_lib.Task, split: str, *, root: str | os.PathLike[str] | None = None,
-         data_dir: str | os.PathLike[str] | None = None, skip_invalid: bool = False,
-         per_class: int | None = None, max_examples: int | None = None,
-         seed: int = 0) -> list[Example]:
-  """One split of one task, optionally sampled (seeded, stratified by class).
+def load(task: str | tasks_lib.Task, split: str, **opts: Any) -> list[Example]:
+  """One split of one task, optionally sampled: `load_counted` (same options) without the count."""
+  return load_counted(task, split, **opts)[0]
+
+
+def load_counted(task: str | tasks_lib.Task, split: str, *,
+                 root: str | os.PathLike[str] | None = None,
+                 data_dir: str | os.PathLike[str] | None = None, skip_invalid: bool = False,
+                 per_class: int | None = None, max_examples: int | None = None,
+                 seed: int = 0) -> tuple[list[Example], int]:
+  """One split of one task, optionally sampled (seeded, stratified by class), and the number of
+  invalid rows skipped.
 
   Args:
     task: a task name or `Task`.
@@ -157,9 +166,15 @@ def load(task: str | tasks_lib.Task, split: str, *, root: str | os.PathLike[str]
     per_class: keep at most this many examples per class (None/0: all).
     max_examples: keep at most this many examples in all (None/0: all).
     seed: the sampling seed.
+
+  Returns:
+    (the sampled examples, the number of the file's rows skipped as invalid). The count is taken
+    before sampling; the sample is drawn from the valid rows alone, so it is the one a file
+    without the skipped rows gives.
   """
   root = root if root is not None else data_dir
   if not root:
     raise ValueError("the local source needs root= (the CL_Benchmark directory)")
-  examples, _ = read_split(root, task, split, skip_invalid=skip_invalid)
-  return sample_examples(examples, per_class=per_class, max_examples=max_examples, seed=seed)
+  examples, skipped = read_split(root, task, split, skip_invalid=skip_invalid)
+  return sample_examples(examples, per_class=per_class, max_examples=max_examples,
+                         seed=seed), skipped

@@ -9,6 +9,9 @@ runs they choose for train on the same examples, and no validation example is ev
 or drawn from the test split. For the local source the carving comes first and the per-class
 training sample is drawn from the rest; the other sources sample their own training split
 (their protocol sizes), and the validation rows come out of that sample.
+
+A local file's invalid rows (`DataConfig.invalid_rows`) stop the run by default; skipped, they
+are counted per split in `TaskData.skipped_rows`.
 """
 
 from __future__ import annotations
@@ -19,11 +22,16 @@ from typing import Any, Callable, Sequence
 
 from lbcl_jax import tasks as tasks_lib
 from lbcl_jax.data import Example
-from lbcl_jax.data import load_split
+from lbcl_jax.data import InvalidRowError
+from lbcl_jax.data import load_split_counted
 from lbcl_jax.data import sample_examples
 from lbcl_jax.data import sample_indices
 from lbcl_jax.data import pipeline
 from lbcl_jax.errors import InputError
+
+
+# What `config.data.invalid_rows` may be (config_lib validates the run config with it).
+INVALID_ROWS = ("error", "skip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +46,14 @@ class DataConfig:
     seed: the run's seed (sampling).
     train_padding: "task" (every batch of a task padded to one length) or "batch".
     validation_examples: validation examples per task carved from the train split (0: none).
+    invalid_rows: what a row the source cannot use does (a label outside labels.json, such as
+      MNLI's test rows labelled "-", an empty sentence, a missing key). "error": the run stops
+      with one line naming the file, the row and this option. "skip": the local source drops
+      the row before any sampling (so the sample is the one a file without it gives) and counts
+      it in `TaskData.skipped_rows`. The other sources ignore the option: the synthetic suite
+      has no invalid rows, and "hf"/"tfds" always raise on one (a label outside the task's
+      mapping, such as GLUE's -1 test labels, or an empty sentence), since their benchmark
+      splits hold none and skipping would change their protocol's sample.
   """
 
   source: str
@@ -47,19 +63,27 @@ class DataConfig:
   seed: int = 0
   train_padding: str = "task"
   validation_examples: int = 0
+  invalid_rows: str = "error"
+
+  def __post_init__(self):
+    if self.invalid_rows not in INVALID_ROWS:
+      raise InputError(f"invalid_rows={self.invalid_rows!r}: expected one of {INVALID_ROWS}")
 
   @classmethod
   def from_config(cls, config) -> "DataConfig":
     d = config.data
     return cls(source=d.source, data_dir=d.data_dir, train_per_class=d.train_per_class,
                max_test_examples=d.max_test_examples, seed=config.seed,
-               train_padding=d.train_padding, validation_examples=d.validation_examples)
+               train_padding=d.train_padding, validation_examples=d.validation_examples,
+               # Configs saved before the field existed load with the old behaviour.
+               invalid_rows=d.get("invalid_rows", "error"))
 
   def source_options(self, split: str) -> dict[str, Any]:
     """`load_split`'s options for `split`."""
     opts: dict[str, Any] = {"seed": self.seed}
     if self.source == "local":
       opts["root"] = os.path.expanduser(self.data_dir)
+      opts["skip_invalid"] = self.invalid_rows == "skip"
       # With a validation split the per-class sample is drawn after it is carved out.
       if split == "train" and self.train_per_class and not self.validation_examples:
         opts["per_class"] = self.train_per_class
@@ -72,12 +96,23 @@ class DataConfig:
 
 @dataclasses.dataclass
 class TaskData:
-  """One task's examples and tokenised splits."""
+  """One task's examples and tokenised splits.
+
+  Attributes:
+    train_examples: the training examples (after any validation carving and sampling).
+    train, test, validation: the tokenised splits (validation None without one).
+    skipped_rows: {"train": n, "test": n}, both keys always present: the rows of each split's
+      file dropped as invalid (`DataConfig.invalid_rows="skip"`), counted before sampling, so
+      the count is the file's, whatever the sample size. The validation rows come out of the
+      train file: its skipped rows are in "train". All 0 with "error" and for sources that do
+      not skip.
+  """
 
   train_examples: list[Example]
   train: pipeline.BatchSource
   test: pipeline.BatchSource
   validation: pipeline.BatchSource | None = None
+  skipped_rows: dict[str, int] = dataclasses.field(default_factory=dict)
 
   def split(self, name: str) -> pipeline.BatchSource:
     """The evaluation split `name`: "test" or "validation"."""
@@ -99,16 +134,30 @@ def load_task_data(config: DataConfig, names: Sequence[str],
   out = {}
   for name in names:
     task = tasks_lib.get_task(name)
-    train = load_split(task, "train", config.source, **config.source_options("train"))
+    train, skipped_train = _load(config, task, "train")
     validation = None
     if config.validation_examples:
       train, validation = carve_validation(train, config.validation_examples)
       if config.source == "local" and config.train_per_class:
         train = sample_examples(train, per_class=config.train_per_class, seed=config.seed)
-    test = load_split(task, "test", config.source, **config.source_options("test"))
+    test, skipped_test = _load(config, task, "test")
     out[name] = TaskData(train_examples=train, train=encode(train, task), test=encode(test, task),
-                         validation=None if validation is None else encode(validation, task))
+                         validation=None if validation is None else encode(validation, task),
+                         skipped_rows={"train": skipped_train, "test": skipped_test})
   return out
+
+
+def _load(config: DataConfig, task: tasks_lib.Task, split: str) -> tuple[list[Example], int]:
+  """One split and its count of skipped rows; a bad row's error names the option that skips it.
+
+  The hint is added here, not by the reader: `lbcl_jax.data.local` is also used without a run
+  config, where the option is its `skip_invalid` argument.
+  """
+  try:
+    return load_split_counted(task, split, config.source, **config.source_options(split))
+  except InvalidRowError as e:
+    raise InvalidRowError(f"{e}; --config.data.invalid_rows=skip skips such rows (each one "
+                          "counted in results.json)") from None
 
 
 # The validation split's own seed: fixed, so every run seed validates on the same examples.
