@@ -115,14 +115,18 @@ def _round(v, digits: int = 1):
 def cost_table(record: Optional[Mapping]) -> list[dict]:
   """One entry per stage (task) of a record's `stage_costs`, in order; a field the record lacks
   (a record older than it) is None. The task's wall is the sum of its measured parts: set-up
-  (the stage's begin and end), training, evaluation, checkpointing."""
+  (the stage's begin and end), training, its own evaluation, checkpointing. Its own evaluation
+  is the stage's evaluation seconds over the tasks evaluated then (`evaluated_tasks`): one with
+  `eval.matrix=diagonal_final`, except after the last stage, which evaluates every task for the
+  run's final row, a cost of the run rather than of its last task."""
   if record is None or record.get("diverged") or not record.get("stage_costs"):
     return []
   out = []
   for task, c in record["stage_costs"].items():
     setup = _sum([c.get("begin_seconds"), c.get("end_seconds")])
-    wall = _sum([setup, c.get("train_seconds"), c.get("eval_seconds"),
-                 c.get("checkpoint_seconds")])
+    own_eval = (None if c.get("eval_seconds") is None
+                else c["eval_seconds"] / max(1, c.get("evaluated_tasks") or 1))
+    wall = _sum([setup, c.get("train_seconds"), own_eval, c.get("checkpoint_seconds")])
     rss = c.get("peak_rss_bytes")
     out.append({
         "task": task, "old_tasks": c.get("old_tasks"),
@@ -131,6 +135,7 @@ def cost_table(record: Optional[Mapping]) -> list[dict]:
         "train_seconds": _round(c.get("train_seconds")),
         "step_seconds": _round(c.get("step_seconds"), 4),
         "eval_seconds": _round(c.get("eval_seconds")),
+        "evaluated_tasks": c.get("evaluated_tasks"),
         "checkpoint_seconds": _round(c.get("checkpoint_seconds")),
         "wall_seconds": _round(wall),
         "setup_share_percent": (_round(100 * setup / wall) if setup is not None and wall
@@ -271,7 +276,8 @@ def tail(spec: cl_grid.Spec, report: dict) -> list[str]:
             "| **BWT** | " + " | ".join(cl_grid._f(r["bwt"]) for _, r in cells) + " |", ""]
   out += [f"What a long sequence costs: LB-CL on order 4 (`{COST_CELL}`, {TASKS_NOTE}), per "
           "task; set-up = the stage's begin (sensitivity scoring, injection) and end (projection "
-          "bases); the wall = set-up + training + evaluation + checkpointing; step = steady "
+          "bases); the wall = set-up + training + its own evaluation (the stage's evaluation "
+          "over the tasks it evaluated: all of them after the last) + checkpointing; step = steady "
           "seconds per training step (the first, compiling, step excluded); peak RSS of the "
           "process during the stage.", ""]
   if not report["cost"]:

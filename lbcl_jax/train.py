@@ -273,7 +273,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, stage: stage_lib.Stage
           # "seen": every label of the tasks trained so far; no task identity reaches the model.
           labels = tasks_lib.label_union(trained) if space == "seen" else None
           rows[space] = row = [None] * len(tasks)
-          for name in evaluated_tasks(loop.eval_matrix, stages, progress.stage):
+          evaluated = evaluated_tasks(loop.eval_matrix, stages, progress.stage)
+          for name in evaluated:
             row[tasks.index(name)] = float(evaluation.evaluate(
                 backbone, predict, eval_params, stage.data[name].split(loop.eval_split), name,
                 batch_size=loop.eval_batch_size, mesh=base.mesh, labels=labels))
@@ -281,7 +282,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, stage: stage_lib.Stage
         if stage.method.trainable.merges_old:  # the next stage trains on it
           state = state.replace(base_eff=eval_params)
         del eval_params
-        costs["eval_seconds"] = round(time.time() - t0, 3)
+        costs.update(eval_seconds=round(time.time() - t0, 3), evaluated_tasks=len(evaluated))
       progress.accuracy_matrix.append(row)
       for space in loop.extra_label_spaces:
         progress.label_space_matrices.setdefault(space, []).append(rows[space])

@@ -199,6 +199,8 @@ def test_diagonal_final_matrix_measures_what_average_and_bwt_need(tmp_path):
   for r in (full, sparse):
     costs = [r["stage_costs"][label] for label in r["stages"]]
     assert [c["old_tasks"] for c in costs] == [0, 1, 2]
+    assert [c["evaluated_tasks"] for c in costs] == (
+        [1, 2, 3] if r is full else [1, 1, 3])
     for c in costs:
       assert c["step_seconds"] > 0 and c["eval_seconds"] > 0
       assert c["checkpoint_seconds"] > 0 and c["peak_rss_bytes"] > 2**20

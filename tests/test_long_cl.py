@@ -127,8 +127,10 @@ def _stage(old, step=1.0, rss=1000.0, begin=2.0, end=1.0, full=True):
   c = {"begin_seconds": begin, "end_seconds": end, "train_seconds": 50.0,
        "trainable_bytes": 2**20, "method_state_bytes": 2**21}
   if full:
-    c.update(old_tasks=old, eval_seconds=20.0, checkpoint_seconds=2.0, step_seconds=step,
-             peak_rss_bytes=int(rss * 2**20))
+    # diagonal_final: one task evaluated after each stage, all 14 after the last.
+    evaluated = 14 if old == 13 else 1
+    c.update(old_tasks=old, eval_seconds=20.0 * evaluated, evaluated_tasks=evaluated,
+             checkpoint_seconds=2.0, step_seconds=step, peak_rss_bytes=int(rss * 2**20))
   return c
 
 
@@ -213,6 +215,9 @@ def test_report_from_records(specs, tmp_path, capsys):
   assert cost[4]["step_seconds"] is None and cost[4]["peak_rss_mib"] is None
   assert cost[4]["wall_seconds"] is None and cost[4]["setup_seconds"] == 3.0
   last = cost[13]
+  # Its wall counts its own evaluation (280 s over the 14 tasks it evaluated), not the run's
+  # final row.
+  assert last["eval_seconds"] == 280.0 and last["evaluated_tasks"] == 14
   assert (last["old_tasks"], last["setup_seconds"], last["wall_seconds"]) == (13, 3.0, 75.0)
   assert last["setup_share_percent"] == 4.0 and last["peak_rss_mib"] == 1012.0
   goals = report["cost_goals"]
