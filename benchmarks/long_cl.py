@@ -134,6 +134,7 @@ def cost_table(record: Optional[Mapping]) -> list[dict]:
         "end_seconds": _round(c.get("end_seconds")),
         "train_seconds": _round(c.get("train_seconds")),
         "step_seconds": _round(c.get("step_seconds"), 4),
+        "batch_shape": c.get("batch_shape"),
         "eval_seconds": _round(c.get("eval_seconds")),
         "evaluated_tasks": c.get("evaluated_tasks"),
         "checkpoint_seconds": _round(c.get("checkpoint_seconds")),
@@ -158,6 +159,19 @@ def _flat(values: Sequence[Optional[float]], first: int) -> dict:
           "of": len(values[first - 1:]), "met": bool(ratio <= 1 + FLAT_TOLERANCE)}
 
 
+def same_shape_steps(table: Sequence[dict]) -> tuple[list[Optional[float]], Optional[list]]:
+  """The step times of the tasks that ran at the most common padded batch shape from task
+  `FLAT_FROM_TASK` on (None for the others), and that shape. A step's time follows its padded
+  length (each task pads to its longest prompt's bucket), so only steps of one shape can show
+  whether the old tasks make it grow. Records without shapes compare every step."""
+  shapes = [tuple(e["batch_shape"]) if e.get("batch_shape") else None for e in table]
+  later = [s for s in shapes[FLAT_FROM_TASK - 1:] if s is not None]
+  if not later:
+    return [e["step_seconds"] for e in table], None
+  common = max(dict.fromkeys(later), key=later.count)
+  return [e["step_seconds"] if s == common else None for e, s in zip(table, shapes)], list(common)
+
+
 def cost_goals(table: Sequence[dict]) -> dict:
   """The issue's goals, measured on the cost table (None where it does not hold the numbers).
 
@@ -168,9 +182,10 @@ def cost_goals(table: Sequence[dict]) -> dict:
   """
   at = [e for e in table if e["old_tasks"] == SETUP_AT_OLD_TASKS]
   share = at[0]["setup_share_percent"] if at else None
+  steps, shape = same_shape_steps(table)
   return {
       "step_time_flat": {"from_task": FLAT_FROM_TASK, "tolerance": FLAT_TOLERANCE,
-                         **_flat([e["step_seconds"] for e in table], FLAT_FROM_TASK)},
+                         "batch_shape": shape, **_flat(steps, FLAT_FROM_TASK)},
       "peak_rss_flat": {"from_task": FLAT_FROM_TASK, "tolerance": FLAT_TOLERANCE,
                         **_flat([e["peak_rss_mib"] for e in table], FLAT_FROM_TASK)},
       "setup_share": {"old_tasks": SETUP_AT_OLD_TASKS, "goal_percent": SETUP_SHARE_GOAL,
@@ -296,9 +311,11 @@ def tail(spec: cl_grid.Spec, report: dict) -> list[str]:
   def flat(key, what):
     x = g[key]
     ratio = "--" if x["max_over_min"] is None else f"{x['max_over_min']:.3f}"
+    shape = (f", those at the common padded batch {x['batch_shape'][0]} x "
+             f"{x['batch_shape'][1]}" if x.get("batch_shape") else "")
     return (f"- {what} flat within {100 * x['tolerance']:.0f} % from task {x['from_task']} to "
             f"task {NUM_TASKS} (max / min {ratio}; {x['measured']} of {x['of']} tasks "
-            f"measured): {_verdict(x['met'])}.")
+            f"measured{shape}): {_verdict(x['met'])}.")
   s = g["setup_share"]
   out += ["", "Goals, as measured:", "", flat("step_time_flat", "Training step time"),
           flat("peak_rss_flat", "Peak RSS"),

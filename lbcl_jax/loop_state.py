@@ -31,8 +31,9 @@ class Progress:
     stage_costs: stage name -> what the stage cost: `old_tasks` (tasks trained before it),
       `begin_seconds` and `end_seconds` (its set-up and end, which hold the method's own
       passes: injection scoring, a Fisher, layer inputs), `train_seconds`, `step_seconds` (a
-      training step after the first, which compiles), `eval_seconds` (of `evaluated_tasks` tasks), `checkpoint_seconds`,
-      `peak_rss_bytes` (the process's, over the stage: from where an invocation resumed it),
+      training step after the first, which compiles) at `batch_shape` (the padded input ids'),
+      `eval_seconds` (of `evaluated_tasks` tasks), `checkpoint_seconds`, `peak_rss_bytes`
+      (the process's, over the stage: from where an invocation resumed it),
       `trainable_bytes`, `method_state_bytes` (after it).
   """
 

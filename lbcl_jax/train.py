@@ -388,7 +388,11 @@ def train_stage(stage: stage_lib.Stage, state: LoopState, names: list[str], labe
   # to the end of its last, less the checkpoints in between.
   steady_t0, saving = None, 0.0
   for step in range(start, num_steps):
-    batch = sharding.global_batch(stream.batch(step), mesh, replicated_keys=replicated)
+    host_batch = stream.batch(step)
+    if step == start:
+      # The padded shape its steps run at: a stage's step time depends on it, not only on K.
+      costs["batch_shape"] = [int(d) for d in np.shape(host_batch["input_ids"])]
+    batch = sharding.global_batch(host_batch, mesh, replicated_keys=replicated)
     state, loss = apply_train_step(step_fn, state, batch, jax.random.fold_in(train_key, step))
     first_bad = watch(first_bad, loss, step + 1)
     if steady_t0 is None:

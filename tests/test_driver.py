@@ -204,5 +204,6 @@ def test_diagonal_final_matrix_measures_what_average_and_bwt_need(tmp_path):
     for c in costs:
       assert c["step_seconds"] > 0 and c["eval_seconds"] > 0
       assert c["checkpoint_seconds"] > 0 and c["peak_rss_bytes"] > 2**20
+      assert c["batch_shape"][0] == 8 and c["batch_shape"][1] <= 32  # the padded input ids
       # 3 steps, one of them the compiling first: the steady steps fit in the stage's training.
       assert 2 * c["step_seconds"] < c["train_seconds"]

@@ -288,3 +288,24 @@ def test_report_only_before_any_record(tmp_path, capsys):
     cl_grid.main(long, "", ["--data_dir", str(data), "--output_dir", str(tmp_path / "o2"),
                             "--workdir", str(tmp_path / "wd")])
   assert "waits for the validation choices of generative_cl" in str(e.value)
+
+
+def test_step_time_flatness_compares_steps_of_one_padded_shape():
+  """A task padded to a shorter bucket steps faster whatever the old tasks do: the goal
+  compares the steps at the common shape, and still fails when one of those grows."""
+  def entry(old, step, shape):
+    return {"old_tasks": old, "step_seconds": step, "batch_shape": shape,
+            "peak_rss_mib": 1000.0, "setup_share_percent": 5.0}
+  long_shape, short_shape = [8, 136], [8, 64]
+  table = [entry(i, 1.0 + 0.002 * i, long_shape) for i in range(14)]
+  table[3] = entry(3, 0.5, short_shape)  # e.g. COPA's short prompts
+  goal = long_cl.cost_goals(table)["step_time_flat"]
+  assert goal["met"] is True and goal["batch_shape"] == long_shape
+  assert goal["measured"] == 12 and goal["of"] == 13
+  table[9] = entry(9, 1.2, long_shape)  # a step that grew with the old tasks
+  assert long_cl.cost_goals(table)["step_time_flat"]["met"] is False
+  # Without shapes (older records) every step is compared: the short task then fails it.
+  for e in table:
+    e["batch_shape"] = None
+  table[9]["step_seconds"] = 1.0
+  assert long_cl.cost_goals(table)["step_time_flat"]["met"] is False
