@@ -74,3 +74,30 @@ def test_two_task_run_compiles_each_shape_once(tmp_path, method):
   # adapters lbcl carries into the second stage change its inputs), one for seqft.
   assert len(evals) == 1
   assert len(steps) == (1 if method == "seqft" else 2)
+
+
+def test_programs_for_an_earlier_stack_size_are_freed(tmp_path, monkeypatch):
+  """The sensitivity pass and the merge compile once for each size K of the old stack, which
+  grows every stage: what an earlier K compiled is freed, not kept for the run's life (on
+  SmolLM2 that held about 100 MB a stage)."""
+  from lbcl_jax import stage as stage_lib  # pylint: disable=g-import-not-at-top
+  from lbcl_jax import train  # pylint: disable=g-import-not-at-top
+  seen = []
+  begin = stage_lib.Stage.begin
+
+  def recording_begin(self, state, names):
+    seen.append(self)
+    return begin(self, state, names)
+
+  monkeypatch.setattr(stage_lib.Stage, "begin", recording_begin)
+  results = train.train_and_evaluate(
+      du.make_config(*du.FAST, *du.tiny_bert(tmp_path), "--config.plots=False",
+                     "--config.method=lbcl", "--config.num_tasks=3",
+                     "--config.optim.max_steps_per_task=2"),
+      str(tmp_path / "wd"))
+  assert len(results["accuracy_matrix"]) == 3 and len(seen) == 3
+  slots = seen[-1].kept._slots  # pylint: disable=protected-access
+  # The last stage scored K = 2 old tasks and its evaluation merged K = 3: one program each
+  # (kept for every size, they would be 2 and 3).
+  assert slots["score/mean"][1]._cache_size() == 1  # pylint: disable=protected-access
+  assert slots["merge"][1]._cache_size() == 1  # pylint: disable=protected-access
