@@ -254,13 +254,16 @@ class Stage:
   def optimizer(self, old: Any, method_state: Any = None) -> optax.GradientTransformation:
     """The stage's optimizer. Stages whose method transforms nothing share one optimizer
     object, and so one compiled train step per shape."""
-    if self.method.gradient_transform(old or None, method_state) is None:
+    # Built once: LB-CL's transform computes every layer's projection bases (an SVD each).
+    transform = self.method.gradient_transform(old or None, method_state)
+    if transform is None:
       return self.kept.get("optimizer", lambda: self._new_optimizer(None))
-    return self._new_optimizer(old, method_state)
+    return self._new_optimizer(transform)
 
-  def _new_optimizer(self, old: Any, method_state: Any = None) -> optax.GradientTransformation:
-    tx = methods_lib.build_optimizer(self.method, old or None, self.optimizer_settings,
-                                     method_state)
+  def _new_optimizer(self, transform: Optional[optax.GradientTransformation]
+                     ) -> optax.GradientTransformation:
+    tx = methods_lib.build_optimizer(self.method, settings=self.optimizer_settings,
+                                     transform=transform)
     if self.loop.grad_accum_steps > 1:
       tx = optax.MultiSteps(tx, every_k_schedule=self.loop.grad_accum_steps)
     return tx

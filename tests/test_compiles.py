@@ -79,7 +79,7 @@ def test_two_task_run_compiles_each_shape_once(tmp_path, method):
 def test_programs_for_an_earlier_stack_size_are_freed(tmp_path, monkeypatch):
   """The sensitivity pass and the merge compile once for each size K of the old stack, which
   grows every stage: what an earlier K compiled is freed, not kept for the run's life (on
-  SmolLM2 that held about 100 MB a stage)."""
+  SmolLM2 that held about 100 MB a stage). And a stage's set-up builds its bases once."""
   from lbcl_jax import stage as stage_lib  # pylint: disable=g-import-not-at-top
   from lbcl_jax import train  # pylint: disable=g-import-not-at-top
   seen = []
@@ -90,6 +90,11 @@ def test_programs_for_an_earlier_stack_size_are_freed(tmp_path, monkeypatch):
     return begin(self, state, names)
 
   monkeypatch.setattr(stage_lib.Stage, "begin", recording_begin)
+  from lbcl_jax import projection  # pylint: disable=g-import-not-at-top
+  bases = []
+  build_bases = projection.build_bases
+  monkeypatch.setattr(projection, "build_bases",
+                      lambda *a, **k: bases.append(1) or build_bases(*a, **k))
   results = train.train_and_evaluate(
       du.make_config(*du.FAST, *du.tiny_bert(tmp_path), "--config.plots=False",
                      "--config.method=lbcl", "--config.num_tasks=3",
@@ -101,3 +106,6 @@ def test_programs_for_an_earlier_stack_size_are_freed(tmp_path, monkeypatch):
   # (kept for every size, they would be 2 and 3).
   assert slots["score/mean"][1]._cache_size() == 1  # pylint: disable=protected-access
   assert slots["merge"][1]._cache_size() == 1  # pylint: disable=protected-access
+  # The projection bases (an SVD per factor and layer) are built once a stage with old tasks,
+  # not once to see whether the method has a transform and again for the optimizer.
+  assert len(bases) == 2

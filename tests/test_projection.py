@@ -290,3 +290,24 @@ def test_state_sharded_over_8_devices():
                         text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "SHARDED_OK" in proc.stdout
+
+
+@pytest.mark.parametrize("shape,kind", [((576, 104), "span"), ((192, 104), "complement"),
+                                        ((64, 8), "span"), ((16, 40), "complement")])
+def test_compact_basis_projects_as_the_full_svd_does(shape, kind):
+  """`compact_basis` takes the span from the thin SVD (the full one forms all d columns, most
+  of LB-CL's set-up at 13 old tasks): the projector it gives is the full SVD's, and it keeps
+  the smaller side. A rank-deficient matrix keeps only its rank."""
+  rng = np.random.default_rng(0)
+  d, n = shape
+  m = rng.standard_normal((d, n)) * 0.02
+  m[:, -1] = m[:, 0] + m[:, 1]  # rank n - 1 (or d)
+  basis = projection.compact_basis(m)
+  assert list(basis) == [kind]
+  q = np.asarray(basis[kind], np.float64)
+  u, s, _ = np.linalg.svd(m, full_matrices=True)
+  rank = int(np.sum(s > 1e-6 * s.max()))
+  assert rank == min(d, n - 1)
+  ref = u[:, :rank] if kind == "span" else u[:, rank:]
+  assert q.shape == ref.shape
+  np.testing.assert_allclose(q @ q.T, ref @ ref.T, atol=1e-6)

@@ -480,21 +480,29 @@ def param_labels(method: Method, params: PyTree) -> PyTree:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
+# `build_optimizer`'s default `transform`: the method's, built from `old` and `state`.
+FROM_METHOD = object()
+
+
 def build_optimizer(method: Method, old: Optional[PyTree] = None,
                     settings: OptimizerSettings = OptimizerSettings(),
-                    state: Optional[PyTree] = None) -> optax.GradientTransformation:
+                    state: Optional[PyTree] = None, *,
+                    transform: Any = FROM_METHOD) -> optax.GradientTransformation:
   """The optimizer of one stage of `method`.
 
   `[method.gradient_transform(old)] -> [clip_by_global_norm] -> adamw` (the transform after
   Adam with `settings.transform_after_adam`), wrapped so that frozen leaves (old adapters in a
   full state, sigma of LoRA-style methods) get exactly zero updates and no Adam moments. It
   accepts any params tree: base params, the 'new' tree, or the full `{'old', 'new'}` state.
-  `state` is the method's (`Method.end_stage`).
+  `state` is the method's (`Method.end_stage`). `transform`: the method's gradient transform
+  when the caller already built it from `old` and `state` (None: it has none); by default it is
+  built here.
   """
   s = settings
   adam = optax.adamw(s.learning_rate, b1=s.b1, b2=s.b2, eps=s.eps, weight_decay=s.weight_decay)
   clip = [optax.clip_by_global_norm(s.max_grad_norm)] if s.max_grad_norm else []
-  transform = method.gradient_transform(old or None, state)
+  if transform is FROM_METHOD:
+    transform = method.gradient_transform(old or None, state)
   extra = [transform] if transform is not None else []
   if s.transform_after_adam:
     inner = optax.chain(*clip, adam, *extra)
