@@ -45,7 +45,7 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return _jsonable(config.to_dict())
 
 
-def _with_new_defaults(theirs: Any, mine: Any, defaults: Any) -> Any:
+def with_new_defaults(theirs: Any, mine: Any, defaults: Any) -> Any:
   """`theirs` (a recorded config) with every field it lacks and `mine` has at the field's
   default (`defaults`) taken from `mine`: a field added to the config since the run began, left
   at its default, does not make the run another one."""
@@ -58,7 +58,7 @@ def _with_new_defaults(theirs: Any, mine: Any, defaults: Any) -> Any:
       if k in defaults and defaults[k] == v:
         out[k] = v
     else:
-      out[k] = _with_new_defaults(theirs[k], v, defaults.get(k))
+      out[k] = with_new_defaults(theirs[k], v, defaults.get(k))
   return out
 
 
@@ -74,7 +74,7 @@ def check_workdir_config(workdir: str | os.PathLike, config: ml_collections.Conf
     except json.JSONDecodeError as e:
       raise InputError(f"{path}: not valid JSON ({e}); delete the workdir to start afresh") from e
     from lbcl_jax import config_lib  # pylint: disable=g-import-not-at-top
-    theirs = _with_new_defaults(theirs, mine, config_to_dict(config_lib.base_config()))
+    theirs = with_new_defaults(theirs, mine, config_to_dict(config_lib.base_config()))
     a, b = _comparable(theirs), _comparable(mine)
     if a != b:
       diffs = _diff(a, b)

@@ -117,16 +117,11 @@ def read_config(workdir: str | os.PathLike):
   # A field added to the code since the run began is absent from its record; the run ran as
   # that field's default has it (a new field's default keeps the old behaviour), so it reads
   # as the default, as `checkpointing.check_workdir_config` counts it when the run resumes.
+  # (check_workdir_config's rule, with the defaults as the run compared against.)
   from lbcl_jax import config_lib  # pylint: disable=g-import-not-at-top
-  return ml_collections.ConfigDict(_as_tuples(_with_defaults(
-      d, checkpointing.config_to_dict(config_lib.base_config()))))
-
-
-def _with_defaults(recorded: Any, defaults: Any) -> Any:
-  """`recorded` with every field it lacks taken from `defaults`, recursively."""
-  if not (isinstance(recorded, dict) and isinstance(defaults, dict)):
-    return recorded
-  return {**defaults, **{k: _with_defaults(v, defaults.get(k)) for k, v in recorded.items()}}
+  defaults = checkpointing.config_to_dict(config_lib.base_config())
+  return ml_collections.ConfigDict(_as_tuples(
+      checkpointing.with_new_defaults(d, defaults, defaults)))
 
 
 def _checkpoint_steps(directory: pathlib.Path) -> list[int]:
