@@ -268,12 +268,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str, stage: stage_lib.Stage
         t0 = time.time()
         eval_params = stage.merge(state.params, state.old)
         trained = [n for s in stages[:progress.stage + 1] for n in s]
+        evaluated = evaluated_tasks(loop.eval_matrix, stages, progress.stage)
         rows = {}
         for space in (loop.label_space, *loop.extra_label_spaces):
           # "seen": every label of the tasks trained so far; no task identity reaches the model.
           labels = tasks_lib.label_union(trained) if space == "seen" else None
           rows[space] = row = [None] * len(tasks)
-          evaluated = evaluated_tasks(loop.eval_matrix, stages, progress.stage)
           for name in evaluated:
             row[tasks.index(name)] = float(evaluation.evaluate(
                 backbone, predict, eval_params, stage.data[name].split(loop.eval_split), name,
@@ -298,8 +298,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, stage: stage_lib.Stage
         stage.save(out.ckpt, state)
         # Measured after the save, so the stage's checkpoint holds its mid-stage saves' time
         # and peak RSS so far; the next stage's checkpoint (and results.json) the whole.
-        costs["checkpoint_seconds"] = round(costs.get("checkpoint_seconds", 0.0)
-                                            + time.time() - t0, 3)
+        _add_seconds(costs, "checkpoint_seconds", time.time() - t0)
         costs["peak_rss_bytes"] = max(costs.get("peak_rss_bytes", 0),
                                       timings_lib.peak_rss_bytes())
       if progress.stage < len(stages) and stop.requested(progress.global_step):
@@ -420,9 +419,9 @@ def train_stage(stage: stage_lib.Stage, state: LoopState, names: list[str], labe
       t0 = time.time()
       with out.timings.phase("checkpoint"):
         stage.save(out.ckpt, state)
-      saving += time.time() - t0
-      costs["checkpoint_seconds"] = round(costs.get("checkpoint_seconds", 0.0)
-                                          + time.time() - t0, 3)
+      saved = time.time() - t0
+      saving += saved
+      _add_seconds(costs, "checkpoint_seconds", saved)
       t0 = time.time()
     if stopping:
       bar.close()
@@ -451,14 +450,19 @@ def evaluated_tasks(matrix: str, stages: Sequence[Sequence[str]], index: int) ->
   return list(stages[index])
 
 
-def skipped_rows(data: Mapping[str, Any]) -> dict[str, dict[str, int]]:
+def skipped_rows(data: Mapping[str, task_data.TaskData]) -> dict[str, dict[str, int]]:
   """{task: {split: rows}} of the rows the data loader skipped (`data.invalid_rows="skip"`)."""
   out = {}
   for name, task in data.items():
-    counts = {k: int(v) for k, v in (getattr(task, "skipped_rows", None) or {}).items() if v}
+    counts = {k: int(v) for k, v in task.skipped_rows.items() if v}
     if counts:
       out[name] = counts
   return out
+
+
+def _add_seconds(costs: dict, key: str, seconds: float) -> None:
+  """Adds `seconds` to a stage's cost `key` (a stage may save several checkpoints)."""
+  costs[key] = round(costs.get(key, 0.0) + seconds, 3)
 
 
 def _nbytes(tree: Any) -> int:
