@@ -857,6 +857,12 @@ def markdown(spec: Spec, report: dict) -> str:
       out.append(f"| {spec.labels[method]} | {c['setup_and_end_seconds']} | "
                  f"{c['train_seconds']} | {c['trainable_mb']} | {c['method_state_mb_last']} |")
     out.append("")
+  ran_on: dict[str, int] = {}  # records of one CPU may differ in fields older ones lack
+  for m in report["settings"]["machines"]:
+    words = _machine_words(m["machine"])
+    ran_on[words] = ran_on.get(words, 0) + m["cells"]
+  out += ["Cells ran on (their records' machines; seconds and costs are theirs): " + "; ".join(
+      f"{words} ({n} cells)" for words, n in ran_on.items()) + ".", ""]
   if spec.analyses:
     out += _analyses_md(spec, report)
   if spec.section:
@@ -897,6 +903,26 @@ def _analyses_md(spec: Spec, report: dict) -> list[str]:
   return out
 
 
+def _machine_words(m) -> str:
+  """A record's machine as a phrase: its CPU model, extensions and cores, or its old line."""
+  if not isinstance(m, dict):
+    return "unnamed" if m is None else f"{m} (no CPU model recorded)"
+  extensions = ", ".join(m.get("vector_extensions") or [])
+  cores = m.get("usable_cores") or m.get("logical_cores")
+  return (f"{m.get('cpu_model') or m.get('arch', '?')}"
+          + (f" ({extensions})" if extensions else "") + (f", {cores} cores" if cores else ""))
+
+
+def machines(records: Mapping[str, dict]) -> list[dict]:
+  """Each machine the records name (`machine.describe()`'s dict; older records hold a line
+  naming no CPU model), with how many cells ran on it."""
+  counts: dict[str, int] = {}
+  for r in records.values():
+    key = json.dumps(r.get("machine"), sort_keys=True)
+    counts[key] = counts.get(key, 0) + 1
+  return [{"machine": json.loads(k), "cells": n} for k, n in counts.items()]
+
+
 def build_report(spec: Spec, records: Mapping[str, dict], data_dir: str) -> dict:
   chosen = choices(spec, records)
   zs = _usable(records.get("zeroshot"))
@@ -904,7 +930,9 @@ def build_report(spec: Spec, records: Mapping[str, dict], data_dir: str) -> dict
   report = {
       "settings": {"config": str(spec.config.relative_to(ROOT)), "common_flags": list(spec.common),
                    "orders": dict(spec.orders), "main_orders": list(spec.main_orders),
-                   "data_dir": data_dir, "seed": 0},
+                   "data_dir": data_dir, "seed": 0,
+                   # Seconds and costs are the machines' that ran the cells, not this one's.
+                   "machines": machines(records)},
       "validation": {"budget_per_family": spec.validation_budget, "chosen": chosen,
                      "chosen_on": (spec.choices_from or spec).name,
                      "cells": {n: {"flags": r["flags"],

@@ -366,3 +366,26 @@ def test_costs_are_the_means_over_a_records_stages():
   assert cl_grid.costs(spec, records) == {"ewc": {
       "setup_and_end_seconds": 5.0, "train_seconds": 15.0, "trainable_mb": 1.0,
       "method_state_mb_last": 4.0}}
+
+
+def test_the_report_names_the_machines_its_cells_ran_on():
+  """Seconds and costs in a report are the cells' machines', which the records name (older
+  records only a line with no CPU model): the report lists each with its cell count, and its
+  markdown merges records of one CPU that differ in fields older records lack."""
+  new = {"arch": "x86_64", "cpu_model": "Xeon X", "vector_extensions": ["AVX2", "AVX-512"],
+         "usable_cores": 2, "logical_cores": 2}
+  older = {**new, "logical_cores": None, "recorded_as": "Xeon X (AVX2, AVX-512), 2 cores"}
+  records = {"a": {"machine": new}, "b": {"machine": new}, "c": {"machine": "x86_64, 2 cores"},
+             "d": {"machine": older}}
+  got = cl_grid.machines(records)
+  assert sorted(m["cells"] for m in got) == [1, 1, 2]
+  assert {json.dumps(m["machine"], sort_keys=True) for m in got} == {
+      json.dumps(x, sort_keys=True) for x in (new, older, "x86_64, 2 cores")}
+  assert cl_grid._machine_words(new) == "Xeon X (AVX2, AVX-512), 2 cores"  # pylint: disable=protected-access
+  assert cl_grid._machine_words(older) == cl_grid._machine_words(new)  # pylint: disable=protected-access
+  assert "no CPU model" in cl_grid._machine_words("x86_64, 2 cores")  # pylint: disable=protected-access
+  spec = generative_cl.SPEC
+  md = cl_grid.markdown(spec, cl_grid.build_report(spec, {}, "/data") | {
+      "settings": {**cl_grid.build_report(spec, {}, "/data")["settings"], "machines": got}})
+  assert ("Xeon X (AVX2, AVX-512), 2 cores (3 cells); x86_64, 2 cores (no CPU model recorded) "
+          "(1 cells)") in md
