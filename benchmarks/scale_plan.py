@@ -282,7 +282,7 @@ def build_programs(family: str, hf_config: dict, mesh_sizes: dict[str, int],
     made = {}
 
     def init(old_, trainable):
-      made["tx"] = stage._new_optimizer(old_)  # pylint: disable=protected-access
+      made["tx"] = stage.optimizer(old_)
       return made["tx"].init(trainable)
 
     opt_shapes = jax.eval_shape(init, old, new)
