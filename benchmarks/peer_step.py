@@ -726,6 +726,9 @@ def main(argv=None) -> dict:
                     torch=torch.__version__, transformers=transformers.__version__,
                     peft=peft.__version__),
       platform=platform.platform(), machine=machine.describe(),
+      # XLA:CPU's options this run chose (none: the installed jaxlib's defaults); what each
+      # option does to the step is cpu_options.py's measurement.
+      xla_flags=os.environ.get("XLA_FLAGS", ""),
       timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
   payload["wall_s"] = time.perf_counter() - t_start
   files.atomic_write_text(args.output, json.dumps(payload, indent=2, sort_keys=True) + "\n")
