@@ -216,12 +216,11 @@ def span_table(record: Optional[Mapping]) -> list[dict]:
     return []
   rank = (record.get("settings") or {}).get("rank") or 8
   measured = {row["task"]: row for row in record.get("adapter_overlap") or []}
+  dims = {f"{layer}.{side}": d for layer, ds in FACTOR_DIMS.items() for side, d in zip("UV", ds)}
   out = []
   for t, task in enumerate(record["tasks"], start=1):
     old = t - 1
-    filled = {f"{layer}.{side}": min(old * rank, d)
-              for layer, dims in FACTOR_DIMS.items() for side, d in zip("UV", dims)}
-    dims = {f"{layer}.{side}": d for layer, ds in FACTOR_DIMS.items() for side, d in zip("UV", ds)}
+    filled = {k: min(old * rank, d) for k, d in dims.items()}
     row = measured.get(t, {})
     out.append({
         "task": task, "old_tasks": old, "old_dims": filled, "dims": dims,
