@@ -904,13 +904,10 @@ def _analyses_md(spec: Spec, report: dict) -> list[str]:
 
 
 def _machine_words(m) -> str:
-  """A record's machine as a phrase: its CPU model, extensions and cores, or its old line."""
+  """A record's machine as a phrase (`machine.summary` of its dict), or its old line."""
   if not isinstance(m, dict):
     return "unnamed" if m is None else f"{m} (no CPU model recorded)"
-  extensions = ", ".join(m.get("vector_extensions") or [])
-  cores = m.get("usable_cores") or m.get("logical_cores")
-  return (f"{m.get('cpu_model') or m.get('arch', '?')}"
-          + (f" ({extensions})" if extensions else "") + (f", {cores} cores" if cores else ""))
+  return machine.summary(m)
 
 
 def machines(records: Mapping[str, dict]) -> list[dict]:
@@ -920,7 +917,14 @@ def machines(records: Mapping[str, dict]) -> list[dict]:
   for r in records.values():
     key = json.dumps(r.get("machine"), sort_keys=True)
     counts[key] = counts.get(key, 0) + 1
-  return [{"machine": json.loads(k), "cells": n} for k, n in counts.items()]
+  out = []
+  for k, n in counts.items():
+    m = json.loads(k)
+    # An older record's line names no CPU: say so, rather than name this machine's.
+    out.append({"machine": m, "cells": n} if isinstance(m, dict) else
+               {"machine": m, "cpu_model": None, "cells": n,
+                "note": "the records predate machine.describe() and name no CPU model"})
+  return out
 
 
 def build_report(spec: Spec, records: Mapping[str, dict], data_dir: str) -> dict:

@@ -381,6 +381,8 @@ def test_the_report_names_the_machines_its_cells_ran_on():
   assert sorted(m["cells"] for m in got) == [1, 1, 2]
   assert {json.dumps(m["machine"], sort_keys=True) for m in got} == {
       json.dumps(x, sort_keys=True) for x in (new, older, "x86_64, 2 cores")}
+  # A line naming no CPU says so in the JSON too, rather than borrowing this machine's.
+  assert [m["cpu_model"] for m in got if not isinstance(m["machine"], dict)] == [None]
   assert cl_grid._machine_words(new) == "Xeon X (AVX2, AVX-512), 2 cores"  # pylint: disable=protected-access
   assert cl_grid._machine_words(older) == cl_grid._machine_words(new)  # pylint: disable=protected-access
   assert "no CPU model" in cl_grid._machine_words("x86_64, 2 cores")  # pylint: disable=protected-access
