@@ -7,8 +7,10 @@ fresh subprocess with XLA_FLAGS set before jax is imported. Candidates (CANDIDAT
 installed jaxlib's defaults (baseline); the pre-thunk runtime; fast-math variants; oneDNN
 (thunks, fusions, custom calls, and the older `xla_cpu_use_mkl_dnn` name); XNNPACK off and its
 fusions; XLA's vector width and optimisation preset; and bf16 compute for ours (the
-`--config.model.dtype=bfloat16` of the driver: bf16 compute, f32 params and optimizer) where
-the CPU has BF16 or AMX units (benchmarks/machine.py).
+`--config.model.dtype=bfloat16` of the driver: bf16 compute, f32 params and optimizer) and
+bf16 matmul operands (`--config.model.dot_dtype=bfloat16`: the Dense layers' matmuls in bf16
+with f32 accumulation, the rest f32), where the CPU has BF16 or AMX units
+(benchmarks/machine.py).
 
 Discovery first: each candidate's flags are tried on a tiny jax program (`probe_flags`). A flag
 the installed jaxlib does not know, or a value it refuses, aborts flag parsing ("Unknown flag in
@@ -72,6 +74,7 @@ class Candidate:
   name: str
   flags: tuple[str, ...] = ()
   dtype: str = "float32"  # ours' compute dtype
+  dot_dtype: str = ""  # ours' config.model.dot_dtype: the Dense matmuls' operand dtype
   note: str = ""
 
   @property
@@ -114,6 +117,10 @@ CANDIDATES = (
     Candidate("bf16", dtype="bfloat16", note="ours in bf16 compute (f32 params / optimizer)"),
     Candidate("bf16_onednn", ("--xla_cpu_use_onednn=true",), dtype="bfloat16",
               note="bf16 compute + oneDNN thunks"),
+    Candidate("bf16_dots", dot_dtype="bfloat16",
+              note="f32 compute, the Dense matmuls in bf16 operands with f32 accumulation"),
+    Candidate("bf16_compute_dots", dtype="bfloat16", dot_dtype="bfloat16",
+              note="bf16 compute with the Dense matmuls accumulating in f32"),
 )
 
 
@@ -140,6 +147,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   # Internal: one candidate's measurement, in the subprocess XLA_FLAGS was set for.
   p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+  p.add_argument("--dot-dtype", default="", help=argparse.SUPPRESS)
   p.add_argument("--result", type=pathlib.Path, default=None, help=argparse.SUPPRESS)
   return p.parse_args(argv)
 
@@ -185,7 +193,7 @@ def probe_flags(xla_flags: str, timeout: float = 120.0) -> dict[str, Any]:
 
 def hardware_skip(candidate: Candidate, desc: dict[str, Any]) -> Optional[str]:
   """Why `candidate` is not for this machine (None: it is)."""
-  if candidate.dtype == "bfloat16":
+  if "bfloat16" in (candidate.dtype, candidate.dot_dtype):
     ext = desc.get("vector_extensions")
     if ext is None:
       return "vector extensions unknown on this OS: bf16 not tried"
@@ -218,6 +226,7 @@ def worker(args) -> dict[str, Any]:
       str(args.src_len), "--tgt-len", str(args.tgt_len), "--rank", str(args.rank),
       "--old-tasks", str(args.old_tasks)])
   ns.dtype = args.dtype
+  ns.dot_dtype = args.dot_dtype
   k = args.old_tasks if args.method == "lbcl" else 0
   t0 = time.perf_counter()
   with tempfile.TemporaryDirectory() as tmp:
@@ -235,6 +244,7 @@ def worker(args) -> dict[str, Any]:
   t = np.asarray(times)
   return dict(
       model=args.worker, desc=setup["desc"], method=args.method, dtype=args.dtype,
+      dot_dtype=args.dot_dtype,
       xla_flags=os.environ.get("XLA_FLAGS", ""), compile_s=stack.compile_s,
       xla_flops=stack.flops, xla_peak_bytes=stack.xla_peak, losses=losses,
       hlo_sha256=hashlib.sha256(hlo.encode()).hexdigest(), hlo_markers=hlo_markers(hlo),
@@ -247,7 +257,8 @@ def run_worker(candidate: Candidate, model: str, args) -> dict[str, Any]:
   with tempfile.TemporaryDirectory() as tmp:
     result = pathlib.Path(tmp) / "result.json"
     cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", model,
-           "--dtype", candidate.dtype, "--result", str(result), "--method", args.method,
+           "--dtype", candidate.dtype, "--dot-dtype", candidate.dot_dtype, "--result",
+           str(result), "--method", args.method,
            "--old-tasks", str(args.old_tasks), "--steps", str(args.steps), "--warmup",
            str(args.warmup), "--batch", str(args.batch), "--seq-len", str(args.seq_len),
            "--src-len", str(args.src_len), "--tgt-len", str(args.tgt_len), "--rank",

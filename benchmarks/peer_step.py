@@ -58,7 +58,16 @@ Roofline (the JSON's `matmul_peak`, each model's `roofline` and `flop_counts`; i
   * achieved GFLOP/s = FLOPs / median step time, and its fraction of the peak (the issue's
     goal: ours >= 60% on SmolLM2's step).
 
+bf16 matmuls (`--dot-dtype bfloat16`, results/peer_step_bf16.json): ours with
+`config.model.dot_dtype="bfloat16"` (the Dense layers' matmuls take bf16 operands and
+accumulate in f32, `ops.dense_dot_general`; everything else f32) against PyTorch + PEFT under
+`torch.autocast("cpu", dtype=torch.bfloat16)` (its bf16 policy: linears and matmuls in bf16 via
+oneDNN), and the peak from bf16 x bf16 matmuls (f32 result in JAX, torch.mm on bf16 tensors).
+Params, adapters and optimizer state stay f32 in both. On CPUs with AMX this is where their
+matrix units are used; it is an option, not the default (outputs move by bf16 rounding).
+
   python benchmarks/peer_step.py    # 10 timed rounds after 2 warm-up: ~2 min on 2 idle cores
+  python benchmarks/peer_step.py --models smollm2 --dot-dtype bfloat16
   python benchmarks/peer_step.py --quick --models smollm2 --output /tmp/ps.json   # smoke
 """
 
@@ -66,6 +75,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import datetime
 import gc
 import json
@@ -127,9 +137,16 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--quick", action="store_true",
                  help="smoke run: the defaults above turn to their --quick values (flags given "
                       "explicitly still win)")
-  p.add_argument("--output", type=pathlib.Path,
-                 default=REPO_ROOT / "benchmarks" / "results" / "peer_step.json")
+  p.add_argument("--dot-dtype", default="", choices=("", "bfloat16"),
+                 help="matmul operand dtype of both stacks: '' (f32) or 'bfloat16' (ours: "
+                      "config.model.dot_dtype; torch: autocast to bf16)")
+  p.add_argument("--output", type=pathlib.Path, default=None,
+                 help="default results/peer_step.json, with --dot-dtype bfloat16 "
+                      "results/peer_step_bf16.json")
   args = p.parse_args(argv)
+  if args.output is None:
+    name = "peer_step_bf16.json" if args.dot_dtype else "peer_step.json"
+    args.output = REPO_ROOT / "benchmarks" / "results" / name
   for name, full, quick in (("steps", 10, 2), ("warmup", 2, 1),
                             ("peak_sizes", "2048,4096", "1024,2048"), ("peak_reps", 5, 2)):
     if getattr(args, name) is None:
@@ -213,19 +230,26 @@ def torch_flops(fn) -> float:
   return float(counter.get_total_flops())
 
 
-def matmul_peak(sizes, reps: int) -> dict:
-  """The machine's measured f32 matmul peak: best GFLOP/s over square n x n @ n x n matmuls
-  for each n in `sizes`, timed in JAX (jit) and PyTorch (at its current thread count)."""
+def matmul_peak(sizes, reps: int, dtype: str = "float32") -> dict:
+  """The machine's measured matmul peak: best GFLOP/s over square n x n @ n x n matmuls for
+  each n in `sizes`, timed in JAX (jit) and PyTorch (at its current thread count). `dtype`
+  "bfloat16": bf16 operands, in JAX with an f32 result (what `ops.dense_dot_general` runs), in
+  torch `torch.mm` of bf16 tensors (what autocast runs)."""
   import torch  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
-  out = dict(dtype="float32", sizes=list(sizes), reps=reps, jax={}, torch={},
+  out = dict(dtype=dtype, sizes=list(sizes), reps=reps, jax={}, torch={},
              torch_threads=torch.get_num_threads())
-  jmm = jax.jit(jnp.matmul)
+  if dtype == "bfloat16":
+    jmm = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+  else:
+    jmm = jax.jit(jnp.matmul)
   for n in sizes:
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
-    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    ja, jb = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    if dtype == "bfloat16":
+      ta, tb = ta.bfloat16(), tb.bfloat16()
     runs = {"jax": lambda: jmm(ja, jb).block_until_ready(),
             "torch": lambda: torch.mm(ta, tb)}
     for lib, fn in runs.items():
@@ -281,6 +305,13 @@ def step_rss_delta(step) -> int | None:
 # ----------------------------------------------------------------------------- models
 
 
+def with_dot_dtype(model, args):
+  """`model` with `--dot-dtype` as its `config.model.dot_dtype` (as `backbones` applies it)."""
+  if not getattr(args, "dot_dtype", ""):
+    return model
+  return model.clone(config=dataclasses.replace(model.config, dot_dtype=args.dot_dtype))
+
+
 def compute_dtype(args):
   """Ours' compute dtype: float32 here; cpu_options.py sets `args.dtype` for its bf16
   candidate (params stay f32, the torch stack always runs f32)."""
@@ -293,6 +324,7 @@ def t5_setup(args, tmp: pathlib.Path) -> dict:
   config = t5.config_from_hf(cfg_dict, dtype=compute_dtype(args), param_dtype=jnp.float32)
   model = t5.T5(config)
   params = t5.init_params(model, jax.random.key(0), src_len=8, tgt_len=8)
+  ours = with_dot_dtype(model, args)
   batch = t5_step.make_batch(types.SimpleNamespace(batch=args.batch, src_len=args.src_len,
                                                    tgt_len=args.tgt_len), config.vocab_size,
                              decoder_start_id=config.decoder_start_token_id)
@@ -312,7 +344,7 @@ def t5_setup(args, tmp: pathlib.Path) -> dict:
       desc=(f"flan-t5-small shape ({cfg_source}), random weights; batch {args.batch} x "
             f"{args.src_len} source (padded) / {args.tgt_len} target tokens; loss: mean "
             "target-token cross-entropy"),
-      params=params, backbone=core_overhead.backbone_for(model, params), batch=jbatch,
+      params=params, backbone=core_overhead.backbone_for(ours, params), batch=jbatch,
       np_batch=batch, paths=adapters.find_targets(params, "qv", family=t5),
       torch_model=torch_model, torch_loss=torch_loss, peft_targets=["q", "v"])
 
@@ -363,8 +395,9 @@ def minilm_setup(args, tmp: pathlib.Path) -> dict:
             f"{args.seq_len} text tokens (padded) + {args.num_options} shared label names x "
             f"{args.option_len} tokens; loss: label-scoring cross-entropy (mean-pooled, "
             f"L2-normalised, cosine / {TAU})"),
-      params=params, backbone=core_overhead.backbone_for(model, params, tau=TAU), batch=jbatch,
-      np_batch=np_batch, paths=adapters.find_targets(params, "qv", family=bert),
+      params=params, batch=jbatch, np_batch=np_batch,
+      backbone=core_overhead.backbone_for(with_dot_dtype(model, args), params, tau=TAU),
+      paths=adapters.find_targets(params, "qv", family=bert),
       torch_model=torch_model, torch_loss=torch_loss, peft_targets=["query", "value"])
 
 
@@ -424,8 +457,8 @@ def smollm2_setup(args, tmp: pathlib.Path) -> dict:
   return dict(
       desc=(f"SmolLM2-135M-Instruct real weights (Q4_1 GGUF, dequantised: {path.name}); batch "
             f"{n} x {length} tokens (left-padded), loss on the last {args.answer_len} tokens"),
-      params=params, backbone=core_overhead.backbone_for(model, params), batch=jbatch,
-      np_batch=np_batch, paths=adapters.find_targets(params, "qv", family=llama),
+      params=params, backbone=core_overhead.backbone_for(with_dot_dtype(model, args), params),
+      batch=jbatch, np_batch=np_batch, paths=adapters.find_targets(params, "qv", family=llama),
       torch_model=torch_model, torch_loss=causal_lm_torch_loss,
       peft_targets=["q_proj", "v_proj"])
 
@@ -487,6 +520,9 @@ class TorchPeftStack:
     import peft  # pylint: disable=g-import-not-at-top
     import torch  # pylint: disable=g-import-not-at-top
     self.label, self.setup = label, setup
+    # --dot-dtype bfloat16: torch's own bf16 policy, autocast (linears and matmuls in bf16).
+    self.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16,
+                                           enabled=bool(getattr(args, "dot_dtype", "")))
     t0 = time.perf_counter()
     base = setup["torch_model"]()
     base.train(False)  # Dropout off, as in ours.
@@ -509,7 +545,8 @@ class TorchPeftStack:
 
   def step(self):
     self.opt.zero_grad(set_to_none=True)
-    loss = self.setup["torch_loss"](self.model, self.batch)
+    with self.autocast():
+      loss = self.setup["torch_loss"](self.model, self.batch)
     loss.backward()
     self.opt.step()
     self.loss = float(loss.detach())
@@ -520,7 +557,9 @@ class TorchPeftStack:
 
     def fwd_bwd():
       self.opt.zero_grad(set_to_none=True)
-      self.setup["torch_loss"](self.model, self.batch).backward()
+      with self.autocast():
+        loss = self.setup["torch_loss"](self.model, self.batch)
+      loss.backward()
 
     self.flops = self.matmul_flops = torch_flops(fwd_bwd)
     self.opt.zero_grad(set_to_none=True)
@@ -643,7 +682,7 @@ def print_roofline(roofline: dict, flop_counts: dict, peak: dict | None, targets
   r = lambda x: "-" if x is None else f"{x:.1f}"
   pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
   head = ("no peak measured" if not peak else
-          f"f32 matmul peak {peak['peak_gflops']:.1f} GFLOP/s ({peak['peak_from']})")
+          f"{peak['dtype']} matmul peak {peak['peak_gflops']:.1f} GFLOP/s ({peak['peak_from']})")
   print(f"\n  roofline ({head}; xla = XLA cost analysis, all ops; jaxpr = dot_general "
         "FLOPs; fcm = torch FlopCounterMode, fwd + bwd matmuls)")
   print(f"  {'stack':20s} {'GFLOP':>8s} {'by':>5s} {'GFLOP/s':>8s} {'% peak':>7s} "
@@ -673,9 +712,10 @@ def main(argv=None) -> dict:
         f"{jax.devices()[0].platform}; torch {torch.__version__}, peft {peft.__version__}; "
         f"warmup {args.warmup}, {args.steps} timed rounds", flush=True)
   sizes = [int(n) for n in args.peak_sizes.split(",") if n.strip()]
-  peak = matmul_peak(sizes, args.peak_reps) if sizes else None
+  peak_dtype = args.dot_dtype or "float32"
+  peak = matmul_peak(sizes, args.peak_reps, peak_dtype) if sizes else None
   if peak:
-    print("f32 matmul peak: " + "; ".join(
+    print(f"{peak_dtype} matmul peak: " + "; ".join(
         f"{lib} " + ", ".join(f"n={n} {v['gflops']:.1f}" for n, v in peak[lib].items())
         for lib in ("jax", "torch")) + f" GFLOP/s -> {peak['peak_gflops']:.1f} "
         f"({peak['peak_from']})", flush=True)
@@ -683,9 +723,13 @@ def main(argv=None) -> dict:
   payload = dict(
       benchmark="peer_step",
       description=("adapter train step (fwd + bwd + AdamW on adapters only), rank "
-                   f"{args.rank} on q/v, f32, dropout off: ours inclora vs HF PyTorch + PEFT "
+                   f"{args.rank} on q/v, "
+                   + ("bf16 matmuls (ours: model.dot_dtype=bfloat16; torch: autocast bf16), "
+                      "f32 params and optimizer" if args.dot_dtype else "f32")
+                   + ", dropout off: ours inclora vs HF PyTorch + PEFT "
                    f"LoRA vs ours lbcl (K={args.old_tasks} old tasks)"),
       models=results,
+      dot_dtype=args.dot_dtype or "float32",
       matmul_peak=peak,
       roofline_note=(
           "matmul_peak: best GFLOP/s of square f32 n x n matmuls (--peak-sizes, best of "

@@ -22,7 +22,13 @@ including compiles for ours), the set-up (model load), examples per second over 
 task (train + test examples / total wall), and the exact-match accuracy (a check that both
 trained the same thing, not a target). One process, one stack at a time.
 
-  python benchmarks/peer_task.py [--test 200] [--stacks ours,hf]
+bf16 matmuls (`--dot_dtype bfloat16`, results/peer_task_bf16.json): ours with
+`config.model.dot_dtype="bfloat16"` (the Dense layers' matmuls in bf16 operands with f32
+accumulation), HF with its own bf16 policy on CPU (`TrainingArguments(bf16=True)`: torch's
+autocast in training, and generation under `torch.autocast("cpu", torch.bfloat16)`). Weights,
+adapters and optimizer state stay f32 in both.
+
+  python benchmarks/peer_task.py [--test 200] [--stacks ours,hf] [--dot_dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -54,9 +60,16 @@ def parse_args(argv=None):
   p.add_argument("--max_source_length", type=int, default=128)
   p.add_argument("--max_new_tokens", type=int, default=8)
   p.add_argument("--stacks", default="ours,hf")
-  p.add_argument("--output", type=pathlib.Path,
-                 default=ROOT / "benchmarks" / "results" / "peer_task.json")
-  return p.parse_args(argv)
+  p.add_argument("--dot_dtype", default="", choices=("", "bfloat16"),
+                 help="matmul operand dtype of both stacks: '' (f32) or 'bfloat16'")
+  p.add_argument("--output", type=pathlib.Path, default=None,
+                 help="default results/peer_task.json (results/peer_task_bf16.json with "
+                      "--dot_dtype bfloat16)")
+  args = p.parse_args(argv)
+  if args.output is None:
+    name = "peer_task_bf16.json" if args.dot_dtype else "peer_task.json"
+    args.output = ROOT / "benchmarks" / "results" / name
+  return args
 
 
 def ours_config(args, data_dir: str):
@@ -78,6 +91,7 @@ def ours_config(args, data_dir: str):
   config.eval.max_new_tokens = args.max_new_tokens
   config.checkpoint.every_steps = 0
   config.plots = False
+  config.model.dot_dtype = args.dot_dtype
   return config
 
 
@@ -150,7 +164,7 @@ def run_hf(args, train_ex, test_ex) -> dict:
         learning_rate=args.lr, weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0,
         optim="adamw_torch", report_to=[], save_strategy="no", logging_strategy="no",
         dataloader_num_workers=0, remove_unused_columns=False, use_cpu=True, seed=0,
-        disable_tqdm=True)
+        disable_tqdm=True, bf16=bool(args.dot_dtype))
     trainer = transformers.Trainer(model=model, args=targs, train_dataset=rows,
                                    data_collator=collate)
     t1 = time.perf_counter()
@@ -162,7 +176,8 @@ def run_hf(args, train_ex, test_ex) -> dict:
                                    max_prompt_length=args.max_source_length, max_answer_length=8)
   right = 0
   t1 = time.perf_counter()
-  with torch.no_grad():
+  with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16,
+                                        enabled=bool(args.dot_dtype)):
     for s in range(0, len(test_ex), args.eval_batch):
       prompts = test.prompt_ids[s:s + args.eval_batch]
       n = max(len(p) for p in prompts)

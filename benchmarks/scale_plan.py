@@ -261,7 +261,7 @@ def build_programs(family: str, hf_config: dict, mesh_sizes: dict[str, int],
   fam = hf.get_family(family)
   model = fam.make_model(fam.config_from_hf(hf_config, dtype=jnp.dtype(bcfg.dtype),
                                             param_dtype=jnp.dtype(bcfg.param_dtype)))
-  model = backbone_base.with_remat(model, bcfg.remat)  # as `backbones.base.load_model`
+  model = backbone_base.with_model_options(model, bcfg)  # as `backbones.base.load_model`
   eos = hf_config.get("eos_token_id")
   backbone = backbones.backbone_class(family)(bcfg, model, _Tokenizer(eos), None)
   rules = tuple(config.mesh.logical_axis_rules)

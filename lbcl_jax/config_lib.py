@@ -52,6 +52,11 @@ def base_config() -> ml_collections.ConfigDict:
   # pod-scale plan) or "full" (the block is recomputed in the backward pass, a third more FLOPs,
   # for per-device batches whose activations do not fit).
   config.model.remat = "none"
+  # Operand dtype of the Dense layers' matmuls: "" (the computation dtype) or "bfloat16" (bf16
+  # operands, f32 accumulation, everything else in `dtype`). On CPUs with AMX it makes a
+  # SmolLM2 adapter step ~1.5x faster in f32 compute (BENCHMARKS.md, issue 33); outputs move by
+  # bf16 rounding, so it is not the default.
+  config.model.dot_dtype = ""
   # Temperature of the label-name scorer (encoder families only): scores are cos / tau.
   config.model.tau = 0.05
 
@@ -374,6 +379,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   # pylint: disable=g-import-not-at-top
   from lbcl_jax import adapters, data, injection, methods, sensitivity, tasks
   from lbcl_jax.data import pipeline, task_data
+  from lbcl_jax.models import ops
   # pylint: enable=g-import-not-at-top
 
   # Composed as the run will be (a method over another: the one its `over` field names).
@@ -396,6 +402,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ("dtype", "param_dtype"):
     if config.model[field] not in _DTYPES:
       raise InputError(f"config.model.{field}={config.model[field]!r}: expected one of {_DTYPES}")
+  if config.model.get("dot_dtype", "") not in ops.DOT_DTYPES:
+    raise InputError(f"config.model.dot_dtype={config.model.dot_dtype!r}: expected one of "
+                     f"{ops.DOT_DTYPES}")
   if config.model.get("remat", "none") not in _REMATS:
     raise InputError(f"config.model.remat={config.model.remat!r}: expected one of {_REMATS}")
   if config.eval.label_space not in _LABEL_SPACES:

@@ -167,3 +167,90 @@ def test_norms_take_statistics_from_x_as_given_and_cast_to_dtype():
   y = ops.layer_norm(x, scale, bias, 1e-12, jnp.bfloat16)
   assert y.dtype == jnp.bfloat16
   np.testing.assert_array_equal(y, ops.layer_norm(x, scale, bias, 1e-12).astype(jnp.bfloat16))
+
+
+# ----------------------------------------------------------------------------- dot operands
+
+DENSE_DIMS = (((2,), (0,)), ((), ()))
+
+
+def _bf16_rounded(a):
+  return np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+
+
+def test_dense_dot_general_of_the_compute_dtype_is_xlas_own():
+  assert ops.dense_dot_general("") is None
+  with pytest.raises(ValueError, match="'float8'"):
+    ops.dense_dot_general("float8")
+
+
+def test_bf16_dot_rounds_the_operands_and_accumulates_in_f32():
+  x, w = _x(1), _x(2, shape=(16, 7), scale=1.0)
+  y = ops.dense_dot_general("bfloat16")(x, w, DENSE_DIMS)
+  assert y.dtype == jnp.float32
+  exact_of_rounded = _bf16_rounded(x) @ _bf16_rounded(w)
+  np.testing.assert_allclose(y, exact_of_rounded, rtol=1e-5, atol=1e-5)
+  # ... and the rounding happened: the unrounded product is visibly elsewhere.
+  assert np.abs(np.asarray(x, np.float64) @ np.asarray(w, np.float64) - exact_of_rounded).max() > 1e-3
+  # A bf16 model keeps bf16 activations; only the accumulation is wide.
+  assert ops.dense_dot_general("bfloat16")(x.astype(jnp.bfloat16), w, DENSE_DIMS).dtype == (
+      jnp.float32)  # result_type(bf16, f32)
+  both = ops.dense_dot_general("bfloat16")(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
+                                           DENSE_DIMS)
+  assert both.dtype == jnp.bfloat16
+
+
+def test_bf16_dot_cotangents_are_bf16_products_accumulated_in_f32():
+  x, w, g = _x(1), _x(2, shape=(16, 7), scale=1.0), _x(3, shape=(3, 5, 7), scale=1.0)
+  dot = functools.partial(ops.dense_dot_general("bfloat16"), dimension_numbers=DENSE_DIMS)
+  _, pullback = jax.vjp(dot, x, w)
+  dx, dw = pullback(g)
+  assert dx.dtype == dw.dtype == jnp.float32
+  gr = _bf16_rounded(g)
+  np.testing.assert_allclose(dx, gr @ _bf16_rounded(w).T, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      dw, _bf16_rounded(x).reshape(-1, 16).T @ gr.reshape(-1, 7), rtol=1e-5, atol=1e-5)
+
+
+def _dot_generals(jaxpr):
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      yield eqn
+    for value in eqn.params.values():
+      for inner in (value if isinstance(value, (tuple, list)) else (value,)):
+        inner = getattr(inner, "jaxpr", inner)
+        if hasattr(inner, "eqns"):
+          yield from _dot_generals(inner)
+
+
+def test_every_matmul_of_a_bf16_dot_step_takes_bf16_and_gives_f32():
+  """The forward product and both cotangent products: XLA:CPU's fast AMX path is bf16 x bf16
+  with an f32 result, and JAX's own transpose rule would hand the backward an f32 cotangent
+  (an f32 matmul) -- the reason this is a custom VJP."""
+  x, w = _x(1), _x(2, shape=(16, 7), scale=1.0)
+  dot = functools.partial(ops.dense_dot_general("bfloat16"), dimension_numbers=DENSE_DIMS)
+  loss = lambda x, w: jnp.sum(jnp.tanh(dot(x, w)))
+  # A frozen kernel (an adapter's base layer) gets no cotangent product at all.
+  for argnums, products in (((0, 1), 3), (0, 2)):
+    dots = list(_dot_generals(jax.make_jaxpr(jax.grad(loss, argnums))(x, w).jaxpr))
+    assert len(dots) == products, (argnums, dots)
+    for eqn in dots:
+      assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16] * 2, eqn
+      assert eqn.outvars[0].aval.dtype == jnp.float32, eqn
+
+
+def test_bf16_dot_takes_only_denses_contraction():
+  with pytest.raises(ValueError, match="nn.Dense's contraction"):
+    ops.dense_dot_general("bfloat16")(_x(1), _x(2, shape=(3, 16)), (((2,), (1,)), ((), ())))
+
+
+def test_a_dense_with_the_bf16_dot_has_the_same_params_and_near_outputs():
+  x = _x(1)
+  plain = nn.Dense(7)
+  params = plain.init(jax.random.key(0), x)
+  narrow = nn.Dense(7, dot_general=ops.dense_dot_general("bfloat16"))
+  assert jax.tree.structure(narrow.init(jax.random.key(0), x)) == jax.tree.structure(params)
+  a, b = plain.apply(params, x), narrow.apply(params, x)
+  np.testing.assert_allclose(b, a, rtol=3e-2, atol=3e-2)
+  assert not np.array_equal(a, b)
+

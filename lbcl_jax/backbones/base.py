@@ -52,6 +52,8 @@ class BackboneConfig:
     eval_mode: "generate" or "rank" (generative families).
     max_new_tokens: tokens generated per example in "generate" mode.
     tau: temperature of label-name scoring (encoder families).
+    dot_dtype: operand dtype of the Dense layers' matmuls ("": the compute dtype;
+      "bfloat16": bf16 operands, f32 accumulation: `lbcl_jax.models.ops.dense_dot_general`).
     remat: what each transformer block keeps for the backward pass ("none", "weights",
       "full": `lbcl_jax.models.ops.REMAT_POLICIES`; T5 and Llama).
   """
@@ -70,6 +72,7 @@ class BackboneConfig:
   max_new_tokens: int = 8
   tau: float = 0.05
   remat: str = "none"
+  dot_dtype: str = ""
 
   @classmethod
   def from_config(cls, config) -> "BackboneConfig":
@@ -81,7 +84,8 @@ class BackboneConfig:
         max_target_length=config.data.max_target_length, truncation=config.data.truncation,
         dropout=bool(config.optim.dropout),
         eval_mode=config.eval.mode, max_new_tokens=config.eval.max_new_tokens,
-        tau=config.model.tau, remat=config.model.get("remat", "none"))
+        tau=config.model.tau, remat=config.model.get("remat", "none"),
+        dot_dtype=config.model.get("dot_dtype", ""))
 
 
 class Backbone(abc.ABC):
@@ -211,14 +215,21 @@ def model_dir(cls: type[Backbone], config: BackboneConfig) -> str:
   return os.path.expanduser(config.path) if config.path else cls.default_path()
 
 
-def with_remat(model: nn.Module, remat: str) -> nn.Module:
-  """`model` whose transformer blocks keep what `remat` says for the backward pass."""
-  if remat == "none":
+def with_model_options(model: nn.Module, config: BackboneConfig) -> nn.Module:
+  """`model` with the run's options that are not Hugging Face fields: what its transformer
+  blocks keep for the backward pass (`remat`) and its matmuls' operand dtype (`dot_dtype`)."""
+  changes = {}
+  for field, value, default in (("remat", config.remat, "none"),
+                                ("dot_dtype", config.dot_dtype, "")):
+    if value == default:
+      continue
+    if not hasattr(model.config, field):
+      raise InputError(f"config.model.{field}={value!r}: the {type(model).__name__} model has "
+                       f"no {field} option; use {default!r}")
+    changes[field] = value
+  if not changes:
     return model
-  if not hasattr(model.config, "remat"):
-    raise InputError(f"config.model.remat={remat!r}: the {type(model).__name__} model has no "
-                     "block remat (T5 and Llama do); use 'none'")
-  return model.clone(config=dataclasses.replace(model.config, remat=remat))
+  return model.clone(config=dataclasses.replace(model.config, **changes))
 
 
 def load_model(config: BackboneConfig, path: str) -> tuple[str, nn.Module, Any]:
@@ -227,7 +238,7 @@ def load_model(config: BackboneConfig, path: str) -> tuple[str, nn.Module, Any]:
   dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
   if not config.random_init:
     model, params = hf.from_pretrained(path, dtype=dtype, param_dtype=param_dtype)
-    return hf.family_of_model(model)[0], with_remat(model, config.remat), params
+    return hf.family_of_model(model)[0], with_model_options(model, config), params
   cfg_path = pathlib.Path(path) / "config.json"
   try:
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
@@ -242,5 +253,5 @@ def load_model(config: BackboneConfig, path: str) -> tuple[str, nn.Module, Any]:
     raise InputError(f"{cfg_path}: model_type {model_type!r} is not supported "
                      f"(supported: {', '.join(hf.registered_model_types())})") from e
   model = family.make_model(family.config_from_hf(cfg, dtype=dtype, param_dtype=param_dtype))
-  return model_type, with_remat(model, config.remat), None
+  return model_type, with_model_options(model, config), None
 

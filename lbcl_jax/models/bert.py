@@ -88,6 +88,9 @@ class BertConfig:
   pad_token_id: int = 0
   dtype: DType = jnp.float32  # computation dtype
   param_dtype: DType = jnp.float32
+  # Operand dtype of the Dense layers' matmuls, a key of `ops.DOT_DTYPES` ("": the compute
+  # dtype; "bfloat16": bf16 operands, f32 accumulation); not a Hugging Face field.
+  dot_dtype: str = ""
   initializer_range: float = 0.02  # std of the normal init, as HF (random-weight models only)
 
   def __post_init__(self):
@@ -96,6 +99,8 @@ class BertConfig:
           f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
           f"{self.num_attention_heads}"
       )
+    if self.dot_dtype not in ops.DOT_DTYPES:
+      raise ValueError(f"dot_dtype {self.dot_dtype!r} is not one of {ops.DOT_DTYPES}")
     if self.hidden_act not in ops.ACTIVATIONS:
       raise ValueError(
           f"hidden_act {self.hidden_act!r} is not supported; use one of {sorted(ops.ACTIVATIONS)}"
@@ -121,6 +126,7 @@ def _dense(
       features,
       dtype=config.dtype,
       param_dtype=config.param_dtype,
+      dot_general=ops.dense_dot_general(config.dot_dtype),
       kernel_init=_partitioned_normal(config, names),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), names[1:]),
       name=name,
@@ -488,7 +494,7 @@ def config_from_hf(
   fields = {
       f.name: cfg.get(f.name, getattr(defaults, f.name))
       for f in dataclasses.fields(BertConfig)
-      if f.name not in ("dtype", "param_dtype")
+      if f.name not in ("dtype", "param_dtype", "dot_dtype")
   }
   if fields["pad_token_id"] is None:
     fields["pad_token_id"] = 0
@@ -506,7 +512,7 @@ def config_to_hf(config: BertConfig) -> dict[str, Any]:
       "dtype": jnp.dtype(config.param_dtype).name,
   }
   for f in dataclasses.fields(BertConfig):
-    if f.name not in ("dtype", "param_dtype"):
+    if f.name not in ("dtype", "param_dtype", "dot_dtype"):  # not HF fields
       out[f.name] = getattr(config, f.name)
   return out
 

@@ -97,6 +97,8 @@ class LlamaConfig:
     param_dtype: dtype the parameters are created/stored in.
     remat: what each decoder layer keeps for the backward pass, a key of
       `ops.REMAT_POLICIES` ("none", "weights", "full"); not a Hugging Face field.
+    dot_dtype: operand dtype of the Dense layers' matmuls, a key of `ops.DOT_DTYPES` ("": the
+      compute dtype; "bfloat16": bf16 operands, f32 accumulation); not a Hugging Face field.
 
   Switches of the other decoders built on this module (Llama checkpoints leave them unset):
     attention_out_bias: whether o_proj has a bias; None means `attention_bias` (Qwen2 has
@@ -137,6 +139,7 @@ class LlamaConfig:
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
   remat: str = "none"
+  dot_dtype: str = ""
 
   def __post_init__(self):
     if self.attention_out_bias is None:
@@ -153,6 +156,8 @@ class LlamaConfig:
                        f"'sliding_attention' for each of the {self.num_hidden_layers} layers")
     if self.remat not in ops.REMAT_POLICIES:
       raise ValueError(f"remat {self.remat!r} is not one of {sorted(ops.REMAT_POLICIES)}")
+    if self.dot_dtype not in ops.DOT_DTYPES:
+      raise ValueError(f"dot_dtype {self.dot_dtype!r} is not one of {ops.DOT_DTYPES}")
     if self.num_key_value_heads is None:
       object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
     if self.head_dim is None:
@@ -203,6 +208,7 @@ def _dense(config: LlamaConfig, features: int, names: tuple[str, str], use_bias:
   """A plain Dense (adapters intercept it by path) with logical axis names."""
   return nn.Dense(features, use_bias=use_bias, dtype=config.dtype,
                   param_dtype=config.param_dtype, kernel_init=_normal(config, names),
+                  dot_general=ops.dense_dot_general(config.dot_dtype),
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                          names[1:]),
                   name=name)

@@ -15,7 +15,9 @@ input and one or two numbers per row, a GLU product its two inputs. Where the ba
 recomputes from a saved input, an optimization barrier stops XLA from merging (CSE) the
 recomputation with the forward pass's, which would keep the forward's intermediates alive
 instead. Forward-mode differentiation (`jax.jvp`) is not defined for them; nothing here uses
-it. Pure functions over arrays (no flax): a model family calls them. `tests/test_ops.py` checks
+it. `dense_dot_general` is the Dense layers' matmul with bf16 operands and f32 accumulation
+(`config.model.dot_dtype`), its three products kept in the form CPUs with AMX run fast.
+Pure functions over arrays (no flax): a model family calls them. `tests/test_ops.py` checks
 values and gradients against the `jax.nn` forms and counts the residuals.
 """
 
@@ -322,6 +324,92 @@ def _rms_norm_bwd(epsilon, scale_in_f32, dtype, res, g):
 
 
 rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+
+
+# ----------------------------------------------------------------------------- dot operands
+
+# `config.model.dot_dtype`: "" leaves every Dense's matmul to XLA in the compute dtype;
+# "bfloat16" rounds the operands of the Dense layers' matmuls to bf16 and accumulates in f32
+# (`dense_dot_general`), everything else staying in the compute dtype.
+DOT_DTYPES = ("", "bfloat16")
+
+
+@functools.lru_cache(maxsize=None)
+def dense_dot_general(dot_dtype: str) -> Callable | None:
+  """`nn.Dense`'s `dot_general` for `config.model.dot_dtype`; None (XLA's own) for "".
+
+  Why: on CPUs with AMX, XLA:CPU in jaxlib 0.10 runs a bf16 x bf16 matmul *with an f32
+  result* on the AMX tiles (a 2048^3 matmul at ~1.2 TFLOP/s on a 2-core Xeon, against ~0.3 in
+  f32 and ~0.2 for bf16 x bf16 -> bf16), but JAX's transpose rule gives the backward matmuls
+  the operand dtype as result type, which falls back to the slow paths. So the product here is
+  a custom VJP whose three matmuls (forward, input and weight cotangents) all take narrow
+  operands and an f32 result, as `torch.autocast` does; the residuals are the narrow operands.
+  The result is cast back to the compute dtype (f32 models stay f32 between layers).
+
+  Only Dense's contraction exists here: the last axis of `x` with a 2-D kernel's first.
+  """
+  if dot_dtype not in DOT_DTYPES:
+    raise ValueError(f"dot_dtype {dot_dtype!r} is not one of {DOT_DTYPES}")
+  if not dot_dtype:
+    return None
+  narrow = jnp.dtype(dot_dtype)
+
+  def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                  **unused):
+    del precision, unused  # The operands' dtype is the precision asked for.
+    (contract_l, contract_r), (batch_l, batch_r) = dimension_numbers
+    if (rhs.ndim != 2 or tuple(contract_l) != (lhs.ndim - 1,) or tuple(contract_r) != (0,)
+        or batch_l or batch_r):
+      raise ValueError(f"dense_dot_general({dot_dtype!r}) takes nn.Dense's contraction (x's "
+                       f"last axis with a 2-D kernel's first), not {dimension_numbers}")
+    out = jnp.dtype(preferred_element_type or jnp.result_type(lhs, rhs))
+    return _narrow_matmul(lhs, rhs, narrow, out)
+
+  return dot_general
+
+
+def _wide_dot(a: Array, b: Array, contract_a, contract_b) -> Array:
+  return lax.dot_general(a, b, ((contract_a, contract_b), ((), ())),
+                         preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _narrow_dense(x: Array, w: Array, narrow, out, cotangent_dtypes) -> Array:
+  del cotangent_dtypes
+  return _wide_dot(x.astype(narrow), w.astype(narrow), (x.ndim - 1,), (0,)).astype(out)
+
+
+def _narrow_dense_fwd(x, w, narrow, out, cotangent_dtypes):
+  # symbolic_zeros: x and w come as CustomVJPPrimal, saying whether each is differentiated.
+  # Each cotangent is computed only if asked for (a frozen kernel gets none), and only the
+  # operand it needs is kept: the kernel for x's, the input for w's.
+  del cotangent_dtypes
+  xn, wn = x.value.astype(narrow), w.value.astype(narrow)
+  y = _wide_dot(xn, wn, (xn.ndim - 1,), (0,)).astype(out)
+  return y, (xn if w.perturbed else None, wn if x.perturbed else None)
+
+
+def _narrow_dense_bwd(narrow, out, cotangent_dtypes, res, g):
+  del out
+  xn, wn = res
+  dx = dw = None
+  # symbolic_zeros' contract: an output cotangent that is zero may come as a SymbolicZero.
+  if isinstance(g, jax.custom_derivatives.SymbolicZero):
+    return dx, dw
+  gn = g.astype(narrow)
+  if wn is not None:
+    dx = _wide_dot(gn, wn, (g.ndim - 1,), (1,)).astype(cotangent_dtypes[0])
+  if xn is not None:
+    lead = tuple(range(g.ndim - 1))
+    dw = _wide_dot(xn, gn, lead, lead).astype(cotangent_dtypes[1])
+  return dx, dw
+
+
+def _narrow_matmul(x: Array, w: Array, narrow, out) -> Array:
+  return _narrow_dense(x, w, narrow, out, (jnp.dtype(x.dtype), jnp.dtype(w.dtype)))
+
+
+_narrow_dense.defvjp(_narrow_dense_fwd, _narrow_dense_bwd, symbolic_zeros=True)
 
 
 # ----------------------------------------------------------------------------- block remat

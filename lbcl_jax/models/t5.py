@@ -93,6 +93,8 @@ class T5Config:
     param_dtype: dtype the parameters are created/stored in.
     remat: what each block keeps for the backward pass, a key of `ops.REMAT_POLICIES`
       ("none", "weights", "full"); not a Hugging Face field.
+    dot_dtype: operand dtype of the Dense layers' matmuls, a key of `ops.DOT_DTYPES` ("": the
+      compute dtype; "bfloat16": bf16 operands, f32 accumulation); not a Hugging Face field.
   """
 
   vocab_size: int = 32128
@@ -114,10 +116,13 @@ class T5Config:
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: str = "none"
+  dot_dtype: str = ""
 
   def __post_init__(self):
     if self.remat not in ops.REMAT_POLICIES:
       raise ValueError(f"remat {self.remat!r} is not one of {sorted(ops.REMAT_POLICIES)}")
+    if self.dot_dtype not in ops.DOT_DTYPES:
+      raise ValueError(f"dot_dtype {self.dot_dtype!r} is not one of {ops.DOT_DTYPES}")
     if self.num_decoder_layers is None:
       # HF's default: a symmetric decoder.
       object.__setattr__(self, "num_decoder_layers", self.num_layers)
@@ -219,7 +224,8 @@ class T5Attention(nn.Module):
     cfg = self.config
     n_heads, d_kv, d_model = cfg.num_heads, cfg.d_kv, cfg.d_model
     dense = functools.partial(nn.Dense, use_bias=False, dtype=cfg.dtype,
-                              param_dtype=cfg.param_dtype)
+                              param_dtype=cfg.param_dtype,
+                              dot_general=ops.dense_dot_general(cfg.dot_dtype))
     # HF's init scales; the q scale stands in for the 1/sqrt(d_kv) T5 never applies.
     q_proj = dense(cfg.inner_dim, kernel_init=_normal((d_model * d_kv)**-0.5,
                                                       ("embed", "joined_kv")), name="q")
@@ -303,7 +309,8 @@ class T5DenseActDense(nn.Module):
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
     cfg = self.config
     dense = functools.partial(nn.Dense, use_bias=False, dtype=cfg.dtype,
-                              param_dtype=cfg.param_dtype)
+                              param_dtype=cfg.param_dtype,
+                              dot_general=ops.dense_dot_general(cfg.dot_dtype))
     h = dense(cfg.d_ff, kernel_init=_normal(cfg.d_model**-0.5, ("embed", "mlp")), name="wi")(x)
     h = ops.ACTIVATIONS[cfg.dense_act_fn](h)
     h = _constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
@@ -321,7 +328,8 @@ class T5DenseGatedActDense(nn.Module):
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
     cfg = self.config
     dense = functools.partial(nn.Dense, use_bias=False, dtype=cfg.dtype,
-                              param_dtype=cfg.param_dtype)
+                              param_dtype=cfg.param_dtype,
+                              dot_general=ops.dense_dot_general(cfg.dot_dtype))
     wi_init = _normal(cfg.d_model**-0.5, ("embed", "mlp"))
     h = ops.gated(cfg.dense_act_fn, dense(cfg.d_ff, kernel_init=wi_init, name="wi_0")(x),
                   dense(cfg.d_ff, kernel_init=wi_init, name="wi_1")(x))
@@ -444,6 +452,7 @@ class T5(nn.Module):
     if not cfg.tie_word_embeddings:
       self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
                               param_dtype=cfg.param_dtype,
+                              dot_general=ops.dense_dot_general(cfg.dot_dtype),
                               kernel_init=_normal(1.0, ("embed", "vocab")))
 
   def encode(self, input_ids: Array, attention_mask: Optional[Array] = None,
