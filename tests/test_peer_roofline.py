@@ -3,6 +3,8 @@ against analytic counts, and benchmarks/cpu_options.py's flag discovery."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -153,3 +155,30 @@ def test_candidates_needing_bf16_are_skipped_without_it():
   assert all(cpu_options.hardware_skip(c, no_ext) for c in bf16)
   assert not any(cpu_options.hardware_skip(c, amx) for c in bf16)
   assert cpu_options.hardware_skip(cpu_options.CANDIDATES[0], no_ext) is None
+
+
+def test_bf16_peak_times_bf16_products_and_says_so():
+  pytest.importorskip("torch", reason="the peak is timed in torch too")
+  peak = peer_step.matmul_peak([64], reps=1, dtype="bfloat16")
+  assert peak["dtype"] == "bfloat16"
+  assert peak["jax"]["64"]["gflops"] > 0 and peak["torch"]["64"]["gflops"] > 0
+
+
+def test_dot_dtype_reaches_ours_and_names_its_own_output():
+  args = peer_step.parse_args(["--dot-dtype", "bfloat16"])
+  assert args.output.name == "peer_step_bf16.json"
+  assert peer_step.parse_args([]).output.name == "peer_step.json"
+
+  class Model:
+    def __init__(self, config):
+      self.config = config
+
+    def clone(self, config):
+      return Model(config)
+
+  @dataclasses.dataclass(frozen=True)
+  class Config:
+    dot_dtype: str = ""
+
+  assert peer_step.with_dot_dtype(Model(Config()), args).config.dot_dtype == "bfloat16"
+  assert peer_step.with_dot_dtype(Model(Config()), peer_step.parse_args([])).config.dot_dtype == ""
