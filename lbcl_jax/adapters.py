@@ -297,10 +297,7 @@ def _path_seed(path: str) -> int:
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def init_layer(rng: jax.Array, d_in: int, d_out: int, config: AdapterConfig) -> dict:
-  """One task's adapter for a `(d_in, d_out)` kernel, see `AdapterConfig.init`.
-
-  Jitted with static shapes so equally-shaped layers share one compiled init.
-  """
+  """One task's adapter for a `(d_in, d_out)` kernel, see `AdapterConfig.init`."""
   r = config.rank
   ku, kv = jax.random.split(rng)
   if config.init == "adalora":
@@ -344,10 +341,19 @@ def init_new(
   if paths is None:
     paths = find_targets(params, config.targets, family=family)
   check_rank(params, paths, config.rank)
-  flat = {}
+  # Equally-shaped layers are drawn by one vmapped init over their keys (the same values as
+  # one call per layer): a model's 60 adapted layers are 2 random programs, not 60, which
+  # took SmolLM2's init 5.7 s of XLA:CPU compile (10 s for AdaLoRA's) on a loaded 2-core VM.
+  groups: dict[tuple[int, int], list[str]] = {}
   for path in paths:
-    d_in, d_out = get_kernel(params, path).shape
-    flat[path] = init_layer(jax.random.fold_in(rng, _path_seed(path)), d_in, d_out, config)
+    groups.setdefault(tuple(get_kernel(params, path).shape), []).append(path)
+  flat = {}
+  for (d_in, d_out), group in groups.items():
+    seeds = jnp.asarray([_path_seed(path) for path in group], jnp.uint32)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, seeds)
+    drawn = jax.vmap(lambda k, d_in=d_in, d_out=d_out: init_layer(k, d_in, d_out, config))(keys)
+    for i, path in enumerate(group):
+      flat[path] = jax.tree.map(lambda x, i=i: x[i], drawn)
   return unflatten_layers(flat)
 
 

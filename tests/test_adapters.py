@@ -115,6 +115,14 @@ def test_init_new_shapes_and_schemes(setup):
   sub = adapters.init_new(jax.random.key(0), params, cfg, paths=[QV[2]])
   np.testing.assert_array_equal(adapters.flatten_layers(sub)[QV[2]]["U"], flat[QV[2]]["U"])
   assert not np.array_equal(flat[QV[0]]["U"], flat[QV[1]]["U"])
+  # Drawn group by group (one vmapped init per kernel shape), each layer is still exactly
+  # `init_layer` under its own path's key.
+  for path, leaf in flat.items():
+    d_in, d_out = adapters.get_kernel(params, path).shape
+    alone = adapters.init_layer(jax.random.fold_in(jax.random.key(0), adapters._path_seed(path)),
+                                d_in, d_out, cfg)
+    for name in ("U", "sigma", "V"):
+      np.testing.assert_array_equal(leaf[name], alone[name])
 
   lora = adapters.init_new(jax.random.key(0), params,
                            adapters.AdapterConfig(rank=4, init="lora", dtype=jnp.bfloat16))
