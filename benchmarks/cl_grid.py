@@ -778,6 +778,7 @@ def _table_md(t1: dict, title: str, paper: bool, orders: Sequence[int],
     head += " O-LoRA paper T5-large (O1 / O2 / O3 / avg) | LB-CL paper T5-large avg |"
     sep += " --- | --- |"
   out = [title, "", *([note, ""] if note else []), head, sep]
+  same = [m for m, row in t1.items() if row.get("same_cells_as")]
   for method, row in t1.items():
     line = (f"| {labels.get(method, method)} | " + " | ".join(_f(v) for v in row["orders"]) +
             f" | **{_f(row['average'])}** | {_f(row['average_test_se'])} | "
@@ -791,17 +792,23 @@ def _table_md(t1: dict, title: str, paper: bool, orders: Sequence[int],
         ref_s = f"{ref[-1]:.1f} (joint)"
       line += f" {ref_s} | {_f(PAPER_LBCL_AVERAGE.get(method))} |"
     out.append(line)
+  for method in same:
+    out += ["", f"{labels.get(method, method)}: the cells of the "
+                f"{labels.get(t1[method]['same_cells_as'], t1[method]['same_cells_as'])} row "
+                "(order 1), since validation chose the published injection."]
   return out + [""]
 
 
 def markdown(spec: Spec, report: dict) -> str:
   out = list(spec.section.head(spec, report)) if spec.section else []
   space = spec.spaces[0]
-  ch = report["validation"]["chosen"]
+  ch = report["validation"]["chosen"] or report["validation"].get("chosen_so_far")
   if ch:
     grid = f" of {spec.choices_from.name}" if spec.choices_from else ""
+    so_far = "" if report["validation"]["chosen"] else (
+        " so far (the families whose sweep is complete; the others' sweeps are listed after)")
     out += [f"Chosen on order 1's validation split{grid} ({spec.validation_budget} runs per "
-            f"family, {SPACE_WORDS[space]}):", "",
+            f"family, {SPACE_WORDS[space]}){so_far}:", "",
             "| family | chosen flags | validation avg |", "| --- | --- | --- |"]
     for fam, c in ch.items():
       out.append(f"| {fam} | `{' '.join(c['flags'])}` | {_f(c['validation_average'])} |")
@@ -814,10 +821,12 @@ def markdown(spec: Spec, report: dict) -> str:
         out.append(f"| {s['cell']} | `{' '.join(shown)}` | "
                    f"{'diverged' if s['diverged'] else _f(s['validation_average'])} |")
     out.append("")
-  elif report["validation"]["cells"]:
+  swept = {sw["cell"] for c in (ch or {}).values() for sw in c["sweep"]}
+  unfinished = {n: c for n, c in report["validation"]["cells"].items() if n not in swept}
+  if unfinished and not report["validation"]["chosen"]:
     out += ["The validation sweep so far (unfinished; validation average, %):", "",
             "| cell | avg |", "| --- | --- |"]
-    for name, c in sorted(report["validation"]["cells"].items()):
+    for name, c in sorted(unfinished.items()):
       out.append(f"| {name} | {_f(c['validation_average'])} |")
     out.append("")
   orders = report["settings"]["main_orders"]
@@ -929,6 +938,9 @@ def machines(records: Mapping[str, dict]) -> list[dict]:
 
 def build_report(spec: Spec, records: Mapping[str, dict], data_dir: str) -> dict:
   chosen = choices(spec, records)
+  # The families whose sweep is complete, while others' still run (what the grid's test cells
+  # already use).
+  so_far = chosen or choices(spec, records, partial=True)
   zs = _usable(records.get("zeroshot"))
   space = spec.spaces[0]
   report = {
@@ -938,6 +950,8 @@ def build_report(spec: Spec, records: Mapping[str, dict], data_dir: str) -> dict
                    # Seconds and costs are the machines' that ran the cells, not this one's.
                    "machines": machines(records)},
       "validation": {"budget_per_family": spec.validation_budget, "chosen": chosen,
+                     # Only while the sweep is unfinished (else it is `chosen`).
+                     "chosen_so_far": None if chosen else so_far,
                      "chosen_on": (spec.choices_from or spec).name,
                      "cells": {n: {"flags": r["flags"],
                                    "validation_average": r.get("average_accuracy"),
@@ -949,10 +963,15 @@ def build_report(spec: Spec, records: Mapping[str, dict], data_dir: str) -> dict
       "table1": table1(spec, records, space),
   }
   if spec.published_row:
-    row = table1(spec, records, space, "_published", ("lbcl",), orders=(1,))["lbcl"]
+    # Where validation chose the published injection, no second cell runs (`published_flags`):
+    # the row is the LB-CL row's order-1 cells, and says so.
+    same = bool(so_far) and "svd" in so_far and published_flags(so_far) is None
+    row = table1(spec, records, space, "" if same else "_published", ("lbcl",),
+                 orders=(1,))["lbcl"]
     report["table1"]["lbcl_published"] = {
         **row, "orders": row["orders"] + [None] * (len(spec.main_orders) - 1),
-        "learned": row["learned"] + [None] * (len(spec.main_orders) - 1)}
+        "learned": row["learned"] + [None] * (len(spec.main_orders) - 1),
+        "same_cells_as": "lbcl" if same else None}
   for extra in spec.spaces[1:]:
     report[f"table1_{extra}"] = table1(spec, records, extra)
   if spec.after_adam:

@@ -391,3 +391,32 @@ def test_the_report_names_the_machines_its_cells_ran_on():
       "settings": {**cl_grid.build_report(spec, {}, "/data")["settings"], "machines": got}})
   assert ("Xeon X (AVX2, AVX-512), 2 cores (3 cells); x86_64, 2 cores (no CPU model recorded) "
           "(1 cells)") in md
+
+
+def test_the_published_row_is_lbcls_where_validation_chose_the_published_injection(tmp_path):
+  """No second cell runs then (`published_flags` is None), so the row shows the LB-CL cells
+  and says so; the chosen settings of the finished families show while others' sweeps run."""
+  spec = generative_cl.SPEC
+  rng = np.random.default_rng(5)
+  paper = ("seqft", "lora", "svd")
+  records = {}
+  for stage in range(2):
+    for name, flags in spec.validation_cells(records).items():
+      if name not in records and name.split("_")[1] in paper:
+        # The SVD family's best cell is a learning-rate cell: the paper's injection.
+        avg = 90.0 if name == "val_svd_lr3e-2" else 10.0 + stage
+        records[name] = _record(name, flags, rng, spaces=(None,), avg=avg)
+  assert cl_grid.choices(spec, records) is None  # the families beyond the paper have not run
+  so_far = cl_grid.choices(spec, records, partial=True)
+  assert sorted(so_far) == sorted(paper) and cl_grid.published_flags(so_far) is None
+  cells = cl_grid.grid_cells(spec, "main", so_far)
+  assert "o1_lbcl_published" not in cells
+  records["o1_lbcl"] = _record("o1_lbcl", cells["o1_lbcl"], rng, spaces=(None,))
+  md = cl_grid.write_outputs(spec, records, "/data", tmp_path)
+  report = json.loads((tmp_path / f"{spec.name}.json").read_text())
+  row = report["table1"]["lbcl_published"]
+  assert row["orders"][0] == records["o1_lbcl"]["average_accuracy"]
+  assert row["same_cells_as"] == "lbcl"
+  assert "the cells of the LB-CL row" in md
+  assert "validation split (8 runs per family, exact match) so far" in md
+  assert "| svd | `" in md
