@@ -339,8 +339,8 @@ def dense_dot_general(dot_dtype: str) -> Callable | None:
   """`nn.Dense`'s `dot_general` for `config.model.dot_dtype`; None (XLA's own) for "".
 
   Why: on CPUs with AMX, XLA:CPU in jaxlib 0.10 runs a bf16 x bf16 matmul *with an f32
-  result* on the AMX tiles (a 2048^3 matmul at ~1.2 TFLOP/s on a 2-core Xeon, against ~0.3 in
-  f32 and ~0.2 for bf16 x bf16 -> bf16), but JAX's transpose rule gives the backward matmuls
+  result* on the AMX tiles (a 2048^3 matmul at ~1.8 TFLOP/s on an idle 2-core Xeon, against
+  ~0.3 in f32 and ~0.2 for bf16 x bf16 -> bf16), but JAX's transpose rule gives the backward matmuls
   the operand dtype as result type, which falls back to the slow paths. So the product here is
   a custom VJP whose three matmuls (forward, input and weight cotangents) all take narrow
   operands and an f32 result, as `torch.autocast` does; the residuals are the narrow operands.
@@ -363,7 +363,7 @@ def dense_dot_general(dot_dtype: str) -> Callable | None:
       raise ValueError(f"dense_dot_general({dot_dtype!r}) takes nn.Dense's contraction (x's "
                        f"last axis with a 2-D kernel's first), not {dimension_numbers}")
     out = jnp.dtype(preferred_element_type or jnp.result_type(lhs, rhs))
-    return _narrow_matmul(lhs, rhs, narrow, out)
+    return _narrow_dense(lhs, rhs, narrow, out, (jnp.dtype(lhs.dtype), jnp.dtype(rhs.dtype)))
 
   return dot_general
 
@@ -373,10 +373,18 @@ def _wide_dot(a: Array, b: Array, contract_a, contract_b) -> Array:
                          preferred_element_type=jnp.float32)
 
 
+def _narrow_product(x: Array, w: Array, narrow, out) -> tuple[Array, Array, Array]:
+  """(x @ w in `out`, x and w rounded to `narrow`): the forward pass of both rules below."""
+  xn, wn = x.astype(narrow), w.astype(narrow)
+  return _wide_dot(xn, wn, (x.ndim - 1,), (0,)).astype(out), xn, wn
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _narrow_dense(x: Array, w: Array, narrow, out, cotangent_dtypes) -> Array:
+  """x @ w from `narrow` operands, accumulated in f32, in `out`; cotangents in
+  `cotangent_dtypes` (x's and w's own)."""
   del cotangent_dtypes
-  return _wide_dot(x.astype(narrow), w.astype(narrow), (x.ndim - 1,), (0,)).astype(out)
+  return _narrow_product(x, w, narrow, out)[0]
 
 
 def _narrow_dense_fwd(x, w, narrow, out, cotangent_dtypes):
@@ -384,8 +392,7 @@ def _narrow_dense_fwd(x, w, narrow, out, cotangent_dtypes):
   # Each cotangent is computed only if asked for (a frozen kernel gets none), and only the
   # operand it needs is kept: the kernel for x's, the input for w's.
   del cotangent_dtypes
-  xn, wn = x.value.astype(narrow), w.value.astype(narrow)
-  y = _wide_dot(xn, wn, (xn.ndim - 1,), (0,)).astype(out)
+  y, xn, wn = _narrow_product(x.value, w.value, narrow, out)
   return y, (xn if w.perturbed else None, wn if x.perturbed else None)
 
 
@@ -403,10 +410,6 @@ def _narrow_dense_bwd(narrow, out, cotangent_dtypes, res, g):
     lead = tuple(range(g.ndim - 1))
     dw = _wide_dot(xn, gn, lead, lead).astype(cotangent_dtypes[1])
   return dx, dw
-
-
-def _narrow_matmul(x: Array, w: Array, narrow, out) -> Array:
-  return _narrow_dense(x, w, narrow, out, (jnp.dtype(x.dtype), jnp.dtype(w.dtype)))
 
 
 _narrow_dense.defvjp(_narrow_dense_fwd, _narrow_dense_bwd, symbolic_zeros=True)
