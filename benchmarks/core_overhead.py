@@ -56,6 +56,7 @@ from lbcl_jax import files
 from lbcl_jax import methods
 from lbcl_jax import sensitivity
 from lbcl_jax import train
+from lbcl_jax.backbones import base as backbone_base
 from lbcl_jax.models import hf
 
 import machine
@@ -151,10 +152,13 @@ class _Standin(nn.Module):
 
 def backbone_for(model: nn.Module, params: Any, **fields) -> backbones.Backbone:
   """The driver's backbone of `model`'s family around `params`: its `loss` is what the driver
-  trains on. No tokenizer (benchmarks feed token ids); `fields` set `BackboneConfig` fields."""
+  trains on. No tokenizer (benchmarks feed token ids); `fields` set `BackboneConfig` fields,
+  and its model options (`remat`, `dot_dtype`) reach the model as the driver's loader applies
+  them (`backbones.base.with_model_options`)."""
   family = hf.family_of_model(model)[0]
-  return backbones.backbone_class(family)(backbones.BackboneConfig(family=family, **fields),
-                                          model, None, params)
+  config = backbones.BackboneConfig(family=family, **fields)
+  return backbones.backbone_class(family)(
+      config, backbone_base.with_model_options(model, config), None, params)
 
 
 def build_model(args) -> tuple[str, Any, Any, dict]:

@@ -75,7 +75,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import dataclasses
 import datetime
 import gc
 import json
@@ -305,13 +304,6 @@ def step_rss_delta(step) -> int | None:
 # ----------------------------------------------------------------------------- models
 
 
-def with_dot_dtype(model, args):
-  """`model` with `--dot-dtype` as its `config.model.dot_dtype` (as `backbones` applies it)."""
-  if not getattr(args, "dot_dtype", ""):
-    return model
-  return model.clone(config=dataclasses.replace(model.config, dot_dtype=args.dot_dtype))
-
-
 def compute_dtype(args):
   """Ours' compute dtype: float32 here; cpu_options.py sets `args.dtype` for its bf16
   candidate (params stay f32, the torch stack always runs f32)."""
@@ -324,7 +316,6 @@ def t5_setup(args, tmp: pathlib.Path) -> dict:
   config = t5.config_from_hf(cfg_dict, dtype=compute_dtype(args), param_dtype=jnp.float32)
   model = t5.T5(config)
   params = t5.init_params(model, jax.random.key(0), src_len=8, tgt_len=8)
-  ours = with_dot_dtype(model, args)
   batch = t5_step.make_batch(types.SimpleNamespace(batch=args.batch, src_len=args.src_len,
                                                    tgt_len=args.tgt_len), config.vocab_size,
                              decoder_start_id=config.decoder_start_token_id)
@@ -344,8 +335,9 @@ def t5_setup(args, tmp: pathlib.Path) -> dict:
       desc=(f"flan-t5-small shape ({cfg_source}), random weights; batch {args.batch} x "
             f"{args.src_len} source (padded) / {args.tgt_len} target tokens; loss: mean "
             "target-token cross-entropy"),
-      params=params, backbone=core_overhead.backbone_for(ours, params), batch=jbatch,
-      np_batch=batch, paths=adapters.find_targets(params, "qv", family=t5),
+      params=params, batch=jbatch, np_batch=batch,
+      backbone=core_overhead.backbone_for(model, params, dot_dtype=args.dot_dtype),
+      paths=adapters.find_targets(params, "qv", family=t5),
       torch_model=torch_model, torch_loss=torch_loss, peft_targets=["q", "v"])
 
 
@@ -396,7 +388,7 @@ def minilm_setup(args, tmp: pathlib.Path) -> dict:
             f"{args.option_len} tokens; loss: label-scoring cross-entropy (mean-pooled, "
             f"L2-normalised, cosine / {TAU})"),
       params=params, batch=jbatch, np_batch=np_batch,
-      backbone=core_overhead.backbone_for(with_dot_dtype(model, args), params, tau=TAU),
+      backbone=core_overhead.backbone_for(model, params, tau=TAU, dot_dtype=args.dot_dtype),
       paths=adapters.find_targets(params, "qv", family=bert),
       torch_model=torch_model, torch_loss=torch_loss, peft_targets=["query", "value"])
 
@@ -457,8 +449,9 @@ def smollm2_setup(args, tmp: pathlib.Path) -> dict:
   return dict(
       desc=(f"SmolLM2-135M-Instruct real weights (Q4_1 GGUF, dequantised: {path.name}); batch "
             f"{n} x {length} tokens (left-padded), loss on the last {args.answer_len} tokens"),
-      params=params, backbone=core_overhead.backbone_for(with_dot_dtype(model, args), params),
-      batch=jbatch, np_batch=np_batch, paths=adapters.find_targets(params, "qv", family=llama),
+      params=params, batch=jbatch, np_batch=np_batch,
+      backbone=core_overhead.backbone_for(model, params, dot_dtype=args.dot_dtype),
+      paths=adapters.find_targets(params, "qv", family=llama),
       torch_model=torch_model, torch_loss=causal_lm_torch_loss,
       peft_targets=["q_proj", "v_proj"])
 
@@ -522,7 +515,7 @@ class TorchPeftStack:
     self.label, self.setup = label, setup
     # --dot-dtype bfloat16: torch's own bf16 policy, autocast (linears and matmuls in bf16).
     self.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16,
-                                           enabled=bool(getattr(args, "dot_dtype", "")))
+                                           enabled=bool(args.dot_dtype))
     t0 = time.perf_counter()
     base = setup["torch_model"]()
     base.train(False)  # Dropout off, as in ours.

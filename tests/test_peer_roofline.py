@@ -3,8 +3,6 @@ against analytic counts, and benchmarks/cpu_options.py's flag discovery."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -165,20 +163,17 @@ def test_bf16_peak_times_bf16_products_and_says_so():
 
 
 def test_dot_dtype_reaches_ours_and_names_its_own_output():
+  from lbcl_jax.models import llama  # pylint: disable=g-import-not-at-top
+
+  import core_overhead  # pylint: disable=g-import-not-at-top
+  import driver_utils as du  # pylint: disable=g-import-not-at-top
+
   args = peer_step.parse_args(["--dot-dtype", "bfloat16"])
   assert args.output.name == "peer_step_bf16.json"
-  assert peer_step.parse_args([]).output.name == "peer_step.json"
-
-  class Model:
-    def __init__(self, config):
-      self.config = config
-
-    def clone(self, config):
-      return Model(config)
-
-  @dataclasses.dataclass(frozen=True)
-  class Config:
-    dot_dtype: str = ""
-
-  assert peer_step.with_dot_dtype(Model(Config()), args).config.dot_dtype == "bfloat16"
-  assert peer_step.with_dot_dtype(Model(Config()), peer_step.parse_args([])).config.dot_dtype == ""
+  plain = peer_step.parse_args([])
+  assert plain.output.name == "peer_step.json"
+  # Ours' backbone gets the option as the driver's loader applies it.
+  model = llama.LlamaForCausalLM(llama.config_from_hf(du.TINY_LLAMA))
+  for a in (args, plain):
+    backbone = core_overhead.backbone_for(model, None, dot_dtype=a.dot_dtype)
+    assert backbone.model.config.dot_dtype == a.dot_dtype
