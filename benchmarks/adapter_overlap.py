@@ -75,10 +75,11 @@ def _print(rows_by_run: dict[str, dict]) -> None:
 
 def report(cells_dir: pathlib.Path = CELLS) -> dict:
   """The overlap rows of every committed grid record that has them, with per-run means."""
-  runs = {}
+  runs, records = {}, {}
   for path in sorted(cells_dir.glob("*.json")):
     record = json.loads(path.read_text())
     if record.get("adapter_overlap"):
+      records[path.stem] = record
       rows = record["adapter_overlap"]
       method = next(f.split("=", 1)[1] for f in record["flags"]
                     if f.startswith("--config.method="))
@@ -87,7 +88,10 @@ def report(cells_dir: pathlib.Path = CELLS) -> dict:
                                   for k in ("U", "V", "dW")},
                          "bwt": record.get("bwt"), "average_accuracy":
                          record.get("average_accuracy")}
-  return {"cells_dir": str(cells_dir.relative_to(cells_dir.parents[2])), "runs": runs}
+  import cl_grid  # pylint: disable=g-import-not-at-top
+  # The shares do not depend on the machine, but every result names where its runs ran.
+  return {"cells_dir": str(cells_dir.relative_to(cells_dir.parents[2])), "runs": runs,
+          "machines": cl_grid.machines(records)}
 
 
 def main(argv=None) -> int:

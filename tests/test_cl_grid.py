@@ -334,6 +334,7 @@ def test_adapter_overlap_report_collects_the_records_rows(tmp_path):
   run = out["runs"]["o1_lbcl"]
   assert run["method"] == "lbcl" and run["rows"] == rows and run["bwt"] == -3.0
   np.testing.assert_allclose([run["mean"][k] for k in ("U", "V", "dW")], [0.7, 0.6, 0.5])
+  assert out["machines"] == cl_grid.machines({"o1_lbcl": {}})  # the runs' machines, here none
 
 
 def test_cell_settings_and_learned_column():
