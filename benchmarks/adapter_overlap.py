@@ -88,6 +88,8 @@ def report(cells_dir: pathlib.Path = CELLS) -> dict:
                                   for k in ("U", "V", "dW")},
                          "bwt": record.get("bwt"), "average_accuracy":
                          record.get("average_accuracy")}
+  # Here, not at the top: the grid runs this script once per finished cell to read its
+  # checkpoints, and that path needs neither cl_grid nor the matplotlib it imports.
   import cl_grid  # pylint: disable=g-import-not-at-top
   # The shares do not depend on the machine, but every result names where its runs ran.
   return {"cells_dir": str(cells_dir.relative_to(cells_dir.parents[2])), "runs": runs,
