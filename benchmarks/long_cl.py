@@ -140,7 +140,11 @@ def cost_table(record: Optional[Mapping]) -> list[dict]:
         "task": task, "old_tasks": c.get("old_tasks"),
         "setup_seconds": _round(setup), "begin_seconds": _round(c.get("begin_seconds")),
         "end_seconds": _round(c.get("end_seconds")),
+        # What JAX spent compiling in the begin and in training (records from before the
+        # driver measured it: None).
+        "setup_compile_seconds": _round(c.get("begin_compile_seconds")),
         "train_seconds": _round(c.get("train_seconds")),
+        "train_compile_seconds": _round(c.get("train_compile_seconds")),
         "step_seconds": _round(c.get("step_seconds"), 4),
         "batch_shape": c.get("batch_shape"),
         "eval_seconds": _round(c.get("eval_seconds")),
@@ -334,16 +338,22 @@ def tail(spec: cl_grid.Spec, report: dict) -> list[str]:
           "task; set-up = the stage's begin (sensitivity scoring, injection) and end (projection "
           "bases); the wall = set-up + training + its own evaluation (the stage's evaluation "
           "over the tasks it evaluated: all of them after the last) + checkpointing; step = steady "
-          "seconds per training step (the first, compiling, step excluded); peak RSS of the "
-          "process during the stage.", ""]
+          "seconds per training step (the first, compiling, step excluded); compiling = the "
+          "seconds JAX spent compiling in the begin and in training (the train step compiles "
+          "anew each stage; \"--\": not measured by the driver that ran the cell); peak RSS of "
+          "the process during the stage.", ""]
   if not report["cost"]:
     return out + [f"(no `{COST_CELL}` record yet)", ""]
-  out += ["| task | old tasks | set-up s | train s | step s | eval s | checkpoint s | wall s | "
-          "set-up share % | peak RSS MiB |", "| --- |" + " --- |" * 9]
+  out += ["| task | old tasks | set-up s | of it compiling s | train s | of it compiling s | "
+          "step s | eval s | checkpoint s | wall s | set-up share % | peak RSS MiB |",
+          "| --- |" + " --- |" * 11]
   for e in report["cost"]:
     step = "--" if e["step_seconds"] is None else f"{e['step_seconds']:.3f}"
     out.append(f"| {e['task']} | {'--' if e['old_tasks'] is None else e['old_tasks']} | "
-               f"{cl_grid._f(e['setup_seconds'])} | {cl_grid._f(e['train_seconds'])} | {step} | "
+               f"{cl_grid._f(e['setup_seconds'])} | "
+               f"{cl_grid._f(e.get('setup_compile_seconds'))} | "
+               f"{cl_grid._f(e['train_seconds'])} | "
+               f"{cl_grid._f(e.get('train_compile_seconds'))} | {step} | "
                f"{cl_grid._f(e['eval_seconds'])} | {cl_grid._f(e['checkpoint_seconds'])} | "
                f"{cl_grid._f(e['wall_seconds'])} | {cl_grid._f(e['setup_share_percent'])} | "
                f"{cl_grid._f(e['peak_rss_mib'])} |")

@@ -443,6 +443,21 @@ def num_tasks(stack_tree: PyTree) -> int:
   return int(next(iter(flat.values()))["U"].shape[0])
 
 
+def pad_tasks(tree: PyTree, capacity: int) -> PyTree:
+  """`tree` (leaves stacked on a leading task axis: an old stack, or its `[K, r]` scores) with
+  zeros appended on that axis up to `capacity` tasks; unchanged when it holds that many.
+
+  A zero triplet adds nothing to a merge or an adapted layer's output, scores zero, and gets
+  no injection weight (`injection.inject`'s `task_mask`), so programs over an old stack padded
+  to a run's most old tasks see one shape all run long and compile once, not once a stage.
+  """
+  leaves = jax.tree_util.tree_leaves(tree)
+  if not leaves or capacity <= leaves[0].shape[0]:
+    return tree
+  return jax.tree.map(
+      lambda x: jnp.pad(x, [(0, capacity - x.shape[0])] + [(0, 0)] * (x.ndim - 1)), tree)
+
+
 def adapter_param_count(tree: PyTree) -> int:
   """Number of scalars in an adapter tree (new, old, stack, or a full state)."""
   return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(tree)))

@@ -95,7 +95,8 @@ def _flat_scores(scores: Mapping[str, Any]) -> dict[str, Any]:
   return adapters_lib.flatten_arrays(scores)
 
 
-def alpha_weights(scores: Mapping[str, Any]) -> dict[str, Any]:
+def alpha_weights(scores: Mapping[str, Any], task_mask: Optional[Any] = None
+                  ) -> dict[str, Any]:
   """Normalises triplet scores over tasks: `alpha^k = S^k / sum_k S^k` per layer, triplet.
 
   A (layer, triplet) whose scores sum to zero over tasks (e.g. all sensitivities vanish)
@@ -104,6 +105,8 @@ def alpha_weights(scores: Mapping[str, Any]) -> dict[str, Any]:
 
   Args:
     scores: `{path: [K, r]}` (flat or nested), non-negative.
+    task_mask: `[K]` bool, the entries of the task axis that hold old tasks (None: all); the
+      others (a stack padded by `adapters.pad_tasks`) get weight 0, also in the fallback.
 
   Returns:
     Same keys and shapes, float32, summing to 1 over the task axis.
@@ -112,7 +115,12 @@ def alpha_weights(scores: Mapping[str, Any]) -> dict[str, Any]:
   for path, s in _flat_scores(scores).items():
     s = jnp.asarray(s, jnp.float32)
     total = s.sum(axis=0, keepdims=True)
-    uniform = jnp.full_like(s, 1.0 / s.shape[0])
+    if task_mask is None:
+      uniform = jnp.full_like(s, 1.0 / s.shape[0])
+    else:
+      mask = jnp.asarray(task_mask, jnp.float32)[:, None]
+      uniform = jnp.broadcast_to(mask / mask.sum(), s.shape)
+      s = s * mask
     safe = jnp.where(total > 0, total, 1.0)
     out[path] = jnp.where(total > 0, s / safe, uniform)
   return out
@@ -165,6 +173,7 @@ def inject(
     with_sigma: bool = True,
     layers: Union[str, int, Sequence[str]] = "all",
     fresh: Optional[PyTree] = None,
+    task_mask: Optional[Any] = None,
 ) -> dict:
   """The injected initial adapter of the new task (jit-safe).
 
@@ -178,6 +187,9 @@ def inject(
       computed and the fresh one is kept where the (possibly traced) mask is False.
     fresh: a fresh 'new' tree (`adapters.init_new`); required unless every layer is injected
       with sigma. Its structure and dtype define the output's.
+    task_mask: `[K]` bool, which entries of the task axis are old tasks (None: all), for an
+      old stack and scores padded to a fixed number of tasks (`adapters.pad_tasks`): the
+      padding gets no weight, so the result is the unpadded one's.
 
   Returns:
     The nested 'new' tree.
@@ -209,7 +221,7 @@ def inject(
     absent = [p for p in candidates if p not in fresh_flat]
     if absent:
       raise ValueError(f"inject: fresh has no adapter for injected layers {absent[:6]}")
-  alphas = alpha_weights({p: flat_scores[p] for p in candidates})
+  alphas = alpha_weights({p: flat_scores[p] for p in candidates}, task_mask)
   out = dict(fresh_flat)
   hi = jax.lax.Precision.HIGHEST  # exact f32 sums on TPU/GPU too
   f32 = lambda x: jnp.asarray(x, jnp.float32)

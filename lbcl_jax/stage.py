@@ -141,13 +141,26 @@ class Stage:
   loop: settings_lib.LoopConfig
   optimizer_settings: methods_lib.OptimizerSettings
   kept: Kept
+  # The most adapters the frozen stack holds in the run, after its last stage (the driver sets
+  # it from the run's stages; 0: not known). Programs over the old stack see it padded to this
+  # many tasks (`padded`), so they compile once a run, not once a stage.
+  old_capacity: int = 0
 
   # -- adapters ---------------------------------------------------------------------------------
+
+  def padded(self, stack: Any) -> Any:
+    """`stack` (an old stack: leaves `[K, ...]`) padded with zero adapters to `old_capacity`
+    tasks (`adapters.pad_tasks`); any other adapter tree (one task's, a full state) as it is."""
+    flat = adapters_lib.flatten_layers(stack) if stack else {}
+    if not flat or adapters_lib.is_full_state(stack) or next(iter(flat.values()))["U"].ndim != 3:
+      return stack
+    return adapters_lib.pad_tasks(stack, self.old_capacity)
 
   def merge(self, params: Any, stack: Any) -> Any:
     """`params` + every adapter in `stack`, computed sharded like the base."""
     if not stack:
       return params
+    stack = self.padded(stack)  # zero adapters add nothing
     scaling = self.base.adapter_config.scaling
     fn = self.kept.get("merge", lambda: jax.jit(
         lambda b, s: adapters_lib.merge(b, s, scaling), out_shardings=self.base.shardings))
@@ -285,10 +298,11 @@ class Stage:
     """The stage's trainable tree (as the method's trainable starts it), optimizer and
     optimizer state."""
     progress, stage_key = state.progress, state.stage_key
-    # The old stack grows by one task a stage, so the sensitivity pass's and the merge's
-    # programs for its earlier sizes never run again; kept, each stage's held about 100 MB on
-    # SmolLM2 (a run's RSS grew 120 MB a stage over 8 stages; 20 MB with them dropped).
-    self.kept.drop_programs(("score/", "merge"))
+    if not self.old_capacity:
+      # Unpadded, the old stack grows by one task a stage, so the sensitivity pass's and the
+      # merge's programs for its earlier sizes never run again; kept, each stage's held about
+      # 100 MB on SmolLM2 (a run's RSS grew 120 MB a stage over 8 stages; 20 MB dropped).
+      self.kept.drop_programs(("score/", "merge"))
     kind = self.method.trainable
     trainable, scores = kind.start(
         self.method, state.params, lambda: self.fresh_adapter(stage_key), state.old or None,
@@ -409,6 +423,7 @@ class StageProbe:
   def __init__(self, stage: Stage, tasks: list[str], params: Any, old: Any,
                stage_key: jax.Array):
     self._stage, self.tasks, self.run_tasks = stage, tasks, list(stage.data)
+    self.old_capacity = stage.old_capacity
     self._params, self._old, self._key = params, old, stage_key
 
   def _seed(self, *salts: int) -> int:
@@ -437,7 +452,10 @@ class StageProbe:
     seed = self._seed(self.SCORE_SALT)
     samples = pipeline.seed_samples(self._examples(), num_seed_samples, seed)
     seeds = self._stage.backbone.seed_batch(samples, tasks_lib.get_task(self.tasks[0]))
-    return self._stage.scorer(aggregation)(self._params, self._old, seeds)
+    scores = self._stage.scorer(aggregation)(self._params, self._stage.padded(self._old), seeds)
+    # The zero adapters of the padding score zero; they are cut off again.
+    k = adapters_lib.num_tasks(self._old)
+    return {path: s[:k] for path, s in scores.items()}
 
   def _trained_on(self) -> Any:
     """The base the stage's trainable trained on (`NewAdapter.model`'s `base_eff`)."""

@@ -64,6 +64,12 @@ class Timings:
     return out
 
 
+def compile_seconds() -> float:
+  """The process's seconds of JAX compilation so far (tracing, lowering and XLA compilation;
+  counted once a `Timings` exists): a stretch's compile time is the difference across it."""
+  return Timings._compile_seconds
+
+
 def reset_peak_rss() -> bool:
   """Starts a new peak-RSS window: Linux resets the process's high-water mark (VmHWM) to its
   current RSS on writing "5" to /proc/self/clear_refs. False where that is not possible (not

@@ -211,6 +211,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, stage: stage_lib.Stage
 
   stages = stage.method.stages(tasks)
   joint = any(len(s) > 1 for s in stages)
+  # The stack after the last stage is the largest: programs over the old stack (sensitivity
+  # pass, injection, merge) compile once, for it (`Stage.padded`).
+  stage.old_capacity = stage.method.trainable.num_old(len(stages))
   state = LoopState(progress=Progress(stages=[", ".join(s) for s in stages]), key=key,
                     params=base.params)
 
@@ -230,11 +233,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str, stage: stage_lib.Stage
       timings_lib.reset_peak_rss()
       with timings.phase("stage_setup"):
         if state.trainable is None:  # not resumed mid-stage
-          t0 = time.time()
+          t0, c0 = time.time(), timings_lib.compile_seconds()
           state = stage.begin(state, names)
           progress.stage_costs[label] = {
               "old_tasks": sum(len(s) for s in stages[:progress.stage]),
               "begin_seconds": round(time.time() - t0, 3),
+              # The part of them JAX spent compiling (programs whose shapes changed).
+              "begin_compile_seconds": round(timings_lib.compile_seconds() - c0, 3),
               "trainable_bytes": _nbytes(state.trainable),
               "train_seconds": -progress.train_seconds}
         if state.base_eff is None:
@@ -245,18 +250,21 @@ def _run(config: ml_collections.ConfigDict, workdir: str, stage: stage_lib.Stage
           state = state.replace(base_eff=stage.merge(state.params, under))
 
       with timings.phase("train"):
+        c0 = timings_lib.compile_seconds()
         try:
           state = train_stage(stage, state, names, label, out)
           _check_collapse(config, backbone, progress, names, label)
         except (Diverged, Preempted):
           out.close()
           raise
+      _add_seconds(progress.stage_costs.setdefault(label, {}), "train_compile_seconds",
+                   timings_lib.compile_seconds() - c0)
       # Freed before the merge below.
       state = state.replace(opt_state=None, base_eff=None)
 
       # Evaluate every task seen so far with all adapters folded in (no task id).
       with timings.phase("eval"):
-        t0 = time.time()
+        t0, c0 = time.time(), timings_lib.compile_seconds()
         state = stage.end(state, names)
         jax.block_until_ready(state.method_state)
         costs = progress.stage_costs.setdefault(label, {})
@@ -282,7 +290,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, stage: stage_lib.Stage
         if stage.method.trainable.merges_old:  # the next stage trains on it
           state = state.replace(base_eff=eval_params)
         del eval_params
-        costs.update(eval_seconds=round(time.time() - t0, 3), evaluated_tasks=len(evaluated))
+        costs.update(eval_seconds=round(time.time() - t0, 3), evaluated_tasks=len(evaluated),
+                     # The stage's end and evaluation: what JAX spent compiling in them.
+                     end_eval_compile_seconds=round(timings_lib.compile_seconds() - c0, 3))
       progress.accuracy_matrix.append(row)
       for space in loop.extra_label_spaces:
         progress.label_space_matrices.setdefault(space, []).append(rows[space])

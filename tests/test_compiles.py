@@ -76,10 +76,11 @@ def test_two_task_run_compiles_each_shape_once(tmp_path, method):
   assert len(steps) == (1 if method == "seqft" else 2)
 
 
-def test_programs_for_an_earlier_stack_size_are_freed(tmp_path, monkeypatch):
-  """The sensitivity pass and the merge compile once for each size K of the old stack, which
-  grows every stage: what an earlier K compiled is freed, not kept for the run's life (on
-  SmolLM2 that held about 100 MB a stage). And a stage's set-up builds its bases once."""
+def test_programs_over_the_old_stack_compile_once_a_run(tmp_path, monkeypatch):
+  """The old stack grows every stage; the sensitivity pass and the merge see it padded to the
+  run's largest stack (`Stage.padded`), so each compiles one program for the whole run, not
+  one per stack size K (on SmolLM2 each was about 5 s of a stage's set-up). And a stage's
+  set-up builds its bases once."""
   from lbcl_jax import stage as stage_lib  # pylint: disable=g-import-not-at-top
   from lbcl_jax import train  # pylint: disable=g-import-not-at-top
   seen = []
@@ -101,11 +102,44 @@ def test_programs_for_an_earlier_stack_size_are_freed(tmp_path, monkeypatch):
                      "--config.optim.max_steps_per_task=2"),
       str(tmp_path / "wd"))
   assert len(results["accuracy_matrix"]) == 3 and len(seen) == 3
+  assert seen[-1].old_capacity == 3
   slots = seen[-1].kept._slots  # pylint: disable=protected-access
-  # The last stage scored K = 2 old tasks and its evaluation merged K = 3: one program each
-  # (kept for every size, they would be 2 and 3).
+  # Scored at K = 1 and 2, merged at K = 1, 2 and 3, all padded to 3; nothing is dropped
+  # between stages, so one program each means one compile each (unpadded: 2 and 3).
   assert slots["score/mean"][1]._cache_size() == 1  # pylint: disable=protected-access
   assert slots["merge"][1]._cache_size() == 1  # pylint: disable=protected-access
+  # The sensitivity scores of the padding are cut off: K x r per layer as scored.
+  scores = results["sensitivity"]
+  assert [len(next(iter(v.values()))) for v in scores.values()] == [1, 2]
   # The projection bases (an SVD per factor and layer) are built once a stage with old tasks,
   # not once to see whether the method has a transform and again for the optimizer.
   assert len(bases) == 2
+
+
+def test_padded_scoring_and_merge_equal_the_unpadded(tmp_path):
+  """What the padding changes is only the shapes: the old triplets' scores, the injected
+  adapter and the merged base are the unpadded ones (to float rounding)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from lbcl_jax import adapters  # pylint: disable=g-import-not-at-top
+  from lbcl_jax import train  # pylint: disable=g-import-not-at-top
+  _, stage, tasks, key = train.build_stage(du.make_config(
+      *du.FAST, *du.tiny_bert(tmp_path), "--config.method=lbcl", "--config.num_tasks=2"))
+  params = stage.base.params
+  rng = np.random.default_rng(0)
+  # Two trained-looking old adapters (random, sigma too: a fresh one's sigma is 0).
+  old = jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.1, (2,) + x.shape), x.dtype),
+                     stage.fresh_adapter(key))
+  assert adapters.num_tasks(old) == 2
+  fresh = stage.fresh_adapter(jax.random.fold_in(key, 1))
+  results = {}
+  for capacity in (0, 5):
+    stage.old_capacity = capacity
+    probe = stage.probe(tasks[:1], params, old, key)
+    scores = probe.score_old(4)
+    injected, _ = stage.method.init_adapter(fresh, old, probe)
+    results[capacity] = (scores, injected, stage.merge(params, old))
+  assert adapters.num_tasks(stage.padded(old)) == 5  # the second pass did run padded
+  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[5])):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)

@@ -97,6 +97,31 @@ def test_alpha_weights_normalise_and_zero_fallback():
     np.testing.assert_allclose(np.sum(a, axis=0), 1.0, rtol=1e-6)
 
 
+@pytest.mark.parametrize("layers", ["all", 2])
+def test_padded_stack_with_task_mask_injects_as_the_unpadded_one(layers):
+  """`adapters.pad_tasks` + `task_mask` (what LB-CL runs, so that one program serves every
+  stage): the padding's zero triplets get no weight, also where a triplet's scores are all
+  zero (the uniform fallback averages the real tasks only)."""
+  old, fresh, scores, old_j, fresh_j = _random(2)
+  scores["dec/block_1/q"][:, 0] = 0.0  # the fallback case
+  want = injection.inject(old_j, scores, layers=layers, with_sigma=True, fresh=fresh_j)
+  capacity = K + 2
+  padded_scores = adapters.pad_tasks({p: jnp.asarray(v) for p, v in scores.items()}, capacity)
+  padded = adapters.pad_tasks(old_j, capacity)
+  assert adapters.num_tasks(padded) == capacity
+  got = jax.jit(lambda o, s, f, m: injection.inject(o, s, layers=layers, fresh=f, task_mask=m))(
+      padded, padded_scores, fresh_j, np.arange(capacity) < K)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  alpha = injection.alpha_weights(padded_scores, np.arange(capacity) < K)["dec/block_1/q"]
+  np.testing.assert_allclose(alpha[:, 0], [1 / K] * K + [0.0] * 2, rtol=1e-6)
+  # Without the mask the fallback would spread over the padding too.
+  assert float(injection.alpha_weights(padded_scores)["dec/block_1/q"][0, 0]) == pytest.approx(
+      1 / capacity)
+  # A stack already that large is left as it is.
+  assert adapters.pad_tasks(padded, K) is padded
+
+
 def test_inject_dtype_and_errors():
   old, fresh, scores, old_j, fresh_j = _random(2)
   fresh16 = {"dec": {"block_0": {n: {k: v.astype(jnp.bfloat16) for k, v in l.items()}

@@ -53,6 +53,10 @@ class Probe(Protocol):
 
   tasks: Sequence[str]       # the stage's tasks
   run_tasks: Sequence[str]   # every task of the run, in order
+  # The most adapters the frozen stack holds in the run (0: not known). A method that compiles
+  # a program over the old stack pads the stack to it (`adapters.pad_tasks`), so that the
+  # program compiles once a run instead of once a stage.
+  old_capacity: int
 
   def score_old(self, num_seed_samples: int, aggregation: str = "mean"
                 ) -> Mapping[str, jax.Array]:

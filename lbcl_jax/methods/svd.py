@@ -16,12 +16,12 @@ validation on the MiniLM benchmark chose none (see `config_lib`).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping
 from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from absl import logging
@@ -33,6 +33,10 @@ from lbcl_jax import sensitivity
 from lbcl_jax.methods.base import Method, MethodSettings, Probe
 
 PyTree = Any
+
+
+# One jitted injection for the process: a run's stages (and runs alike) reuse its program.
+_inject = jax.jit(injection.inject, static_argnames=("with_sigma", "layers"))
 
 
 def _safe_norm(x: jax.Array) -> jax.Array:
@@ -116,9 +120,15 @@ class SVDFamily(Method):
     if not (self.inject and old):
       return fresh, None
     scores = probe.score_old(self.num_seed_samples, self.score_aggregation)
-    inject = functools.partial(injection.inject, with_sigma=self.inject_sigma,
-                               layers=self.inject_layers)
-    return jax.jit(lambda o, s, f: inject(o, s, fresh=f))(old, scores, fresh), scores
+    # Padded to the run's most old tasks (zero triplets, masked out of the weights): one
+    # shape, so one compiled injection, for every stage of the run.
+    k = adapters_lib.num_tasks(old)
+    capacity = max(k, getattr(probe, "old_capacity", 0))
+    injected = _inject(adapters_lib.pad_tasks(old, capacity),
+                       adapters_lib.pad_tasks(scores, capacity),
+                       fresh=fresh, task_mask=np.arange(capacity) < k,
+                       with_sigma=self.inject_sigma, layers=self.inject_layers)
+    return injected, scores
 
   def regularizer(self, new: PyTree, old: Optional[PyTree],
                   state: Optional[PyTree] = None) -> Optional[jax.Array]:
