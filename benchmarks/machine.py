@@ -21,19 +21,35 @@ EXTENSIONS = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("amx_tile", "AMX"),
 def parse_cpuinfo(text: str) -> tuple[Optional[str], Optional[set[str]]]:
   """(model name, flags) of the first processor in a /proc/cpuinfo text (None where absent;
   ARM's cpuinfo names its flags `Features`)."""
-  model = flags = None
+  fields = _first_processor(text)
+  flags = fields.get("flags", fields.get("Features"))
+  return fields.get("model name"), (None if flags is None else set(flags.split()))
+
+
+def _first_processor(text: str) -> dict[str, str]:
+  """The first processor's `key: value` lines of a /proc/cpuinfo text."""
+  fields: dict[str, str] = {}
   for line in text.splitlines():
     key, sep, value = line.partition(":")
     key = key.strip()
     if not sep:
-      if model is not None and flags is not None:
+      if fields:
         break  # the first processor's block is done
       continue
-    if key == "model name" and model is None:
-      model = value.strip()
-    elif key in ("flags", "Features") and flags is None:
-      flags = set(value.split())
-  return model, flags
+    fields.setdefault(key, value.strip())
+  return fields
+
+
+def x86_id(text: str) -> Optional[str]:
+  """"family F model M" of the first processor (x86 only, else None): cloud VMs often name the
+  CPU only "AMD EPYC" or "Intel(R) Xeon(R) Processor", and the family and model numbers are
+  what tell its generation (family 25 model 17: AMD Zen 4; family 6 model 143: Intel Sapphire
+  Rapids)."""
+  fields = _first_processor(text)
+  family, model = fields.get("cpu family"), fields.get("model")
+  if not (family and model and family.isdigit() and model.isdigit()):
+    return None
+  return f"family {family} model {model}"
 
 
 def describe(cpuinfo: Optional[str] = None) -> dict[str, Any]:
@@ -45,10 +61,13 @@ def describe(cpuinfo: Optional[str] = None) -> dict[str, Any]:
     except OSError:
       cpuinfo = ""
   model, flags = parse_cpuinfo(cpuinfo)
+  ident = x86_id(cpuinfo)
   usable = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
             else os.cpu_count())
   return {
       "cpu_model": model or platform.processor() or platform.machine(),
+      # x86 "family F model M" (None elsewhere): the generation behind a generic model name.
+      "cpu_id": ident,
       "vector_extensions": (None if flags is None
                             else [name for flag, name in EXTENSIONS if flag in flags]),
       "logical_cores": os.cpu_count(),
@@ -58,8 +77,10 @@ def describe(cpuinfo: Optional[str] = None) -> dict[str, Any]:
 
 
 def summary(desc: Optional[dict[str, Any]] = None) -> str:
-  """One line for a table: "Intel(R) Xeon(R) Processor (AVX2, AVX-512, AMX, BF16), 2 cores"."""
+  """One line for a table: "AMD EPYC (family 25 model 17; AVX2, AVX-512, BF16), 2 cores"."""
   d = describe() if desc is None else desc
   ext = d["vector_extensions"]
   ext_text = "extensions unknown" if ext is None else (", ".join(ext) or "no AVX2")
-  return f"{d['cpu_model']} ({ext_text}), {d['usable_cores']} cores"
+  ident = d.get("cpu_id")  # absent from records written before it existed
+  return (f"{d['cpu_model']} ({f'{ident}; ' if ident else ''}{ext_text}), "
+          f"{d['usable_cores']} cores")

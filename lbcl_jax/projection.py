@@ -35,8 +35,11 @@ The bases are built once, when the transform is created from concrete old adapte
   `P g = C C^T g`). The state therefore never exceeds `d^2 / 2` floats per factor,
   however many tasks there are (at K*r >= d the span is full and the complement is empty:
   that factor is frozen).
-* traced old adapters: a fixed-shape `{'span': Q [d, min(d, K*r)]}` whose columns past
-  the numerical rank are zero.
+* `compact=False`, or traced old adapters: a fixed-shape `{'span': Q [d, min(d, K*r)]}`
+  whose columns past the numerical rank are zero (from concrete adapters, the same float64
+  factorisation). Its shape depends only on K, so for a stack padded with zero adapters to
+  a run's most tasks every stage's state has one shape, and a jitted train step taking
+  the state compiles once a run (the driver does this).
 
 Either way the shapes are static, so `update` is jit-safe and the state can be sharded
 like any array. Every leaf that is not a factor of the layout (`sigma`, biases, a frozen
@@ -143,6 +146,26 @@ def orthonormal_basis(m: jax.Array, rtol: float = 1e-6, method: str = "svd") -> 
   return q * keep[None, :].astype(q.dtype)
 
 
+def _span_float64(m: Any, rtol: float, method: str) -> tuple[np.ndarray, int]:
+  """`(q, rank)` of a concrete `[d, n]` matrix in float64: the first `rank` columns of `q`
+  are an orthonormal basis of its numerical span. With method 'qr' a rank-deficient `m` falls
+  back to SVD (QR without pivoting cannot tell which directions are dependent)."""
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  m = np.asarray(m, np.float64)
+  if method == "qr":
+    q, r = np.linalg.qr(m, mode="complete")
+    diag = np.abs(np.diagonal(r))
+    rank = int(np.sum(diag > rtol * diag.max(initial=0.0)))
+    if rank == min(m.shape):
+      return q, rank
+  # The thin SVD: O(d n^2), where the full one forms all d columns, O(d^2 n) (on SmolLM2 with
+  # 13 old tasks, 120 full SVDs of [576, 104] were most of a stage's set-up). Its columns are
+  # the full one's first n (equal to 1e-16 in float64; the bases are float32).
+  q, s, _ = np.linalg.svd(m, full_matrices=False)
+  return q, int(np.sum(s > rtol * s.max(initial=0.0)))
+
+
 def compact_basis(m: Any, rtol: float = 1e-6, method: str = "svd") -> dict:
   """The smaller of span(m) and its complement, from a concrete `[d, n]` matrix.
 
@@ -158,29 +181,24 @@ def compact_basis(m: Any, rtol: float = 1e-6, method: str = "svd") -> dict:
     `{'span': float32 [d, p]}` if p <= d - p else `{'complement': float32 [d, d - p]}`,
     p the numerical rank.
   """
-  if method not in METHODS:
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-  m = np.asarray(m, np.float64)
-  d, n = m.shape
-  q = None
-  if method == "qr":
-    q, r = np.linalg.qr(m, mode="complete")
-    diag = np.abs(np.diagonal(r))
-    rank = int(np.sum(diag > rtol * diag.max(initial=0.0)))
-    if rank < min(d, n):
-      q = None  # rank-deficient: let the SVD decide which directions are real
-  if q is None:
-    # The thin SVD first: O(d n^2), where the full one forms all d columns, O(d^2 n) (on
-    # SmolLM2 with 13 old tasks, 120 full SVDs of [576, 104] were most of a stage's set-up).
-    # Its columns are the full one's first n (equal to 1e-16 in float64; the bases are
-    # float32). Only a complement needs the full SVD.
-    q, s, _ = np.linalg.svd(m, full_matrices=False)
-    rank = int(np.sum(s > rtol * s.max(initial=0.0)))
-    if rank > d - rank:
-      q = np.linalg.svd(m, full_matrices=True)[0]
+  q, rank = _span_float64(m, rtol, method)
+  d = q.shape[0]
   if rank <= d - rank:
     return {"span": jnp.asarray(q[:, :rank], jnp.float32)}
+  if q.shape[1] < d:  # only a complement needs the full factorisation
+    q = np.linalg.svd(np.asarray(m, np.float64), full_matrices=True)[0]
   return {"complement": jnp.asarray(q[:, rank:], jnp.float32)}
+
+
+def fixed_basis(m: Any, rtol: float = 1e-6, method: str = "svd") -> dict:
+  """`{'span': float32 [d, min(d, n)]}` of a concrete `[d, n]` matrix: an orthonormal basis of
+  its numerical span (float64, as `compact_basis`) in the first columns, zeros after. The shape
+  is `m`'s alone, not its rank: what `orthonormal_basis` gives traced, more precisely."""
+  q, rank = _span_float64(m, rtol, method)
+  d, n = np.shape(m)
+  out = np.zeros((d, min(d, n)), np.float32)
+  out[:, :rank] = q[:, :rank]
+  return {"span": jnp.asarray(out)}
 
 
 def _key_name(entry) -> str:
@@ -230,7 +248,8 @@ def build_bases(old_stack: PyTree, rtol: float = 1e-6, method: str = "svd",
     rtol: relative rank tolerance, see `orthonormal_basis`.
     method: 'svd' | 'qr'.
     compact: with concrete inputs, store the smaller of span / complement (`compact_basis`);
-      False (or traced inputs) gives the fixed-shape `{'span': [d, min(d, K*r)]}`.
+      False (or traced inputs) gives the fixed-shape `{'span': [d, min(d, K*r)]}`
+      (`fixed_basis`; traced: `orthonormal_basis`).
     layout: see `resolve_layout`.
 
   Returns:
@@ -248,10 +267,10 @@ def build_bases(old_stack: PyTree, rtol: float = 1e-6, method: str = "svd",
       continue
     layer, factor = where
     vectors = _old_vectors(leaf, names[factor], "/".join(where))
-    if compact and not traced:
-      basis = compact_basis(vectors, rtol, method)
-    else:
+    if traced:
       basis = {"span": orthonormal_basis(vectors, rtol, method)}
+    else:
+      basis = (compact_basis if compact else fixed_basis)(vectors, rtol, method)
     bases.setdefault(layer, {})[factor] = basis
   return bases
 
@@ -417,8 +436,8 @@ def orthogonal_projection(
       `{factor name: 'columns' | 'rows'}`, see `resolve_layout`.
     rtol: relative rank tolerance for the bases (see `orthonormal_basis`).
     method: 'svd' (default, rank-revealing) or 'qr'.
-    compact: store the smaller of span / complement (concrete `old_stack` only), see the
-      module docstring.
+    compact: store the smaller of span / complement (concrete `old_stack` only); False:
+      a span of fixed shape `[d, min(d, K*r)]`, see the module docstring.
 
   Returns:
     An `optax.GradientTransformation`. The bases are computed once (here when `old_stack`

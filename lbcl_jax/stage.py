@@ -265,20 +265,30 @@ class Stage:
   # -- optimizer --------------------------------------------------------------------------------
 
   def optimizer(self, old: Any, method_state: Any = None) -> optax.GradientTransformation:
-    """The stage's optimizer. Stages whose method transforms nothing share one optimizer
-    object, and so one compiled train step per shape."""
-    # Built once: LB-CL's transform computes every layer's projection bases (an SVD each).
-    transform = self.method.gradient_transform(old or None, method_state)
+    """The stage's optimizer. Stages whose method transforms nothing share one optimizer; stages
+    whose transform carries what differs between them in its state
+    (`Method.transform_in_state`, LB-CL's projection bases) share its `update`. The train step
+    is kept for an `update` (`train_stage`), so either way one compiles per batch shape."""
+    # Built once: LB-CL's transform computes every layer's projection bases (an SVD each),
+    # over the stack padded to the run's capacity, so that they have one shape a run.
+    transform = self.method.gradient_transform(self.padded(old) or None, method_state)
     if transform is None:
       return self.kept.get("optimizer", lambda: self._new_optimizer(None))
-    return self._new_optimizer(transform)
+    tx = self._new_optimizer(transform)
+    if self.method.transform_in_state:
+      # This stage's state (`init`), the first such stage's `update`.
+      first = self.kept.get("optimizer/transform_in_state", lambda: tx)
+      tx = optax.GradientTransformation(tx.init, first.update)
+    return tx
 
   def _new_optimizer(self, transform: Optional[optax.GradientTransformation]
                      ) -> optax.GradientTransformation:
     tx = methods_lib.build_optimizer(self.method, settings=self.optimizer_settings,
                                      transform=transform)
     if self.loop.grad_accum_steps > 1:
-      tx = optax.MultiSteps(tx, every_k_schedule=self.loop.grad_accum_steps)
+      # As a plain GradientTransformation: its `update` one object, which the step is kept for.
+      tx = optax.MultiSteps(tx, every_k_schedule=self.loop.grad_accum_steps
+                            ).gradient_transformation()
     return tx
 
   def init_opt_state(self, optimizer, trainable):

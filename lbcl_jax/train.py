@@ -117,12 +117,14 @@ def make_train_step(backbone: Any, method: methods_lib.Method,
   return jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)
 
 
-def apply_train_step(step_fn: Callable, state: LoopState, batch: Any,
-                     rng: jax.Array) -> tuple[LoopState, jax.Array]:
+def apply_train_step(step_fn: Callable, state: LoopState, batch: Any, rng: jax.Array,
+                     old: Any = None) -> tuple[LoopState, jax.Array]:
   """One step of `make_train_step`'s `step_fn` on the loop's state: (the state after it, the
-  step's loss)."""
+  step's loss). `old`: the old stack as the step sees it (default `state.old`; the driver's is
+  padded to the run's capacity, `Stage.padded`)."""
+  old = state.old if old is None else old
   trainable, opt_state, loss = step_fn(state.trainable, state.opt_state, state.base_eff,
-                                       state.old or {}, batch, rng, state.method_state)
+                                       old or {}, batch, rng, state.method_state)
   return state.replace(trainable=trainable, opt_state=opt_state), loss
 
 
@@ -365,11 +367,15 @@ def train_stage(stage: stage_lib.Stage, state: LoopState, names: list[str], labe
   tsh = jax.tree.map(lambda x: x.sharding, state.trainable)
   osh = jax.tree.map(lambda x: x.sharding, state.opt_state)
   adapter = stage.base.adapter_config  # the scaling, dropout and apply mode of the adapters
+  # Kept for the optimizer's `update`, the one thing of it the step calls: stages that share it
+  # (`Stage.optimizer`) share the compiled step.
   step_fn = stage.kept.get("step", lambda: make_train_step(
       stage.backbone, stage.method, state.optimizer,
       scaling=adapter.scaling if adapter else 1.0, dropout=adapter.dropout if adapter else 0.0,
       apply_mode=adapter.apply_mode if adapter else "lowrank", mesh=mesh,
-      trainable_shardings=tsh, opt_shardings=osh), depends_on=state.optimizer)
+      trainable_shardings=tsh, opt_shardings=osh), depends_on=state.optimizer.update)
+  # The regulariser sees the old stack padded to the run's capacity: one shape a run.
+  old = stage.padded(state.old)
   train_key = jax.random.fold_in(stage_key, 3)
   curve = progress.losses.setdefault(label, [])
   start = progress.step
@@ -402,7 +408,8 @@ def train_stage(stage: stage_lib.Stage, state: LoopState, names: list[str], labe
       # The padded shape its steps run at: a stage's step time depends on it, not only on K.
       costs["batch_shape"] = [int(d) for d in np.shape(host_batch["input_ids"])]
     batch = sharding.global_batch(host_batch, mesh, replicated_keys=replicated)
-    state, loss = apply_train_step(step_fn, state, batch, jax.random.fold_in(train_key, step))
+    state, loss = apply_train_step(step_fn, state, batch, jax.random.fold_in(train_key, step),
+                                   old=old)
     first_bad = watch(first_bad, loss, step + 1)
     if steady_t0 is None:
       jax.block_until_ready(loss)

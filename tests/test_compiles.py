@@ -116,6 +116,83 @@ def test_programs_over_the_old_stack_compile_once_a_run(tmp_path, monkeypatch):
   assert len(bases) == 2
 
 
+@pytest.mark.parametrize("method", ["lbcl", "olora"])
+def test_the_train_step_is_made_for_the_first_stage_and_once_for_the_rest(
+    tmp_path, monkeypatch, method):
+  """From the second stage on, the step's inputs keep one shape a run: the old stack its
+  regulariser reads is padded to the run's capacity, and LB-CL's projection bases are spans
+  of fixed width over that padded stack (`Method.transform_in_state`). The step is kept for
+  the optimizer's `update`, which those stages share. So a 3-task run makes (and compiles) it
+  for stage 1, which has no old adapters, and once for stages 2 and 3; before, LB-CL made a
+  step a stage and both compiled one a stage (on SmolLM2 about 8 s and, kept by JAX, memory
+  that grew every stage)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from lbcl_jax import train  # pylint: disable=g-import-not-at-top
+  made, seen = [], []
+  make, apply = train.make_train_step, train.apply_train_step
+  monkeypatch.setattr(train, "make_train_step",
+                      lambda *a, **k: made.append(1) or make(*a, **k))
+
+  def recording_apply(step_fn, state, batch, rng, old=None):
+    # Every input but the batch: the step's, the trainable's, the optimizer state's and the
+    # old stack's shapes.
+    shapes = jax.tree.map(jnp.shape, (state.trainable, state.opt_state, old))
+    seen.append((state.progress.stage, step_fn, jax.tree.structure(shapes),
+                 jax.tree.leaves(shapes)))
+    return apply(step_fn, state, batch, rng, old=old)
+
+  monkeypatch.setattr(train, "apply_train_step", recording_apply)
+  results = train.train_and_evaluate(
+      du.make_config(*du.FAST, *du.tiny_bert(tmp_path), "--config.plots=False",
+                     f"--config.method={method}", "--config.num_tasks=3",
+                     "--config.optim.max_steps_per_task=2"),
+      str(tmp_path / "wd"))
+  assert len(results["accuracy_matrix"]) == 3
+  by_stage = {}
+  for stage, *rest in seen:
+    by_stage.setdefault(stage, []).append(rest)
+  assert sorted(by_stage) == [0, 1, 2]
+  first = {k: v[0] for k, v in by_stage.items()}
+  assert first[1][0] is first[2][0]  # the same jitted step ...
+  assert first[1][1:] == first[2][1:]  # ... with the same input shapes
+  assert first[0][1:] != first[1][1:]  # (stage 1 has no old stack, nor bases)
+  # LB-CL's optimizer is new every stage (its bases are), O-LoRA's one for the run.
+  assert len(made) == (2 if method == "lbcl" else 1)
+
+
+def test_stages_share_the_projection_update_and_keep_their_own_bases(tmp_path):
+  """`Stage.optimizer` gives every LB-CL stage the first stage's `update` with its own state:
+  the update must project off this stage's old tasks, as a fresh optimizer does, and the
+  state of any stage must have one shape."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from lbcl_jax import methods  # pylint: disable=g-import-not-at-top
+  from lbcl_jax import train  # pylint: disable=g-import-not-at-top
+  _, stage, _, key = train.build_stage(du.make_config(
+      *du.FAST, *du.tiny_bert(tmp_path), "--config.method=lbcl", "--config.num_tasks=3"))
+  stage.old_capacity = 3
+  rng = np.random.default_rng(0)
+  fresh = stage.fresh_adapter(key)
+  stack = lambda k: jax.tree.map(
+      lambda x: jnp.asarray(rng.normal(0, 0.1, (k,) + x.shape), x.dtype), fresh)
+  grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), fresh)
+  tx1, tx2 = stage.optimizer(stack(1)), stage.optimizer(stack(2))
+  old3 = stack(3)
+  tx3 = stage.optimizer(old3)
+  assert tx3.update is tx1.update and tx2.update is tx1.update
+  s1, s3 = tx1.init(fresh), tx3.init(fresh)
+  assert jax.tree.map(jnp.shape, s1) == jax.tree.map(jnp.shape, s3)
+  alone = methods.build_optimizer(stage.method, old3, stage.optimizer_settings)
+  shared, _ = tx3.update(grads, s3, fresh)
+  own, _ = alone.update(grads, alone.init(fresh), fresh)
+  for a, b in zip(jax.tree.leaves(shared), jax.tree.leaves(own)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  # And not the first stage's bases: its update differs from this stage's.
+  stale, _ = tx1.update(grads, s1, fresh)
+  assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(stale),
+                                                    jax.tree.leaves(own)))
+
+
 def test_padded_scoring_and_merge_equal_the_unpadded(tmp_path):
   """What the padding changes is only the shapes: the old triplets' scores, the injected
   adapter and the merged base are the unpadded ones (to float rounding)."""

@@ -6,6 +6,8 @@ import machine
 
 SAPPHIRE = """processor\t: 0
 vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 143
 model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
 flags\t\t: fpu sse2 avx avx2 avx512f avx512bw avx512_bf16 amx_bf16 amx_tile amx_int8
 
@@ -52,4 +54,32 @@ def test_without_cpuinfo_the_extensions_are_unknown_not_none_found():
 def test_summary_names_model_extensions_and_cores():
   d = machine.describe(SAPPHIRE)
   assert machine.summary(d) == (f"Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz "
-                                f"(AVX2, AVX-512, AMX, BF16), {d['usable_cores']} cores")
+                                f"(family 6 model 143; AVX2, AVX-512, AMX, BF16), "
+                                f"{d['usable_cores']} cores")
+
+
+GENERIC_ZEN4 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+flags\t\t: fpu avx2 avx512f avx512_bf16
+
+processor\t: 1
+vendor_id\t: AuthenticAMD
+cpu family\t: 23
+model\t\t: 49
+model name\t: AMD EPYC
+"""
+
+
+def test_a_generic_model_name_is_told_apart_by_family_and_model():
+  # Cloud VMs name the CPU "AMD EPYC" whatever its generation: the first processor's family
+  # and model numbers say which (25 / 17: Zen 4); without them (ARM, old records) none.
+  d = machine.describe(GENERIC_ZEN4)
+  assert d["cpu_id"] == "family 25 model 17"
+  assert machine.summary(d).startswith("AMD EPYC (family 25 model 17; AVX2, AVX-512, BF16), ")
+  assert machine.describe(ZEN2)["cpu_id"] is None
+  assert machine.describe(ARM)["cpu_id"] is None
+  old_record = {k: v for k, v in d.items() if k != "cpu_id"}
+  assert machine.summary(old_record).startswith("AMD EPYC (AVX2, AVX-512, BF16), ")

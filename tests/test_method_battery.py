@@ -232,6 +232,25 @@ def test_method_through_the_train_step(name):
     if row.regularized:  # (EWC's is 0 where the stage starts, at its anchor)
       h = history[1]
       assert float(method.regularizer(h["final"], h["old_before"], h["state_before"])) > 0
+    h = history[1]
+    if h["old_before"] is not None:
+      # The driver hands both the old stack padded with zero adapters to the run's most old
+      # tasks (one shape a run, one compiled step): a zero adapter changes neither.
+      padded = adapters.pad_tasks(h["old_before"], 3)
+      assert adapters.num_tasks(padded) == 3
+      reg = method.regularizer(h["final"], h["old_before"], h["state_before"])
+      reg_padded = method.regularizer(h["final"], padded, h["state_before"])
+      assert (reg is None) == (reg_padded is None)
+      if reg is not None:
+        np.testing.assert_allclose(float(reg_padded), float(reg), rtol=1e-6)
+      transform = method.gradient_transform(h["old_before"], h["state_before"])
+      if transform is not None:
+        grads = jax.tree.map(lambda x: jnp.asarray(
+            np.random.default_rng(1).normal(size=x.shape), x.dtype), h["init"])
+        on_padded = method.gradient_transform(padded, h["state_before"])
+        for a, b in zip(jax.tree.leaves(transform.update(grads, transform.init(grads))[0]),
+                        jax.tree.leaves(on_padded.update(grads, on_padded.init(grads))[0])):
+          np.testing.assert_allclose(a, b, atol=1e-5)
   if row.trains_base:
     assert old is None
     assert not np.array_equal(params["block_0"]["q"]["kernel"],

@@ -334,7 +334,9 @@ class Method:
 
     Args:
       new: the stage's trainable tree.
-      old: the stacked frozen adapters of finished stages (None before the first).
+      old: the stacked frozen adapters of finished stages (None before the first). The driver
+        pads the stack with zero adapters to the run's most old tasks, so that the train
+        step sees one shape a run: a zero adapter must add nothing to the term.
       state: the method's state (`end_stage`'s, traced; None before the first stage ends).
     """
     del new, old, state
@@ -342,9 +344,20 @@ class Method:
 
   def gradient_transform(self, old: Optional[PyTree], state: Optional[PyTree] = None
                          ) -> Optional[optax.GradientTransformation]:
-    """A transform of the new adapter's gradients before AdamW (None: none)."""
+    """A transform of the new adapter's gradients before AdamW (None: none).
+
+    The driver hands `old` padded with zero adapters to the run's most old tasks (as it does
+    `regularizer`), so that what it builds can have one shape a run."""
     del old, state
     return None
+
+  @property
+  def transform_in_state(self) -> bool:
+    """True when `gradient_transform`'s `update` does the same thing every stage and reads
+    what differs between stages (the old tasks' bases) from its optimizer state, whose shapes
+    do not change over a run. The driver then keeps the first stage's update, and the train
+    step compiled for it, for the whole run, instead of compiling a step a stage."""
+    return False
 
   def end_stage(self, state: Optional[PyTree], trained: PyTree, old: Optional[PyTree],
                 probe: Optional[Probe] = None) -> Optional[PyTree]:
@@ -442,6 +455,10 @@ class Over(Method):
 
   def gradient_transform(self, old, state=None):
     return self._in.gradient_transform(old, self.inner_state(state))
+
+  @property
+  def transform_in_state(self) -> bool:
+    return self._in.transform_in_state
 
   def end_stage(self, state, trained, old, probe=None):
     return self.joined(self._in.end_stage(self.inner_state(state), trained, old, probe),

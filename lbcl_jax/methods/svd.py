@@ -142,7 +142,12 @@ class SVDFamily(Method):
     del state
     if not (self.project and old):
       return None
-    return projection.orthogonal_projection(old, rtol=self.projection_rtol)
+    # Spans of fixed shape [d, min(d, K*r)]: over the driver's padded stack, one shape a run.
+    return projection.orthogonal_projection(old, rtol=self.projection_rtol, compact=False)
+
+  @property
+  def transform_in_state(self) -> bool:
+    return True  # the projection's update reads its bases from its state
 
   def resolve(self, backbone: Any, paths: Sequence[str]) -> "SVDFamily":
     """A depth choice of injection (`injection.TopBlocks`) turned into the layer paths it
