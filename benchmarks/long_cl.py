@@ -159,16 +159,31 @@ def cost_table(record: Optional[Mapping]) -> list[dict]:
   return out
 
 
+def trend(values: Sequence[Optional[float]], first: int) -> Optional[dict]:
+  """The least-squares slope of the values from task `first` on against the task's index, in %
+  of their mean a task, with its standard error: growth shows as a slope several SEs from 0,
+  noise (a shared machine's step times) as a spread around a flat line. None under 3 values."""
+  pts = [(i, v) for i, v in enumerate(values) if i >= first - 1 and v is not None]
+  if len(pts) < 3:
+    return None
+  x, y = (np.asarray(a, dtype=np.float64) for a in zip(*pts))
+  (slope, icpt), dx = np.polyfit(x, y, 1), x - x.mean()
+  se = np.sqrt(np.sum((y - (slope * x + icpt)) ** 2) / (len(x) - 2) / np.sum(dx ** 2))
+  return {"percent_per_task": round(100 * slope / y.mean(), 3),
+          "se_percent_per_task": round(100 * se / y.mean(), 3)}
+
+
 def _flat(values: Sequence[Optional[float]], first: int) -> dict:
-  """Max / min of the values from task `first` (1-based) on, and whether it is within
-  `FLAT_TOLERANCE`; None where fewer than two were measured."""
+  """Max / min of the values from task `first` (1-based) on, whether it is within
+  `FLAT_TOLERANCE`, and their `trend`; None where fewer than two were measured."""
   got = [v for v in values[first - 1:] if v is not None]
   if len(got) < 2 or min(got) <= 0:
     return {"max_over_min": None, "measured": len(got), "of": len(values[first - 1:]),
-            "met": None}
+            "met": None, "trend": None}
   ratio = max(got) / min(got)
   return {"max_over_min": round(ratio, 4), "measured": len(got),
-          "of": len(values[first - 1:]), "met": bool(ratio <= 1 + FLAT_TOLERANCE)}
+          "of": len(values[first - 1:]), "met": bool(ratio <= 1 + FLAT_TOLERANCE),
+          "trend": trend(values, first)}
 
 
 def same_shape_steps(table: Sequence[dict]) -> tuple[list[Optional[float]], Optional[list]]:
@@ -339,9 +354,9 @@ def tail(spec: cl_grid.Spec, report: dict) -> list[str]:
           "bases); the wall = set-up + training + its own evaluation (the stage's evaluation "
           "over the tasks it evaluated: all of them after the last) + checkpointing; step = steady "
           "seconds per training step (the first, compiling, step excluded); compiling = the "
-          "seconds JAX spent compiling in the begin and in training (the train step compiles "
-          "anew each stage; \"--\": not measured by the driver that ran the cell); peak RSS of "
-          "the process during the stage.", ""]
+          "seconds JAX spent compiling in the begin and in training (the train step compiles for "
+          "the first stage and once for the rest since 021a32d; \"--\": not measured by the "
+          "driver that ran the cell); peak RSS of the process during the stage.", ""]
   if not report["cost"]:
     return out + [f"(no `{COST_CELL}` record yet)", ""]
   out += ["| task | old tasks | set-up s | of it compiling s | train s | of it compiling s | "
@@ -364,9 +379,12 @@ def tail(spec: cl_grid.Spec, report: dict) -> list[str]:
     ratio = "--" if x["max_over_min"] is None else f"{x['max_over_min']:.3f}"
     shape = (f", those at the common padded batch {x['batch_shape'][0]} x "
              f"{x['batch_shape'][1]}" if x.get("batch_shape") else "")
+    slope = x.get("trend")
+    slope = ("" if not slope else f"; trend {slope['percent_per_task']:+.2f} +- "
+             f"{slope['se_percent_per_task']:.2f} % a task")
     return (f"- {what} flat within {100 * x['tolerance']:.0f} % from task {x['from_task']} to "
             f"task {NUM_TASKS} (max / min {ratio}; {x['measured']} of {x['of']} tasks "
-            f"measured{shape}): {_verdict(x['met'])}.")
+            f"measured{shape}{slope}): {_verdict(x['met'])}.")
   s = g["setup_share"]
   out += ["", "Goals, as measured:", "", flat("step_time_flat", "Training step time"),
           flat("peak_rss_flat", "Peak RSS"),

@@ -26,7 +26,7 @@ from lbcl_jax.files import atomic_write_text
 
 CONFIG_FILE = "config.json"
 # Run-control fields that may differ between a run and its resumption.
-_RESUMABLE_DIFFERENCES = ("debug",)
+_RESUMABLE_DIFFERENCES = ("debug", "process")
 
 
 def _comparable(config_dict: dict[str, Any]) -> dict[str, Any]:

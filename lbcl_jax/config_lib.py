@@ -263,6 +263,14 @@ def base_config() -> ml_collections.ConfigDict:
   # Write the merged export of the last stage into <workdir>/export at the end of a run.
   config.export.final = False
 
+  config.process = ml_collections.ConfigDict()
+  # glibc's mmap threshold (bytes), fixed for the process when a run starts: blocks at least
+  # this large get their own mapping, returned to the OS when freed. 0 leaves glibc's dynamic
+  # threshold, which rises to 32 MiB and lets the heap that programs compiled for new shapes
+  # leave behind grow the resident memory (a 9-task SmolLM2 run: 4.59 -> 3.88 GiB peak; see
+  # BENCHMARKS, "The long benchmark"). At most 32 MiB. Like `debug`, may differ on resume.
+  config.process.mmap_threshold_bytes = 128 * 1024
+
   config.debug = ml_collections.ConfigDict()
   # Fault injection for resume tests: SIGKILL this process right after global step N (-1 = off).
   # Run-control fields under `debug` may differ between a run and its resumption.
@@ -377,7 +385,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """
   # Imported here: the registries pull in more than a config file should.
   # pylint: disable=g-import-not-at-top
-  from lbcl_jax import adapters, data, injection, methods, sensitivity, tasks
+  from lbcl_jax import adapters, data, injection, methods, sensitivity, tasks, timings
   from lbcl_jax.data import pipeline, task_data
   from lbcl_jax.models import ops
   # pylint: enable=g-import-not-at-top
@@ -438,6 +446,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.adapters.apply_mode not in ("",) + adapters.APPLY_MODES:
     raise InputError(f"config.adapters.apply_mode={config.adapters.apply_mode!r}: "
                      "expected 'lowrank', 'merged' or '' (the measured default)")
+  threshold = config.process.mmap_threshold_bytes
+  if not 0 <= threshold <= timings.MAX_MMAP_THRESHOLD:
+    raise InputError(f"config.process.mmap_threshold_bytes={threshold}: expected 0 (glibc's "
+                     f"dynamic threshold) to {timings.MAX_MMAP_THRESHOLD} (32 MiB)")
   if config.optim.global_batch_size < 1 or config.optim.grad_accum_steps < 1:
     raise InputError("config.optim.global_batch_size and grad_accum_steps must be >= 1")
   if config.injection.num_seed_samples < 1:

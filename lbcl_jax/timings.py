@@ -1,11 +1,12 @@
 """What a run costs: `Timings` (the wall seconds of one invocation, per phase, and its compile
 time) and the process's peak resident memory over a stretch of it (`reset_peak_rss`,
-`peak_rss_bytes`)."""
+`peak_rss_bytes`), which `set_mmap_threshold` keeps from creeping up."""
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import resource
 import sys
 import time
@@ -94,3 +95,29 @@ def peak_rss_bytes() -> int:
     pass
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, else kB
+
+
+# glibc's M_MMAP_THRESHOLD (malloc.h) and the most it takes on 64-bit (HEAP_MAX_SIZE / 2).
+_M_MMAP_THRESHOLD = -3
+MAX_MMAP_THRESHOLD = 32 * 1024 * 1024
+
+
+def set_mmap_threshold(nbytes: int) -> bool:
+  """Fixes glibc's mmap threshold at `nbytes` for this process; returns whether it was set
+  (False for 0, which leaves the threshold alone, and off glibc: macOS, musl).
+
+  glibc serves a block of at least the threshold with a mapping of its own and unmaps it when
+  it is freed. Left alone the threshold is dynamic: each such block freed raises it to the
+  block's size, up to 32 MiB, so XLA's buffers soon come from the heap, which the programs a
+  long run compiles for new shapes leave fragmented, and the resident memory grows stage by
+  stage. Fixed, large buffers go back to the OS when XLA frees them. The training step was not
+  slower for it (BENCHMARKS, "The long benchmark").
+  """
+  if not nbytes:
+    return False
+  try:
+    mallopt = ctypes.CDLL(None).mallopt
+  except (OSError, AttributeError):  # no C library to load, or not glibc's
+    return False
+  mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+  return bool(mallopt(_M_MMAP_THRESHOLD, int(nbytes)))

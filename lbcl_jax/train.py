@@ -138,6 +138,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   distributed.check_same_everywhere(
       json.dumps(checkpointing.config_to_dict(config), sort_keys=True), "the run config")
   workdir = os.fspath(workdir)
+  # Before the model loads, so that its buffers, too, are mapped on their own.
+  mmap_set = timings_lib.set_mmap_threshold(config.process.mmap_threshold_bytes)
   timings = Timings()
   config, stage, tasks, key = build_stage(config, timings)
 
@@ -145,7 +147,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   lock = checkpointing.WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
   try:
     with _StopOnSigterm() as stop:
-      return _run(config, workdir, stage, tasks, key, timings, stop)
+      return _run(config, workdir, stage, tasks, key, timings, stop, mmap_set)
   finally:
     if lock is not None:
       lock.release()
@@ -201,8 +203,10 @@ class Outputs:
 
 
 def _run(config: ml_collections.ConfigDict, workdir: str, stage: stage_lib.Stage, tasks: list,
-         key: jax.Array, timings: Timings, stop: "_StopOnSigterm") -> dict[str, Any]:
-  """The stage loop of `train_and_evaluate`, in a locked workdir."""
+         key: jax.Array, timings: Timings, stop: "_StopOnSigterm", mmap_set: bool = False
+         ) -> dict[str, Any]:
+  """The stage loop of `train_and_evaluate`, in a locked workdir (`mmap_set`: whether this
+  process runs with `config.process.mmap_threshold_bytes` set)."""
   checkpointing.check_workdir_config(workdir, config)
   writer = metric_writer.MetricWriter(workdir, just_logging=jax.process_index() > 0)
   writer.write_hparams(_flat_hparams(config))
@@ -334,7 +338,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, stage: stage_lib.Stage
             progress.label_space_matrices, joint=joint),
         config=checkpointing.config_to_dict(config))
     # This invocation's wall seconds by phase (a resumed run counts only its own part).
-    late = lambda: {"timings": timings.as_dict()}
+    # And whether its process ran with the mmap threshold fixed (False off glibc).
+    late = lambda: {"timings": timings.as_dict(), "mmap_threshold_set": mmap_set}
     if jax.process_index() == 0:
       if config.export.final:
         # The merged model of the last stage as a Hugging Face checkpoint directory.

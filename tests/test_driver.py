@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import platform
 
 import subprocess
 import sys
@@ -30,6 +31,7 @@ def test_default_config_two_tasks_writes_every_output(tmp_path):
               "--config.eval.extra_label_spaces=seen")
   r = _results(wd)
   assert r["warnings"] == []  # nothing collapsed (run_main also checks stderr)
+  assert r["mmap_threshold_set"] is (platform.libc_ver()[0] == "glibc")
   # Every seen label as an option: a superset of the task's own, so never more accurate (up to
   # one near-tie of the 16 test rows, which float rounding of other padded shapes may flip), and
   # the same before a second task's labels exist.
@@ -117,6 +119,8 @@ def test_a_field_added_since_at_its_default_is_the_same_run(tmp_path):
   del recorded["ewc"], recorded["replay"]["share"]
   path.write_text(json.dumps(recorded))
   checkpointing.check_workdir_config(tmp_path, config)  # the defaults: the same run
+  config.process.mmap_threshold_bytes = 0  # how the process allocates: may differ on resume
+  checkpointing.check_workdir_config(tmp_path, config)
   config.replay.share = 0.5
   with pytest.raises(InputError, match=r"replay.share: '<absent>' there, 0.5 now"):
     checkpointing.check_workdir_config(tmp_path, config)
@@ -134,6 +138,7 @@ def test_a_field_added_since_at_its_default_is_the_same_run(tmp_path):
     ("--config.optim.global_batch_size=12", "not divisible by the data-parallel size 8"),
     ("--config.model.path=/nonexistent/model", "/nonexistent/model"),
     ("--config.data.source=local", "data_dir"),
+    ("--config.process.mmap_threshold_bytes=-1", "config.process.mmap_threshold_bytes=-1"),
 ])
 def test_bad_input_fails_before_any_work(tmp_path, override, message):
   wd = tmp_path / "wd"

@@ -228,6 +228,12 @@ def test_report_from_records(specs, tmp_path, capsys):
   assert goals["step_time_flat"]["measured"] == 12 and goals["step_time_flat"]["of"] == 13
   assert goals["step_time_flat"]["max_over_min"] == round(1.024 / 1.0, 4)
   assert goals["peak_rss_flat"]["met"] is True
+  # The peak RSS grows 1 MiB a task from task 2 (task 5 unmeasured): a slope of 1 MiB over
+  # the measured values' mean, on a straight line, so its SE is 0.
+  mean = np.mean([1000.0 + i for i in range(13) if i != 3])
+  assert goals["peak_rss_flat"]["trend"] == {"percent_per_task": round(100 / mean, 3),
+                                             "se_percent_per_task": 0.0}
+  assert "trend +0.10 +- 0.00 % a task" in md
   assert goals["setup_share"] == {"old_tasks": 13, "goal_percent": 10.0, "percent": 4.0,
                                   "met": True}
   assert "14 tasks, the published 15 without yahoo" in md
