@@ -421,7 +421,8 @@ def stacked(adapters: Mapping[str, PyTree], include_new: bool = True) -> dict:
   if old and new:
     _check_same_layers(old, new, "stacked")
   paths = list(old) or list(new)
-  return unflatten_layers({p: _stack_layer(old.get(p), new.get(p)) for p in paths})
+  return _once(lambda o, n: unflatten_layers({p: _stack_layer(o.get(p), n.get(p)) for p in paths}),
+               old, new)
 
 
 def append_task(adapters: Mapping[str, PyTree]) -> dict:
@@ -454,8 +455,44 @@ def pad_tasks(tree: PyTree, capacity: int) -> PyTree:
   leaves = jax.tree_util.tree_leaves(tree)
   if not leaves or capacity <= leaves[0].shape[0]:
     return tree
-  return jax.tree.map(
-      lambda x: jnp.pad(x, [(0, capacity - x.shape[0])] + [(0, 0)] * (x.ndim - 1)), tree)
+  return _once(lambda t: jax.tree.map(
+      lambda x: jnp.pad(x, [(0, capacity - x.shape[0])] + [(0, 0)] * (x.ndim - 1)), t), tree,
+               like=tree)
+
+
+def first_tasks(tree: PyTree, k: int) -> PyTree:
+  """`tree` (leaves stacked on a leading task axis) cut to its first `k` tasks: what
+  `pad_tasks` padded, unpadded."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  if not leaves or k >= leaves[0].shape[0]:
+    return tree
+  return _once(lambda t: jax.tree.map(lambda x: x[:k], t), tree, like=tree)
+
+
+def layouts(tree: PyTree) -> Optional[PyTree]:
+  """The shardings of `tree`'s leaves when every leaf is a concrete `jax.Array`, else None."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  if not leaves or not all(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+                           for x in leaves):
+    return None
+  return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def _once(fn: Callable[..., Any], *args, like: Optional[PyTree] = None) -> Any:
+  """`fn(*args)` as one program that lives only as long as `fn` (a new function each call).
+
+  The old stack grows by a task a stage, so an eager `jnp` op on it (a pad, a concatenation,
+  a slice) meets a new shape every stage, and JAX keeps the program compiled for each shape as
+  long as the process lives: on SmolLM2, 9 small programs and about 15 MB of RSS a stage. A
+  `jax.jit` of a new function compiles one program for the whole tree, which is freed with
+  the function. Under a trace it is inlined, as any nested jit.
+
+  `like`: a tree of the output's structure whose leaves' layouts the output keeps, as the
+  eager op would. A jit left to choose may name the same layout otherwise (`P()` for
+  `P(None, None)`), and a program that later takes the result would compile again for it.
+  """
+  out = layouts(like) if like is not None else None
+  return (jax.jit(fn) if out is None else jax.jit(fn, out_shardings=out))(*args)
 
 
 def adapter_param_count(tree: PyTree) -> int:

@@ -154,7 +154,16 @@ class Stage:
     flat = adapters_lib.flatten_layers(stack) if stack else {}
     if not flat or adapters_lib.is_full_state(stack) or next(iter(flat.values()))["U"].ndim != 3:
       return stack
-    return adapters_lib.pad_tasks(stack, self.old_capacity)
+    if adapters_lib.num_tasks(stack) >= self.old_capacity:
+      return stack
+    # Kept while the stack has this size (dropped when it grows, `end`). The padded stack keeps
+    # the stack's layout, so a program sees the same input padded and at capacity (the last
+    # stage's stack) and compiles once.
+    layout = adapters_lib.layouts(stack)
+    pad = self.kept.get("stack/pad", lambda: jax.jit(
+        functools.partial(adapters_lib.pad_tasks, capacity=self.old_capacity),
+        **({} if layout is None else {"out_shardings": layout})))
+    return pad(stack)
 
   def merge(self, params: Any, stack: Any) -> Any:
     """`params` + every adapter in `stack`, computed sharded like the base."""
@@ -331,6 +340,10 @@ class Stage:
     """The trained tree folded in (the new adapter joins the frozen stack, or the trained base
     replaces the base) and the method's state updated; the stage's trainable, optimizer and
     effective base dropped."""
+    # The stack grows by this stage's adapter: the padding's program for its size so far is not
+    # needed again (the one for the new size, compiled next, serves evaluation and the next
+    # stage), and the stage's sizes never come back.
+    self.kept.drop_programs(("stack/",))
     probe = self.probe(names, state.params, state.old, state.stage_key)
     params, old = self.method.trainable.finish(state.trainable, state.params, state.old)
     if old is not None:
@@ -464,8 +477,7 @@ class StageProbe:
     seeds = self._stage.backbone.seed_batch(samples, tasks_lib.get_task(self.tasks[0]))
     scores = self._stage.scorer(aggregation)(self._params, self._stage.padded(self._old), seeds)
     # The zero adapters of the padding score zero; they are cut off again.
-    k = adapters_lib.num_tasks(self._old)
-    return {path: s[:k] for path, s in scores.items()}
+    return adapters_lib.first_tasks(scores, adapters_lib.num_tasks(self._old))
 
   def _trained_on(self) -> Any:
     """The base the stage's trainable trained on (`NewAdapter.model`'s `base_eff`)."""
