@@ -394,15 +394,13 @@ def _check_same_layers(a: Mapping[str, Any], b: Mapping[str, Any], what: str):
     raise ValueError(f"{what}: old and new adapters cover different layers: {missing[:6]}")
 
 
-def _stack_layer(old_leaf: Optional[Mapping], new_leaf: Optional[Mapping]) -> dict:
+def _stack_layer(old_leaf: Optional[Mapping], new_leaf: Optional[Mapping], append, first
+                 ) -> dict:
   if old_leaf is None:
-    return {k: jnp.asarray(new_leaf[k])[None] for k in LEAF_NAMES}
+    return {k: first(jnp.asarray(new_leaf[k])) for k in LEAF_NAMES}
   if new_leaf is None:
     return {k: old_leaf[k] for k in LEAF_NAMES}
-  return {
-      k: jnp.concatenate([old_leaf[k], jnp.asarray(new_leaf[k]).astype(old_leaf[k].dtype)[None]])
-      for k in LEAF_NAMES
-  }
+  return {k: append(old_leaf[k], jnp.asarray(new_leaf[k])) for k in LEAF_NAMES}
 
 
 def stacked(adapters: Mapping[str, PyTree], include_new: bool = True) -> dict:
@@ -421,8 +419,11 @@ def stacked(adapters: Mapping[str, PyTree], include_new: bool = True) -> dict:
   if old and new:
     _check_same_layers(old, new, "stacked")
   paths = list(old) or list(new)
-  return _once(lambda o, n: unflatten_layers({p: _stack_layer(o.get(p), n.get(p)) for p in paths}),
-               old, new)
+  # Jits made for this call (`_fresh`): the stack's size is new at every stage.
+  append = _fresh(lambda o, n: jnp.concatenate([o, n.astype(o.dtype)[None]]))
+  first = _fresh(lambda n: n[None])
+  return unflatten_layers({p: _stack_layer(old.get(p), new.get(p), append, first)
+                           for p in paths})
 
 
 def append_task(adapters: Mapping[str, PyTree]) -> dict:
@@ -444,20 +445,27 @@ def num_tasks(stack_tree: PyTree) -> int:
   return int(next(iter(flat.values()))["U"].shape[0])
 
 
-def pad_tasks(tree: PyTree, capacity: int) -> PyTree:
+def pad_tasks(tree: PyTree, capacity: int, pad: Optional[Callable[..., Any]] = None) -> PyTree:
   """`tree` (leaves stacked on a leading task axis: an old stack, or its `[K, r]` scores) with
   zeros appended on that axis up to `capacity` tasks; unchanged when it holds that many.
 
   A zero triplet adds nothing to a merge or an adapted layer's output, scores zero, and gets
   no injection weight (`injection.inject`'s `task_mask`), so programs over an old stack padded
   to a run's most old tasks see one shape all run long and compile once, not once a stage.
+
+  `pad`: `jax.jit(pad_leaf, static_argnums=1)` kept by a caller that pads stacks of one size
+  again and again (`Stage.padded`); by default a jit made for this call (`_fresh`).
   """
   leaves = jax.tree_util.tree_leaves(tree)
   if not leaves or capacity <= leaves[0].shape[0]:
     return tree
-  return _once(lambda t: jax.tree.map(
-      lambda x: jnp.pad(x, [(0, capacity - x.shape[0])] + [(0, 0)] * (x.ndim - 1)), t), tree,
-               like=tree)
+  pad = pad or _fresh(pad_leaf, static_argnums=1)
+  return jax.tree.map(lambda x: pad(x, capacity), tree)
+
+
+def pad_leaf(x: jax.Array, capacity: int) -> jax.Array:
+  """One leaf of `pad_tasks`: zeros appended on the leading axis up to `capacity`."""
+  return jnp.pad(x, [(0, capacity - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
 
 
 def first_tasks(tree: PyTree, k: int) -> PyTree:
@@ -466,33 +474,21 @@ def first_tasks(tree: PyTree, k: int) -> PyTree:
   leaves = jax.tree_util.tree_leaves(tree)
   if not leaves or k >= leaves[0].shape[0]:
     return tree
-  return _once(lambda t: jax.tree.map(lambda x: x[:k], t), tree, like=tree)
+  cut = _fresh(lambda x: x[:k])
+  return jax.tree.map(cut, tree)
 
 
-def layouts(tree: PyTree) -> Optional[PyTree]:
-  """The shardings of `tree`'s leaves when every leaf is a concrete `jax.Array`, else None."""
-  leaves = jax.tree_util.tree_leaves(tree)
-  if not leaves or not all(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
-                           for x in leaves):
-    return None
-  return jax.tree.map(lambda x: x.sharding, tree)
-
-
-def _once(fn: Callable[..., Any], *args, like: Optional[PyTree] = None) -> Any:
-  """`fn(*args)` as one program that lives only as long as `fn` (a new function each call).
+def _fresh(fn: Callable[..., Any], **jit_kwargs) -> Callable[..., Any]:
+  """`jax.jit(fn)` for one call's leaves: its programs (one per leaf shape) are freed with it.
 
   The old stack grows by a task a stage, so an eager `jnp` op on it (a pad, a concatenation,
-  a slice) meets a new shape every stage, and JAX keeps the program compiled for each shape as
-  long as the process lives: on SmolLM2, 9 small programs and about 15 MB of RSS a stage. A
-  `jax.jit` of a new function compiles one program for the whole tree, which is freed with
-  the function. Under a trace it is inlined, as any nested jit.
-
-  `like`: a tree of the output's structure whose leaves' layouts the output keeps, as the
-  eager op would. A jit left to choose may name the same layout otherwise (`P()` for
-  `P(None, None)`), and a program that later takes the result would compile again for it.
+  a slice) meets new shapes every stage, and JAX keeps the program compiled for each eager
+  op and shape as long as the process lives: on SmolLM2, 9 small programs and about 15 MB of
+  RSS a stage. A jit compiles the same small programs (an op on one leaf at a time, as an
+  eager op runs, so its outputs are laid out as the eager op's) and they die with it. JAX
+  caches a jit's programs by the Python function it wraps, so the jit wraps a new one.
   """
-  out = layouts(like) if like is not None else None
-  return (jax.jit(fn) if out is None else jax.jit(fn, out_shardings=out))(*args)
+  return jax.jit(lambda *args: fn(*args), **jit_kwargs)
 
 
 def adapter_param_count(tree: PyTree) -> int:

@@ -156,14 +156,9 @@ class Stage:
       return stack
     if adapters_lib.num_tasks(stack) >= self.old_capacity:
       return stack
-    # Kept while the stack has this size (dropped when it grows, `end`). The padded stack keeps
-    # the stack's layout, so a program sees the same input padded and at capacity (the last
-    # stage's stack) and compiles once.
-    layout = adapters_lib.layouts(stack)
-    pad = self.kept.get("stack/pad", lambda: jax.jit(
-        functools.partial(adapters_lib.pad_tasks, capacity=self.old_capacity),
-        **({} if layout is None else {"out_shardings": layout})))
-    return pad(stack)
+    # Its programs are kept while the stack has this size (dropped when it grows, `end`).
+    pad = self.kept.get("stack/pad", lambda: jax.jit(adapters_lib.pad_leaf, static_argnums=1))
+    return adapters_lib.pad_tasks(stack, self.old_capacity, pad=pad)
 
   def merge(self, params: Any, stack: Any) -> Any:
     """`params` + every adapter in `stack`, computed sharded like the base."""
