@@ -154,8 +154,6 @@ class Stage:
     flat = adapters_lib.flatten_layers(stack) if stack else {}
     if not flat or adapters_lib.is_full_state(stack) or next(iter(flat.values()))["U"].ndim != 3:
       return stack
-    if adapters_lib.num_tasks(stack) >= self.old_capacity:
-      return stack
     # Its programs are kept while the stack has this size (dropped when it grows, `end`).
     pad = self.kept.get("stack/pad", lambda: jax.jit(adapters_lib.pad_leaf, static_argnums=1))
     return adapters_lib.pad_tasks(stack, self.old_capacity, pad=pad)
