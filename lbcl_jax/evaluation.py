@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import string
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
 from jax.experimental import multihost_utils
@@ -142,6 +142,49 @@ def local_rows(batch: Mapping[str, Any], replicated: Sequence[str] = ()) -> dict
   return out
 
 
+class Answers(NamedTuple):
+  """One evaluation batch's answers, every row of the global batch (padding rows have weight 0).
+
+  Attributes:
+    raw: the model's predictions as `predict_fn` returns them (generated ids [B, L], or option
+      indices [B] for rank classification).
+    option: the index in the label space each row's answer names, -1 for none.
+    gold: the index in the label space of each row's label.
+    weight: each row's weight (0 for the rows that fill the last batch).
+  """
+
+  raw: np.ndarray
+  option: np.ndarray
+  gold: np.ndarray
+  weight: np.ndarray
+
+
+def answers(backbone: Any, predict_fn: Callable[[Any, Mapping[str, Any]], Any], params: Any,
+            data: pipeline.BatchSource, task: str | tasks_lib.Task, *, batch_size: int,
+            mesh: Any, labels: Sequence[str] | None = None) -> Iterator[Answers]:
+  """The model's answers on `data`, batch by batch (arguments as `evaluate`'s, which sums
+  them): what a diagnosis reads (which option a collapsed task is answered with, or what
+  text names none)."""
+  task = tasks_lib.get_task(task)
+  space = task.labels if labels is None else tuple(labels)
+  missing = [label for label in task.labels if label not in space]
+  if missing:
+    raise ValueError(f"the label space lacks {missing} of task {task.name!r}")
+  # The task as the model is asked it: options are the space's; gold indices move with them.
+  scored = dataclasses.replace(task, labels=space)
+  gold_of = np.asarray([space.index(label) for label in task.labels], np.int64)
+  extras = backbone.eval_extras(scored)
+  replicated = backbone.replicated_keys
+  for batch in pipeline.eval_batches(data, batch_size, process_index=0, process_count=1):
+    batch = dict(batch, **extras)
+    pred = predict_fn(params, sharding.global_batch(local_rows(batch, replicated), mesh,
+                                                    replicated_keys=replicated))
+    pred = np.asarray(multihost_utils.process_allgather(pred, tiled=True))
+    yield Answers(raw=pred, option=np.asarray(backbone.to_options(pred, scored)),
+                  gold=gold_of[np.clip(np.asarray(batch["label_index"]), 0, len(gold_of) - 1)],
+                  weight=np.asarray(batch["weight"]))
+
+
 def evaluate(backbone: Any, predict_fn: Callable[[Any, Mapping[str, Any]], Any], params: Any,
              data: pipeline.BatchSource, task: str | tasks_lib.Task, *, batch_size: int,
              mesh: Any, labels: Sequence[str] | None = None) -> float:
@@ -164,26 +207,9 @@ def evaluate(backbone: Any, predict_fn: Callable[[Any, Mapping[str, Any]], Any],
   Returns:
     The weighted fraction of rows whose prediction names their label.
   """
-  task = tasks_lib.get_task(task)
-  space = task.labels if labels is None else tuple(labels)
-  missing = [label for label in task.labels if label not in space]
-  if missing:
-    raise ValueError(f"the label space lacks {missing} of task {task.name!r}")
-  # The task as the model is asked it: options are the space's; gold indices move with them.
-  scored = dataclasses.replace(task, labels=space)
-  gold_of = np.asarray([space.index(label) for label in task.labels], np.int64)
-  extras = backbone.eval_extras(scored)
-  replicated = backbone.replicated_keys
   correct = total = 0.0
-  for batch in pipeline.eval_batches(data, batch_size, process_index=0, process_count=1):
-    batch = dict(batch, **extras)
-    pred = predict_fn(params, sharding.global_batch(local_rows(batch, replicated), mesh,
-                                                    replicated_keys=replicated))
-    pred = np.asarray(multihost_utils.process_allgather(pred, tiled=True))
-    index = backbone.to_options(pred, scored)
-    weight = np.asarray(batch["weight"])
-    gold = gold_of[np.clip(np.asarray(batch["label_index"]), 0, len(gold_of) - 1)]
-    hit = (np.asarray(index) == gold).astype(np.float64)
-    correct += float((hit * weight).sum())
-    total += float(weight.sum())
+  for a in answers(backbone, predict_fn, params, data, task, batch_size=batch_size, mesh=mesh,
+                   labels=labels):
+    correct += float(((a.option == a.gold) * a.weight).sum())
+    total += float(a.weight.sum())
   return correct / max(total, 1.0)

@@ -242,3 +242,63 @@ def test_a_run_recorded_before_a_config_field_existed_loads(runs, tmp):
   for path, leaf in now.adapters.items():
     for k, v in leaf.items():
       np.testing.assert_array_equal(then.adapters[path][k], v)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_stage_answers_rebuild_the_driver_rows(runs, family):
+  """benchmarks/stage_answers.py rebuilds each stage's model from the last checkpoint and
+  evaluates it through the driver's path: its accuracies are the driver's matrix, cell by
+  cell (a wrong stage slice, label space or merge would move them), and its counts add up."""
+  import stage_answers  # pylint: disable=g-import-not-at-top  # benchmarks/, on the path
+  workdir = runs(family)
+  doc = json.loads((workdir / "results.json").read_text())
+  tasks, matrix = doc["tasks"], doc["accuracy_matrix"]
+  got = stage_answers.stage_answers(str(workdir), tasks)
+  assert got["stages"] == doc["stages"]
+  for j, name in enumerate(tasks):
+    rows = got["tasks"][name]
+    assert [r["stage"] for r in rows] == list(range(j + 1, len(matrix) + 1))
+    for r in rows:
+      assert r["accuracy"] == pytest.approx(matrix[r["stage"] - 1][j], abs=1e-9)
+      assert r["own"] + r["other_task"] + r["none"] == r["rows"]
+      assert sum(n for _, n in r["top"]) <= r["rows"]
+
+
+def test_stage_answers_without_a_stage(runs):
+  """The last model less stage 2's adapter is the model after stage 1 (the run scores each
+  task in its own label space, so the space does not move with the stage either)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import stage_answers  # pylint: disable=g-import-not-at-top
+  workdir = runs("bert")
+  doc = json.loads((workdir / "results.json").read_text())
+  assert doc["label_space"] == "task"
+  first = doc["tasks"][0]
+  got = stage_answers.stage_answers(str(workdir), [first], without=[2])
+  (row,) = got["tasks"][first]
+  assert row["stage"] == 2 and row["without"] == [2]
+  assert row["accuracy"] == pytest.approx(doc["accuracy_matrix"][0][0], abs=1e-9)
+  # The model it evaluates is the model after stage 1, and not the one after stage 2.
+  run = export.load_run(workdir)
+  ours_1, first_1, last = (jax.tree.leaves(p) for p in (
+      stage_answers.merged(run, [1]), export.load_run(workdir, stage=1).merged_params(),
+      run.merged_params()))
+  for a, b in zip(ours_1, first_1):
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, b) for a, b in zip(ours_1, last))
+  with pytest.raises(export.InputError, match="--without"):
+    stage_answers.stage_answers(str(workdir), [first], without=[3])
+
+
+def test_stage_answers_adapter_norms(runs):
+  """Each stage's adapter norm is how far its adapter alone moves the base's weights."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import stage_answers  # pylint: disable=g-import-not-at-top
+  run = export.load_run(runs("t5"))
+  norms = stage_answers.adapter_norms(run)
+  assert len(norms) == run.stage == 2
+  base = jax.tree.leaves(run.params)
+  for k, norm in enumerate(norms, start=1):
+    moved = jax.tree.leaves(stage_answers.merged(run, [k]))
+    sq = sum(float(np.sum((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+             for a, b in zip(moved, base))
+    assert norm > 0 and np.sqrt(sq) == pytest.approx(norm, rel=1e-4)
