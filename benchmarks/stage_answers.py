@@ -93,6 +93,10 @@ def stage_answers(workdir: str, names: list[str], without: Sequence[int] = ()) -
   `without` (1-based stages), only the last stage's model, less those stages' adapters (an
   ablation: is the loss of a task that stage's doing?)."""
   run = export.load_run(workdir, need_adapters=True)
+  kept = next(iter(run.adapters.values()))["U"].shape[0]
+  if kept != run.stage:
+    raise InputError(f"--workdir={workdir}: method {run.config.method!r} carries one adapter "
+                     "through every stage, so the model after each stage is not kept")
   config, backbone = run.config, run.backbone
   stages = [s.split(", ") for s in run.stage_names]
   trained_at = {n: i for i, s in enumerate(stages) for n in s}

@@ -302,3 +302,11 @@ def test_stage_answers_adapter_norms(runs):
     sq = sum(float(np.sum((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
              for a, b in zip(moved, base))
     assert norm > 0 and np.sqrt(sq) == pytest.approx(norm, rel=1e-4)
+
+
+def test_stage_answers_refuses_a_single_carried_adapter(runs):
+  """SeqLoRA carries one adapter through the stages: no per-stage model to rebuild."""
+  import stage_answers  # pylint: disable=g-import-not-at-top
+  workdir = runs("bert", "seqlora")
+  with pytest.raises(export.InputError, match="carries one adapter"):
+    stage_answers.stage_answers(str(workdir), ["syn_news"])
