@@ -103,25 +103,24 @@ def stage_answers(workdir: str, names: list[str], without: Sequence[int] = ()) -
   unknown = [n for n in names if n not in trained_at]
   if unknown:
     raise InputError(f"--tasks: {unknown} not in the run's tasks {list(trained_at)}")
+  bad = [k for k in without if not 1 <= k <= run.stage]
+  if bad:
+    raise InputError(f"--without: stages {bad} out of range 1..{run.stage}")
   data = task_data.load_task_data(task_data.DataConfig.from_config(config), names,
                                   backbone.encode)
   split = config.eval.split
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
   predict = jax.jit(backbone.predict)
-  bad = [k for k in without if not 1 <= k <= run.stage]
-  if bad:
-    raise InputError(f"--without: stages {bad} out of range 1..{run.stage}")
   out = {n: [] for n in names}
   for k in range(run.stage if without else 1, run.stage + 1):
     todo = [n for n in names if trained_at[n] < k]
     if not todo:
       continue
     params = merged(run, [i for i in range(1, k + 1) if i not in without])
-    seen = tasks_lib.label_union([n for s in stages[:k] for n in s])
+    labels = evaluation.label_space(config.eval.label_space, [n for s in stages[:k] for n in s])
     for name in todo:
       own = tasks_lib.get_task(name).labels
-      # The run's label space, as the driver scored it ("task": the task's own options).
-      space = seen if config.eval.label_space == "seen" else own
+      space = own if labels is None else labels  # the run's, as the driver scored it
       texts, option, gold, weight = [], [], [], []
       with sharding.on_mesh(mesh, tuple(config.mesh.logical_axis_rules)):
         for a in evaluation.answers(backbone, predict, params, data[name].split(split), name,

@@ -142,6 +142,17 @@ def local_rows(batch: Mapping[str, Any], replicated: Sequence[str] = ()) -> dict
   return out
 
 
+def label_space(space: str, trained: Sequence[str]) -> tuple[str, ...] | None:
+  """The options a task's answers are scored among, `evaluate`'s `labels`: "seen", every
+  label of the tasks `trained` so far (which tells the model nothing about the task); "task",
+  the task's own (None)."""
+  if space == "seen":
+    return tasks_lib.label_union(trained)
+  if space == "task":
+    return None
+  raise ValueError(f"unknown label space {space!r}; expected 'seen' or 'task'")
+
+
 class Answers(NamedTuple):
   """One evaluation batch's answers, every row of the global batch (padding rows have weight 0).
 

@@ -286,7 +286,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, stage: stage_lib.Stage
         rows = {}
         for space in (loop.label_space, *loop.extra_label_spaces):
           # "seen": every label of the tasks trained so far; no task identity reaches the model.
-          labels = tasks_lib.label_union(trained) if space == "seen" else None
+          labels = evaluation.label_space(space, trained)
           rows[space] = row = [None] * len(tasks)
           for name in evaluated:
             row[tasks.index(name)] = float(evaluation.evaluate(

@@ -260,3 +260,15 @@ def test_label_space_seen_scores_every_seen_label_without_task_identity():
   assert acc(seen) == pytest.approx(3 / 5)
   with pytest.raises(ValueError, match="lacks"):
     acc(tasks.label_union(["amazon"]))
+
+
+def test_label_space():
+  """"seen": every label of the tasks trained so far, once each, in order; "task": None (the
+  task's own); anything else is refused."""
+  assert evaluation.label_space("seen", ["sst-2", "imdb"]) == tasks.label_union(
+      ["sst-2", "imdb"])
+  assert set(evaluation.label_space("seen", ["agnews", "sst-2"])) == (
+      set(tasks.get_task("agnews").labels) | set(tasks.get_task("sst-2").labels))
+  assert evaluation.label_space("task", ["agnews"]) is None
+  with pytest.raises(ValueError, match="'all'"):
+    evaluation.label_space("all", ["agnews"])
