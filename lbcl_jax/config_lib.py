@@ -264,11 +264,18 @@ def base_config() -> ml_collections.ConfigDict:
   config.export.final = False
 
   config.process = ml_collections.ConfigDict()
-  # glibc's mmap threshold (bytes), fixed for the process when a run starts: blocks at least
-  # this large get their own mapping, returned to the OS when freed. 0 leaves glibc's dynamic
+  # How the process's C heap serves XLA's buffers (glibc; `timings.set_malloc_policy`), set
+  # when a run starts. "return": blocks of at least `mmap_threshold_bytes` get their own
+  # mappings, unmapped when freed (issue 28's fix for a peak RSS that grew stage by stage).
+  # "reuse": blocks up to 32 MiB from the heap, kept between steps and handed back at each
+  # phase's end (fewer page faults a step; not yet measured to be faster or as small over a
+  # whole run: BENCHMARKS, "The C heap"). "glibc": glibc's own. Like `debug`, may differ on
+  # resume.
+  config.process.malloc = "return"
+  # The "return" policy's mmap threshold (bytes), at most 32 MiB. 0 leaves glibc's dynamic
   # threshold, which rises to 32 MiB and lets the heap that programs compiled for new shapes
   # leave behind grow the resident memory (a 9-task SmolLM2 run: 4.59 -> 3.88 GiB peak; see
-  # BENCHMARKS, "The long benchmark"). At most 32 MiB. Like `debug`, may differ on resume.
+  # BENCHMARKS, "The long benchmark").
   config.process.mmap_threshold_bytes = 128 * 1024
 
   config.debug = ml_collections.ConfigDict()
@@ -446,6 +453,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.adapters.apply_mode not in ("",) + adapters.APPLY_MODES:
     raise InputError(f"config.adapters.apply_mode={config.adapters.apply_mode!r}: "
                      "expected 'lowrank', 'merged' or '' (the measured default)")
+  if config.process.malloc not in timings.MALLOC_POLICIES:
+    raise InputError(f"config.process.malloc={config.process.malloc!r}: expected one of "
+                     f"{timings.MALLOC_POLICIES}")
   threshold = config.process.mmap_threshold_bytes
   if not 0 <= threshold <= timings.MAX_MMAP_THRESHOLD:
     raise InputError(f"config.process.mmap_threshold_bytes={threshold}: expected 0 (glibc's "

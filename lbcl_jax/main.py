@@ -175,6 +175,12 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   # Imported here so that flag errors answer without loading JAX.
   from lbcl_jax import distributed  # pylint: disable=g-import-not-at-top
+  from lbcl_jax import timings  # pylint: disable=g-import-not-at-top
+  config = FLAGS.config
+  # The C heap's policy before JAX allocates anything (train_and_evaluate sets it again for
+  # callers that import it; a value it does not know is refused there, with the others).
+  if config.process.malloc in timings.MALLOC_POLICIES:
+    timings.set_malloc_policy(config.process.malloc, config.process.mmap_threshold_bytes)
   try:
     cluster = distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                   multihost=_MULTIHOST.value)
@@ -183,7 +189,6 @@ def main(argv):
     fail(str(e))
   import jax  # pylint: disable=g-import-not-at-top
   from lbcl_jax import train  # pylint: disable=g-import-not-at-top
-  config = FLAGS.config
   logging.info("JAX process %d / %d, local devices: %s",
                jax.process_index(), jax.process_count(), jax.local_devices())
   try:

@@ -1,6 +1,8 @@
 """What a run costs: `Timings` (the wall seconds of one invocation, per phase, and its compile
-time) and the process's peak resident memory over a stretch of it (`reset_peak_rss`,
-`peak_rss_bytes`), which `set_mmap_threshold` keeps from creeping up."""
+time), the process's peak resident memory over a stretch of it (`reset_peak_rss`,
+`peak_rss_bytes`) and its page faults (`minor_faults`), and how the process's C heap serves
+XLA's buffers (`set_malloc_policy`, `release_free_heap`): what keeps the memory from creeping
+up without paying a fault per page of every step's buffers."""
 
 from __future__ import annotations
 
@@ -53,6 +55,8 @@ class Timings:
       self.seconds[name] += now - self._stack.pop()[1]
       if self._stack:
         self._stack[-1][1] = now
+      else:  # the end of an outermost phase: what it freed goes back (the "reuse" policy)
+        release_free_heap()
 
   def as_dict(self) -> dict[str, float]:
     """Seconds per phase so far, the open phases up to now included."""
@@ -97,9 +101,95 @@ def peak_rss_bytes() -> int:
   return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, else kB
 
 
-# glibc's M_MMAP_THRESHOLD (malloc.h) and the most it takes on 64-bit (HEAP_MAX_SIZE / 2).
+# glibc's mallopt parameters (malloc.h) and the most M_MMAP_THRESHOLD takes on 64-bit
+# (HEAP_MAX_SIZE / 2).
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 MAX_MMAP_THRESHOLD = 32 * 1024 * 1024
+
+# How a run's process allocates (config.process.malloc):
+#   "reuse": blocks up to 32 MiB (glibc's largest mmap threshold) from the heap and no
+#     trimming while a phase runs, so a step's buffers are the last step's pages; the free
+#     heap goes back to the OS at the end of each phase and after each stage's first
+#     (compiling) step (`release_free_heap`).
+#   "return": glibc's mmap threshold fixed at config.process.mmap_threshold_bytes: blocks of at
+#     least that size get mappings of their own, unmapped when freed.
+#   "glibc": glibc's own (dynamic) settings.
+MALLOC_POLICIES = ("reuse", "return", "glibc")
+_policy = "glibc"  # the policy in force in this process (process-wide, as malloc is)
+
+
+def _libc():
+  """glibc's `mallopt` and `malloc_trim`, or None off glibc (macOS, musl)."""
+  try:
+    libc = ctypes.CDLL(None)
+    mallopt, trim = libc.mallopt, libc.malloc_trim
+  except (OSError, AttributeError):
+    return None
+  mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+  trim.argtypes = [ctypes.c_size_t]
+  return mallopt, trim
+
+
+def set_malloc_policy(policy: str, mmap_threshold_bytes: int = 128 * 1024) -> str:
+  """Sets how this process's C heap serves XLA's buffers; returns the policy in force ("glibc"
+  where it could not be set: off glibc, or a refused value).
+
+  A training step allocates its buffers and frees them at its end, every step. Under "return"
+  (issue 28's policy, `set_mmap_threshold`) each block of 128 KiB or more is a mapping of its
+  own, unmapped when freed, so the next step faults its pages back in, zeroed: a SmolLM2 step
+  faulted 680 thousand pages against 330 thousand under glibc's own settings, and ran 7-23 %
+  slower than under them (fresh processes alternating, fixed-shape step; BENCHMARKS, "The C
+  heap"). "reuse" fixes the threshold at its largest, 32 MiB, so those blocks come from the
+  heap, and turns glibc's own trimming off (M_TRIM_THRESHOLD at its most), so the heap keeps
+  the pages between steps; what a phase freed goes back to the OS when `release_free_heap`
+  runs (the driver calls it at each phase's end and after a stage's compiling step), against
+  the fragmented heap that compiles leave (what "return" was made for). A block above 32 MiB
+  (XLA:CPU's one working block per execution, 1.26 GB for SmolLM2's step) is mapped on its
+  own under every policy: serving it from the heap too (one arena, no mappings) cut the faults
+  further but raised a 9-task run's peak RSS from 3.8 to 6.2 GiB. "glibc" leaves glibc's
+  settings alone.
+  """
+  global _policy
+  if policy not in MALLOC_POLICIES:
+    raise ValueError(f"unknown malloc policy {policy!r}; expected one of {MALLOC_POLICIES}")
+  if policy == "glibc":
+    return _policy
+  if policy == "return":
+    if set_mmap_threshold(mmap_threshold_bytes):
+      _policy = "return"
+    return _policy
+  # Setting either turns glibc's dynamic thresholds off, so both are set: blocks up to the
+  # largest threshold from the heap, and the heap never trimmed by glibc itself.
+  libc = _libc()
+  if (libc is not None and libc[0](_M_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD)
+      and libc[0](_M_TRIM_THRESHOLD, 2**31 - 1)):
+    _policy = "reuse"
+  return _policy
+
+
+def malloc_policy() -> str:
+  """The policy `set_malloc_policy` put in force in this process ("glibc" if none)."""
+  return _policy
+
+
+def release_free_heap() -> bool:
+  """Under the "reuse" policy, hands the heap's free pages back to the OS (`malloc_trim`);
+  returns whether it did. Between a phase's steps the pages stay, so that the next step reuses
+  them; at a phase's end what it compiled and freed should not stay resident."""
+  if _policy != "reuse":
+    return False
+  libc = _libc()
+  if libc is None:
+    return False
+  libc[1](0)
+  return True
+
+
+def minor_faults() -> int:
+  """The process's minor page faults so far: pages the kernel had to map (and zero) on first
+  touch, which a step that reuses its buffers does not pay again."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def set_mmap_threshold(nbytes: int) -> bool:
@@ -110,14 +200,13 @@ def set_mmap_threshold(nbytes: int) -> bool:
   it is freed. Left alone the threshold is dynamic: each such block freed raises it to the
   block's size, up to 32 MiB, so XLA's buffers soon come from the heap, which the programs a
   long run compiles for new shapes leave fragmented, and the resident memory grows stage by
-  stage. Fixed, large buffers go back to the OS when XLA frees them. The training step was not
-  slower for it (BENCHMARKS, "The long benchmark").
+  stage. Fixed, large buffers go back to the OS when XLA frees them, and come back as fresh
+  pages: it doubles a SmolLM2 step's page faults (the "reuse" policy of `set_malloc_policy`
+  keeps the memory down without that).
   """
   if not nbytes:
     return False
-  try:
-    mallopt = ctypes.CDLL(None).mallopt
-  except (OSError, AttributeError):  # no C library to load, or not glibc's
+  libc = _libc()
+  if libc is None:
     return False
-  mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-  return bool(mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
+  return bool(libc[0](_M_MMAP_THRESHOLD, int(nbytes)))

@@ -139,7 +139,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       json.dumps(checkpointing.config_to_dict(config), sort_keys=True), "the run config")
   workdir = os.fspath(workdir)
   # Before the model loads, so that its buffers, too, are mapped on their own.
-  mmap_set = timings_lib.set_mmap_threshold(config.process.mmap_threshold_bytes)
+  malloc = timings_lib.set_malloc_policy(config.process.malloc,
+                                         config.process.mmap_threshold_bytes)
   timings = Timings()
   config, stage, tasks, key = build_stage(config, timings)
 
@@ -147,7 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   lock = checkpointing.WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
   try:
     with _StopOnSigterm() as stop:
-      return _run(config, workdir, stage, tasks, key, timings, stop, mmap_set)
+      return _run(config, workdir, stage, tasks, key, timings, stop, malloc)
   finally:
     if lock is not None:
       lock.release()
@@ -203,10 +204,10 @@ class Outputs:
 
 
 def _run(config: ml_collections.ConfigDict, workdir: str, stage: stage_lib.Stage, tasks: list,
-         key: jax.Array, timings: Timings, stop: "_StopOnSigterm", mmap_set: bool = False
+         key: jax.Array, timings: Timings, stop: "_StopOnSigterm", malloc: str = "glibc"
          ) -> dict[str, Any]:
-  """The stage loop of `train_and_evaluate`, in a locked workdir (`mmap_set`: whether this
-  process runs with `config.process.mmap_threshold_bytes` set)."""
+  """The stage loop of `train_and_evaluate`, in a locked workdir (`malloc`: the C heap's
+  policy in force in this process, `timings.set_malloc_policy`'s answer)."""
   checkpointing.check_workdir_config(workdir, config)
   writer = metric_writer.MetricWriter(workdir, just_logging=jax.process_index() > 0)
   writer.write_hparams(_flat_hparams(config))
@@ -338,8 +339,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, stage: stage_lib.Stage
             progress.label_space_matrices, joint=joint),
         config=checkpointing.config_to_dict(config))
     # This invocation's wall seconds by phase (a resumed run counts only its own part).
-    # And whether its process ran with the mmap threshold fixed (False off glibc).
-    late = lambda: {"timings": timings.as_dict(), "mmap_threshold_set": mmap_set}
+    # And the C heap's policy its process ran with ("glibc" where none could be set).
+    late = lambda: {"timings": timings.as_dict(), "malloc_policy": malloc}
     if jax.process_index() == 0:
       if config.export.final:
         # The merged model of the last stage as a Hugging Face checkpoint directory.
@@ -406,7 +407,7 @@ def train_stage(stage: stage_lib.Stage, state: LoopState, names: list[str], labe
   t0, window_t, window_n = time.time(), time.time(), 0
   # The steady-state step time: from the end of this invocation's first step (which compiles)
   # to the end of its last, less the checkpoints in between.
-  steady_t0, saving = None, 0.0
+  steady_t0, saving, faults0 = None, 0.0, 0
   for step in range(start, num_steps):
     host_batch = stream.batch(step)
     if step == start:
@@ -418,7 +419,9 @@ def train_stage(stage: stage_lib.Stage, state: LoopState, names: list[str], labe
     first_bad = watch(first_bad, loss, step + 1)
     if steady_t0 is None:
       jax.block_until_ready(loss)
-      steady_t0 = time.time()
+      # What compiling the step freed goes back; the steps after it reuse their own pages.
+      timings_lib.release_free_heap()
+      steady_t0, faults0 = time.time(), timings_lib.minor_faults()
     progress.step = step + 1
     progress.global_step += 1
     window_n += 1
@@ -460,6 +463,9 @@ def train_stage(stage: stage_lib.Stage, state: LoopState, names: list[str], labe
     jax.block_until_ready(state.trainable)
     costs["step_seconds"] = round((time.time() - steady_t0 - saving)
                                   / (num_steps - start - 1), 4)
+    # Pages first touched a steady step: near 0 when its buffers are the last step's.
+    costs["step_minor_faults"] = round((timings_lib.minor_faults() - faults0)
+                                       / (num_steps - start - 1))
   return state
 
 

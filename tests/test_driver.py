@@ -31,7 +31,7 @@ def test_default_config_two_tasks_writes_every_output(tmp_path):
               "--config.eval.extra_label_spaces=seen")
   r = _results(wd)
   assert r["warnings"] == []  # nothing collapsed (run_main also checks stderr)
-  assert r["mmap_threshold_set"] is (platform.libc_ver()[0] == "glibc")
+  assert r["malloc_policy"] == ("return" if platform.libc_ver()[0] == "glibc" else "glibc")
   # Every seen label as an option: a superset of the task's own, so never more accurate (up to
   # one near-tie of the 16 test rows, which float rounding of other padded shapes may flip), and
   # the same before a second task's labels exist.
@@ -139,6 +139,7 @@ def test_a_field_added_since_at_its_default_is_the_same_run(tmp_path):
     ("--config.model.path=/nonexistent/model", "/nonexistent/model"),
     ("--config.data.source=local", "data_dir"),
     ("--config.process.mmap_threshold_bytes=-1", "config.process.mmap_threshold_bytes=-1"),
+    ("--config.process.malloc=fast", "config.process.malloc='fast'"),
 ])
 def test_bad_input_fails_before_any_work(tmp_path, override, message):
   wd = tmp_path / "wd"
