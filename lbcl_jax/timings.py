@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import functools
 import resource
 import sys
 import time
@@ -119,8 +120,9 @@ MALLOC_POLICIES = ("reuse", "return", "glibc")
 _policy = "glibc"  # the policy in force in this process (process-wide, as malloc is)
 
 
+@functools.cache
 def _libc():
-  """glibc's `mallopt` and `malloc_trim`, or None off glibc (macOS, musl)."""
+  """glibc's `mallopt` and `malloc_trim`, or None off glibc (macOS, musl); loaded once."""
   try:
     libc = ctypes.CDLL(None)
     mallopt, trim = libc.mallopt, libc.malloc_trim
@@ -165,11 +167,6 @@ def set_malloc_policy(policy: str, mmap_threshold_bytes: int = 128 * 1024) -> st
   if (libc is not None and libc[0](_M_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD)
       and libc[0](_M_TRIM_THRESHOLD, 2**31 - 1)):
     _policy = "reuse"
-  return _policy
-
-
-def malloc_policy() -> str:
-  """The policy `set_malloc_policy` put in force in this process ("glibc" if none)."""
   return _policy
 
 

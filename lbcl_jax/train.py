@@ -138,7 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   distributed.check_same_everywhere(
       json.dumps(checkpointing.config_to_dict(config), sort_keys=True), "the run config")
   workdir = os.fspath(workdir)
-  # Before the model loads, so that its buffers, too, are mapped on their own.
+  # Before the model loads, so that its buffers, too, are served under the policy.
   malloc = timings_lib.set_malloc_policy(config.process.malloc,
                                          config.process.mmap_threshold_bytes)
   timings = Timings()

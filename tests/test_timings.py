@@ -14,6 +14,16 @@ import pytest
 
 from lbcl_jax import timings
 
+def _probe(source: str, arg: str) -> list[str]:
+  """Runs `source` in a fresh process (malloc's settings are process-wide) with glibc's own
+  settings unless the probe sets some; its stdout's words."""
+  env = dict(os.environ)
+  for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+    env.pop(name, None)
+  return subprocess.run([sys.executable, "-c", source, arg], env=env, capture_output=True,
+                        text=True, check=True, timeout=120).stdout.split()
+
+
 _PROBE = """
 import ctypes, sys
 from lbcl_jax import timings
@@ -38,10 +48,7 @@ print(mapped(1 << 20))
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 @pytest.mark.parametrize("mode, mapped", [("fixed", True), ("dynamic", False)])
 def test_a_fixed_threshold_maps_large_blocks_after_a_larger_free(mode, mapped):
-  env = dict(os.environ)
-  env.pop("MALLOC_MMAP_THRESHOLD_", None)  # glibc's own threshold unless the probe sets one
-  out = subprocess.run([sys.executable, "-c", _PROBE, mode], env=env, capture_output=True,
-                       text=True, check=True, timeout=120).stdout.split()
+  out = _probe(_PROBE, mode)
   assert out[-1] == str(mapped)
 
 
@@ -83,11 +90,7 @@ print(faults, held - rss(), released)
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 @pytest.mark.parametrize("policy", ["reuse", "return", "glibc"])
 def test_reuse_serves_the_next_step_from_the_pages_the_last_one_freed(policy):
-  env = dict(os.environ)
-  for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
-    env.pop(name, None)
-  out = subprocess.run([sys.executable, "-c", _REUSE_PROBE, policy], env=env,
-                       capture_output=True, text=True, check=True, timeout=120).stdout.split()
+  out = _probe(_REUSE_PROBE, policy)
   in_force, faults, dropped, released = out[-4], int(out[-3]), int(out[-2]), out[-1]
   assert in_force == policy
   pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
