@@ -95,6 +95,7 @@ from lbcl_jax import adapters
 from lbcl_jax import files
 from lbcl_jax import methods
 from lbcl_jax import minilm
+from lbcl_jax import timings
 from lbcl_jax import train
 from lbcl_jax.models import bert
 from lbcl_jax.models import hf
@@ -766,6 +767,11 @@ def main(argv=None) -> dict:
       # XLA:CPU's options this run chose (none: the installed jaxlib's defaults); what each
       # option does to the step is cpu_options.py's measurement.
       xla_flags=os.environ.get("XLA_FLAGS", ""),
+      # Both stacks share this process's malloc: whether its large blocks got transparent huge
+      # pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, what `python -m lbcl_jax.main` sets for
+      # itself; the driver's C-heap policy is not set here, glibc's own settings serve both).
+      glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
+      huge_pages=timings.huge_pages_in_force(),
       timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
   payload["wall_s"] = time.perf_counter() - t_start
   files.atomic_write_text(args.output, json.dumps(payload, indent=2, sort_keys=True) + "\n")

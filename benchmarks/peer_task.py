@@ -20,7 +20,11 @@ What each stack does with those shapes is its own:
 Reported per stack: wall time of training and of evaluation (from the first step or batch,
 including compiles for ours), the set-up (model load), examples per second over the whole
 task (train + test examples / total wall), and the exact-match accuracy (a check that both
-trained the same thing, not a target). One process, one stack at a time.
+trained the same thing, not a target). Each stack runs in a fresh process of its own, one after
+the other, started as its users start it: ours with the driver's default process settings
+(the C heap's policy, which `train_and_evaluate` sets, and, where `config.process.huge_pages` is
+on by default, glibc's huge-page tunable, `timings.huge_pages_environ`), HF in this command's
+environment.
 
 bf16 matmuls (`--dot_dtype bfloat16`, results/peer_task_bf16.json): ours with
 `config.model.dot_dtype="bfloat16"` (the Dense layers' matmuls in bf16 operands with f32
@@ -37,7 +41,9 @@ import argparse
 import datetime
 import importlib.util
 import json
+import os
 import pathlib
+import subprocess
 import sys
 import tempfile
 import time
@@ -62,6 +68,8 @@ def parse_args(argv=None):
   p.add_argument("--stacks", default="ours,hf")
   p.add_argument("--dot_dtype", default="", choices=("", "bfloat16"),
                  help="matmul operand dtype of both stacks: '' (f32) or 'bfloat16'")
+  p.add_argument("--worker", default="", choices=("", "ours", "hf"),
+                 help=argparse.SUPPRESS)  # internal: run one stack here, its record to --output
   p.add_argument("--output", type=pathlib.Path, default=None,
                  help="default results/peer_task.json (results/peer_task_bf16.json with "
                       "--dot_dtype bfloat16)")
@@ -105,7 +113,8 @@ def run_ours(args, data_dir: str) -> dict:
   t = results["timings"]
   return {"wall_s": wall, "setup_s": t["model_load"] + t["data"] + t["stage_setup"],
           "train_s": t["train"], "eval_s": t["eval"], "compile_s": t["compile"],
-          "accuracy": results["accuracy_matrix"][-1][-1]}
+          "accuracy": results["accuracy_matrix"][-1][-1],
+          "malloc_policy": results["malloc_policy"], "huge_pages": results["huge_pages"]}
 
 
 def task_examples(args, data_dir: str):
@@ -196,6 +205,26 @@ def run_hf(args, train_ex, test_ex) -> dict:
           "eval_s": eval_s, "compile_s": None, "accuracy": right / len(test_ex)}
 
 
+def run_worker(stack: str, args) -> dict:
+  """Runs `stack` in a fresh process of its own (malloc's settings and tunables are
+  process-wide: one stack's must not be the other's); returns its record."""
+  from lbcl_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from lbcl_jax import timings  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ)
+  if stack == "ours" and config_lib.base_config().process.huge_pages:
+    # What `python -m lbcl_jax.main` starts itself under by default.
+    env = timings.huge_pages_environ(env) or env
+  with tempfile.TemporaryDirectory() as tmp:
+    out = pathlib.Path(tmp) / f"{stack}.json"
+    kept = [f"--{k}={v}" for k, v in vars(args).items()
+            if k not in ("output", "stacks", "worker")]
+    subprocess.run([sys.executable, __file__, *kept, f"--worker={stack}", f"--output={out}"],
+                   env=env, check=True)
+    record = json.loads(out.read_text())
+  record["glibc_tunables"] = env.get("GLIBC_TUNABLES", "")
+  return record
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   data_dir = str(pathlib.Path(args.data_dir).resolve())
@@ -205,13 +234,18 @@ def main(argv=None) -> int:
   stacks = [s for s in args.stacks.split(",") if s]
   if any(s not in ("ours", "hf") for s in stacks):
     sys.exit(f"--stacks={args.stacks}: expected a comma-separated subset of ours,hf")
-  train_ex, test_ex = task_examples(args, data_dir)
-  results = {}
-  for stack in stacks:
-    r = run_ours(args, data_dir) if stack == "ours" else run_hf(args, train_ex, test_ex)
+  from lbcl_jax import files  # pylint: disable=g-import-not-at-top
+  if args.worker:
+    train_ex, test_ex = task_examples(args, data_dir)
+    r = (run_ours(args, data_dir) if args.worker == "ours"
+         else run_hf(args, train_ex, test_ex))
     r["train_examples"], r["test_examples"] = len(train_ex), len(test_ex)
     r["examples_per_s"] = (len(train_ex) + len(test_ex)) / r["wall_s"]
-    results[stack] = r
+    files.atomic_write_text(args.output, json.dumps(r) + "\n")
+    return 0
+  results = {}
+  for stack in stacks:
+    results[stack] = run_worker(stack, args)
   doc = {"date": datetime.date.today().isoformat(),
          "machine": machine.describe(),
          "settings": {k: (str(v) if isinstance(v, pathlib.Path) else v)
@@ -227,7 +261,6 @@ def main(argv=None) -> int:
   if "speedup_wall" in doc:
     print(f"ours / HF whole-task speed: {doc['speedup_wall']:.2f}x")
   args.output.parent.mkdir(parents=True, exist_ok=True)
-  from lbcl_jax import files  # pylint: disable=g-import-not-at-top
   files.atomic_write_text(args.output, json.dumps(doc, indent=1) + "\n")
   return 0
 

@@ -265,13 +265,22 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.process = ml_collections.ConfigDict()
   # How the process's C heap serves XLA's buffers (glibc; `timings.set_malloc_policy`), set
-  # when a run starts. "return": blocks of at least `mmap_threshold_bytes` get their own
-  # mappings, unmapped when freed (issue 28's fix for a peak RSS that grew stage by stage).
-  # "reuse": blocks up to 32 MiB from the heap, kept between steps and handed back at each
-  # phase's end (fewer page faults a step; not yet measured to be faster or as small over a
-  # whole run: BENCHMARKS, "The C heap"). "glibc": glibc's own. Like `debug`, may differ on
-  # resume.
-  config.process.malloc = "return"
+  # when a run starts. "reuse": blocks up to 32 MiB from the heap, kept between steps and
+  # handed back at each phase's end (a SmolLM2 step faults 326 thousand pages, all of them
+  # XLA's one 1.26 GB block, against 611-770 thousand under "return"). "return": blocks of at least
+  # `mmap_threshold_bytes` get their own mappings, unmapped when freed (issue 28's fix for a
+  # peak RSS that grew stage by stage; "reuse" keeps it as low: BENCHMARKS, "The C heap").
+  # "glibc": glibc's own. Like `debug`, may differ on resume.
+  config.process.malloc = "reuse"
+  # Transparent huge pages for malloc's large blocks (XLA:CPU's per-step working block: 1.26 GB
+  # for SmolLM2), where the kernel gives them only on request ("madvise", most distributions'
+  # default): `python -m lbcl_jax.main` starts itself again with GLIBC_TUNABLES naming
+  # glibc.malloc.hugetlb=1 (`timings.huge_pages_environ`); a program that imports the driver
+  # sets that variable itself. A SmolLM2 step faults 1.4 thousand pages instead of 326
+  # thousand, but each stage's set-up took 4-6 s longer in 9-task runs: off until a whole-run
+  # comparison decides (BENCHMARKS, "The C heap"). results.json's `huge_pages` says whether
+  # they were in force.
+  config.process.huge_pages = False
   # The "return" policy's mmap threshold (bytes), at most 32 MiB. 0 leaves glibc's dynamic
   # threshold, which rises to 32 MiB and lets the heap that programs compiled for new shapes
   # leave behind grow the resident memory (a 9-task SmolLM2 run: 4.59 -> 3.88 GiB peak; see

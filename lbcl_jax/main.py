@@ -7,6 +7,11 @@ r"""Runs a whole continual-learning task sequence.
 Writes the accuracy matrix, metrics, plots and checkpoints into --workdir; running the same
 command again resumes from the last checkpoint there.
 
+With `--config.process.huge_pages=True`, where the kernel gives transparent huge pages only on
+request (most Linux distributions), the command starts itself again, before JAX loads, with
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1, so that XLA's per-step working memory is faulted in 2
+MiB pages.
+
 Bad input (a config file, an override, a value, data, a model, a workdir in use or a run
 checkpoint) ends the run with one `error: ...` line on stderr and exit status 2, before
 anything is written. A diverged loss (NaN or inf, or a collapse with optim.stop_on_collapse)
@@ -23,6 +28,7 @@ import difflib
 import importlib.util
 import os
 import re
+import sys
 from typing import Sequence
 
 from absl import app
@@ -169,6 +175,23 @@ class _QuietLibraries(logging.logging.Filter):
     return record.levelno >= logging.logging.WARNING or "/orbax/" not in record.pathname
 
 
+def _restart_with_huge_pages() -> None:
+  """Starts this same command again with glibc's huge-page tunable set, where it is missing and
+  would help (`timings.huge_pages_environ`): glibc reads it only when a process starts. Only a
+  process started as `python -m lbcl_jax.main` restarts itself (not a program that calls
+  `run()`), before JAX is loaded; the process id, its files and its signals stay."""
+  from lbcl_jax import timings  # pylint: disable=g-import-not-at-top
+  main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  if main_spec is None or main_spec.name != "lbcl_jax.main":
+    return
+  environ = timings.huge_pages_environ()
+  if environ is None:
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
+
+
 def main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}: settings go in --config.<field>=<value>")
@@ -177,6 +200,8 @@ def main(argv):
   from lbcl_jax import distributed  # pylint: disable=g-import-not-at-top
   from lbcl_jax import timings  # pylint: disable=g-import-not-at-top
   config = FLAGS.config
+  if config.process.huge_pages:
+    _restart_with_huge_pages()
   # The C heap's policy before JAX allocates anything (train_and_evaluate sets it again for
   # callers that import it; a value it does not know is refused there, with the others).
   if config.process.malloc in timings.MALLOC_POLICIES:

@@ -1,8 +1,10 @@
 """What a run costs: `Timings` (the wall seconds of one invocation, per phase, and its compile
 time), the process's peak resident memory over a stretch of it (`reset_peak_rss`,
 `peak_rss_bytes`) and its page faults (`minor_faults`), and how the process's C heap serves
-XLA's buffers (`set_malloc_policy`, `release_free_heap`): what keeps the memory from creeping
-up without paying a fault per page of every step's buffers."""
+XLA's buffers (`set_malloc_policy`, `release_free_heap`, `huge_pages_environ`): what keeps the
+memory from creeping up without paying a fault per page of every step's buffers.
+
+Importing it does not load JAX (the driver sets the heap's policy before JAX starts)."""
 
 from __future__ import annotations
 
@@ -10,11 +12,11 @@ import collections
 import contextlib
 import ctypes
 import functools
+import os
+import re
 import resource
 import sys
 import time
-
-import jax
 
 
 class Timings:
@@ -31,6 +33,7 @@ class Timings:
   def __init__(self):
     self.seconds: dict[str, float] = collections.defaultdict(float)
     if not Timings._listening:
+      import jax  # pylint: disable=g-import-not-at-top
       # One process-wide listener (JAX cannot scope one to a run); runs read deltas of it.
       jax.monitoring.register_event_duration_secs_listener(Timings._on_event)
       Timings._listening = True
@@ -187,6 +190,73 @@ def minor_faults() -> int:
   """The process's minor page faults so far: pages the kernel had to map (and zero) on first
   touch, which a step that reuses its buffers does not pay again."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+# glibc's tunable (2.35 and later) that has malloc ask the kernel for transparent huge pages
+# (madvise) for its mappings and its heap; glibc reads it once, when a process starts.
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb"
+_THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def _thp_mode(path: str = _THP_ENABLED) -> str | None:
+  """The kernel's transparent-huge-page mode for anonymous memory ("always", "madvise",
+  "never"), or None where there is no such setting (not Linux)."""
+  try:
+    with open(path) as f:
+      match = re.search(r"\[(\w+)\]", f.read())
+  except OSError:
+    return None
+  return match.group(1) if match else None
+
+
+def _glibc_version() -> tuple[int, ...] | None:
+  try:
+    name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+  except (AttributeError, OSError, ValueError):  # not glibc (macOS, musl)
+    return None
+  return tuple(int(x) for x in re.findall(r"\d+", version)) if name == "glibc" else None
+
+
+def _tunables(environ) -> dict[str, str]:
+  items = (kv.partition("=") for kv in environ.get("GLIBC_TUNABLES", "").split(":") if kv)
+  return {k: v for k, _, v in items}
+
+
+def huge_pages_environ(environ=None) -> dict[str, str] | None:
+  """The environment a process should start with so that malloc backs its large blocks with
+  transparent huge pages, or None where it already does or cannot: the kernel gives them to
+  every large block anyway ("always") or never, glibc is older than 2.35 or absent, or
+  GLIBC_TUNABLES already names the tunable (the user's choice stands).
+
+  XLA:CPU allocates an execution's working memory as one block and frees it at its end: 1.26
+  GB for a SmolLM2 step, mapped and unmapped by glibc every step, so the kernel faults and
+  zeroes 325 thousand 4 KiB pages a step; in huge pages, about 1.2 thousand faults (BENCHMARKS,
+  "The C heap"). The kernel's default mode on most distributions is "madvise", where only
+  memory that asks gets huge pages; this tunable makes glibc ask. It cannot be set in a
+  running process: the driver starts its command again under it (`main.py`).
+  """
+  environ = os.environ if environ is None else environ
+  if _thp_mode() != "madvise" or (_glibc_version() or (0,)) < (2, 35):
+    return None
+  tunables = _tunables(environ)
+  if HUGE_PAGES_TUNABLE in tunables:
+    return None
+  out = dict(environ)
+  out["GLIBC_TUNABLES"] = ":".join(
+      [*(f"{k}={v}" for k, v in tunables.items()), f"{HUGE_PAGES_TUNABLE}=1"])
+  return out
+
+
+def huge_pages_in_force(environ=None) -> bool:
+  """Whether malloc's large blocks get transparent huge pages in this process: the kernel's
+  mode is "always", or "madvise" with glibc's tunable at 1 in the environment the process
+  started with (glibc >= 2.35)."""
+  environ = os.environ if environ is None else environ
+  mode = _thp_mode()
+  if mode == "always":
+    return True
+  return (mode == "madvise" and (_glibc_version() or (0,)) >= (2, 35)
+          and _tunables(environ).get(HUGE_PAGES_TUNABLE) == "1")
 
 
 def set_mmap_threshold(nbytes: int) -> bool:

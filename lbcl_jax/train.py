@@ -340,7 +340,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, stage: stage_lib.Stage
         config=checkpointing.config_to_dict(config))
     # This invocation's wall seconds by phase (a resumed run counts only its own part).
     # And the C heap's policy its process ran with ("glibc" where none could be set).
-    late = lambda: {"timings": timings.as_dict(), "malloc_policy": malloc}
+    late = lambda: {"timings": timings.as_dict(), "malloc_policy": malloc,
+                    "huge_pages": timings_lib.huge_pages_in_force()}
     if jax.process_index() == 0:
       if config.export.final:
         # The merged model of the last stage as a Hugging Face checkpoint directory.
