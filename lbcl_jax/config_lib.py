@@ -277,9 +277,9 @@ def base_config() -> ml_collections.ConfigDict:
   # default): `python -m lbcl_jax.main` starts itself again with GLIBC_TUNABLES naming
   # glibc.malloc.hugetlb=1 (`timings.huge_pages_environ`); a program that imports the driver
   # sets that variable itself. A SmolLM2 step faults 1.4 thousand pages instead of 326
-  # thousand, but each stage's set-up took 4-6 s longer in 9-task runs: off until a whole-run
-  # comparison decides (BENCHMARKS, "The C heap"). results.json's `huge_pages` says whether
-  # they were in force.
+  # thousand, but each stage's set-up took 2-6 s longer and training as a whole was slower in
+  # whole runs (9 tasks at 5 steps, 4 at 32): off (BENCHMARKS, "The C heap"). results.json's
+  # `huge_pages` says whether they were in force.
   config.process.huge_pages = False
   # The "return" policy's mmap threshold (bytes), at most 32 MiB. 0 leaves glibc's dynamic
   # threshold, which rises to 32 MiB and lets the heap that programs compiled for new shapes
