@@ -871,7 +871,7 @@ def markdown(spec: Spec, report: dict) -> str:
     words = _machine_words(m["machine"])
     ran_on[words] = ran_on.get(words, 0) + m["cells"]
   out += ["Cells ran on (their records' machines; seconds and costs are theirs): " + "; ".join(
-      f"{words} ({n} cells)" for words, n in ran_on.items()) + ".", ""]
+      f"{words} ({n} cell{'s' * (n != 1)})" for words, n in ran_on.items()) + ".", ""]
   if spec.analyses:
     out += _analyses_md(spec, report)
   if spec.section:
@@ -1094,7 +1094,7 @@ def main(spec: Spec, description: str, argv: Sequence[str] | None = None) -> Non
   md = write_outputs(spec, records, args.data_dir, out_dir)
   print(md)
   total = sum(r["wall_seconds"] for r in records.values())
-  print(f"{len(records)} cells, {total / 60:.1f} min of runs; wrote "
+  print(f"{len(records)} cell{'s' * (len(records) != 1)}, {total / 60:.1f} min of runs; wrote "
         + ", ".join(str(out_dir / o) for o in spec.outputs if (out_dir / o).exists()))
   if failed:
     sys.exit(f"failed cells: {', '.join(failed)}")

@@ -391,7 +391,7 @@ def test_the_report_names_the_machines_its_cells_ran_on():
   md = cl_grid.markdown(spec, cl_grid.build_report(spec, {}, "/data") | {
       "settings": {**cl_grid.build_report(spec, {}, "/data")["settings"], "machines": got}})
   assert ("Xeon X (AVX2, AVX-512), 2 cores (3 cells); x86_64, 2 cores (no CPU model recorded) "
-          "(1 cells)") in md
+          "(1 cell).") in md
 
 
 def test_the_published_row_is_lbcls_where_validation_chose_the_published_injection(tmp_path):
@@ -421,3 +421,27 @@ def test_the_published_row_is_lbcls_where_validation_chose_the_published_injecti
   assert "the cells of the LB-CL row" in md
   assert "validation split (8 runs per family, exact match) so far" in md
   assert "| svd | `" in md
+
+
+def test_method_costs_runs_each_sequential_method_with_the_grid_settings():
+  import method_costs  # pylint: disable=g-import-not-at-top
+  from driver_utils import make_config  # pylint: disable=g-import-not-at-top
+  from lbcl_jax import methods  # pylint: disable=g-import-not-at-top
+  args = method_costs.parse_args(["--steps", "5", "--tasks", "2", "--eval_examples", "4"])
+  ran = set()
+  for label, method_flags in method_costs.METHODS.items():
+    flags = method_costs.flags(args, method_flags)
+    # The benchmark's sizes replace the grid's, never sit beside them (the last would win).
+    for key in ("optim.max_steps_per_task", "data.max_test_examples", "order", "seed"):
+      assert sum(f.startswith(f"--config.{key}=") for f in flags) == 1, (label, key)
+    config = make_config(*flags)
+    assert config.optim.max_steps_per_task == 5 and config.data.max_test_examples == 4
+    assert config.order == ",".join(generative_cl.ORDERS[1].split(",")[:2])
+    assert config.optim.global_batch_size == 8 and config.data.max_source_length == 128
+    methods.get_method(config.method, methods.MethodSettings(
+        replay_over=config.replay.over, ewc_over=config.ewc.over))  # a registered method
+    ran.add((config.method, config.replay.over if config.method == "replay" else
+             config.ewc.over if config.method == "ewc" else ""))
+  # Table 1's methods that train task after task (not MTL's joint stage) and the four beyond it.
+  assert ran == ({(m, "") for m in cl_grid.METHODS if m != "mtl"}
+                 | {("replay", "seqft"), ("replay", "lbcl"), ("ewc", "seqft"), ("inflora", "")})
