@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import pathlib
 import platform
 import sys
@@ -38,7 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from lbcl_jax import adapters
-from lbcl_jax import files
 from lbcl_jax.models import llama
 from lbcl_jax.models import t5
 
@@ -227,9 +225,7 @@ def main(argv=None) -> int:
          "host_cpu": machine.describe(),
          "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
          "models": out}
-  args.output.parent.mkdir(parents=True, exist_ok=True)
-  files.atomic_write_text(args.output, json.dumps(doc, indent=1) + "\n")
-  print(f"wrote {args.output}")
+  machine.write_record(args.output, doc)
   return 0
 
 

@@ -129,9 +129,7 @@ def main(argv=None) -> int:
   doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
          "machine": machine.describe(), "settings": {k: str(v) for k, v in vars(args).items()},
          "summary": summary, "records": records}
-  args.output.parent.mkdir(parents=True, exist_ok=True)
-  files.atomic_write_text(args.output, json.dumps(doc, indent=1) + "\n")
-  print(f"wrote {args.output}")
+  machine.write_record(args.output, doc)
   return 0
 
 

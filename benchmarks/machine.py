@@ -8,10 +8,11 @@ the extensions are unknown (an empty list, not "none").
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import platform
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 # cpuinfo flag -> the name tables use, in the order they are listed.
 EXTENSIONS = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("amx_tile", "AMX"),
@@ -84,3 +85,12 @@ def summary(desc: Optional[dict[str, Any]] = None) -> str:
   ident = d.get("cpu_id")  # absent from records written before it existed
   return (f"{d['cpu_model']} ({f'{ident}; ' if ident else ''}{ext_text}), "
           f"{d['usable_cores']} cores")
+
+
+def write_record(path: pathlib.Path, doc: Mapping[str, Any]) -> None:
+  """Writes a benchmark's JSON record whole or not at all (a stopped run leaves the last one),
+  and says where."""
+  from lbcl_jax import files  # pylint: disable=g-import-not-at-top
+  path.parent.mkdir(parents=True, exist_ok=True)
+  files.atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
+  print(f"wrote {path}")

@@ -103,7 +103,6 @@ def run_method(args, label: str, method_flags, workdir: pathlib.Path) -> dict:
 def main(argv=None) -> int:
   args = parse_args(argv)
   sys.path.insert(0, str(ROOT))
-  from lbcl_jax import files  # pylint: disable=g-import-not-at-top
   import machine  # pylint: disable=g-import-not-at-top
   if args.steps < 3:
     sys.exit(f"--steps {args.steps}: at least 3 (the first step compiles; two time a step)")
@@ -136,9 +135,7 @@ def main(argv=None) -> int:
          "settings": {**{k: str(v) for k, v in vars(args).items()},
                       "flags": flags(args, ())},
          "methods": rows}
-  args.output.parent.mkdir(parents=True, exist_ok=True)
-  files.atomic_write_text(args.output, json.dumps(doc, indent=1) + "\n")
-  print(f"wrote {args.output}")
+  machine.write_record(args.output, doc)
   return 0
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 import machine
 
 SAPPHIRE = """processor\t: 0
@@ -83,3 +87,14 @@ def test_a_generic_model_name_is_told_apart_by_family_and_model():
   assert machine.describe(ARM)["cpu_id"] is None
   old_record = {k: v for k, v in d.items() if k != "cpu_id"}
   assert machine.summary(old_record).startswith("AMD EPYC (AVX2, AVX-512, BF16), ")
+
+
+def test_write_record_writes_whole_records_or_nothing(tmp_path, capsys):
+  out = tmp_path / "results" / "bench.json"  # its folder is made
+  machine.write_record(out, {"step_ms": [1.5, 2.0], "machine": {"cpu_model": "X"}})
+  assert json.loads(out.read_text()) == {"step_ms": [1.5, 2.0], "machine": {"cpu_model": "X"}}
+  assert capsys.readouterr().out.strip() == f"wrote {out}"
+  with pytest.raises(TypeError):  # a record that cannot be written leaves the last one
+    machine.write_record(out, {"step_ms": object()})
+  assert json.loads(out.read_text())["step_ms"] == [1.5, 2.0]
+  assert [p.name for p in out.parent.iterdir()] == ["bench.json"]
