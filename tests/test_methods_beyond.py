@@ -313,3 +313,32 @@ def test_input_grams_sum_the_unmasked_rows_of_each_layer():
   rows = np.asarray(x).reshape(-1, D)[np.asarray(mask).reshape(-1) > 0]
   np.testing.assert_allclose(grams["q"], rows.T @ rows, rtol=1e-5)
   assert set(grams) == {"q", "head"} and grams["head"].shape == (H, H)
+
+
+def test_ewc_penalty_benchmark_reads_the_last_task_from_the_last_two_checkpoints(tmp_path):
+  """`benchmarks/ewc_penalty.py` pairs the state after the second-to-last task (Fisher and
+  anchor) with the weights after the last, and reports the penalty and its gradient's norm."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import ewc_penalty  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  tree = lambda: {"model": {"a": rng.normal(size=(3, 4)).astype(np.float32),
+                            "b": rng.normal(size=(5,)).astype(np.float32)}}
+  ckpt = ocp.PyTreeCheckpointer()
+  fisher = jax.tree.map(np.abs, tree())
+  anchor, theta = tree(), tree()
+  for step, state, params in ((2, {"own": {"fisher": tree(), "anchor": tree()}}, tree()),  # older
+                              (4, {"own": {"fisher": fisher, "anchor": anchor}}, tree()),
+                              (6, {"own": {"fisher": tree(), "anchor": tree()}}, theta)):
+    ckpt.save(tmp_path / "checkpoints" / str(step) / "method_state", state)
+    ckpt.save(tmp_path / "checkpoints" / str(step) / "params", params)
+  (tmp_path / "config.json").write_text(json.dumps(
+      {"method": "ewc", "ewc": {"over": "seqft", "weight": 30.0}, "optim": {"grad_clip": 1.0}}))
+  got = ewc_penalty.measure(tmp_path)
+  f, a, t = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(z)]).astype(np.float64)
+             for z in (fisher, anchor, theta))
+  assert got["checkpoints"] == [4, 6]
+  np.testing.assert_allclose(got["penalty"], 15.0 * np.sum(f * (t - a) ** 2), rtol=1e-5)
+  np.testing.assert_allclose(got["penalty_grad_norm"], np.linalg.norm(30.0 * f * (t - a)),
+                             rtol=1e-5)
+  np.testing.assert_allclose(got["distance"], np.linalg.norm(t - a), rtol=1e-6)
+  assert got["fisher"]["max"] == pytest.approx(float(f.max()))
