@@ -15,7 +15,6 @@ loss's own step.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 
@@ -35,28 +34,30 @@ def measure(workdir: pathlib.Path) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from lbcl_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from lbcl_jax import export  # pylint: disable=g-import-not-at-top
+  from lbcl_jax.errors import InputError  # pylint: disable=g-import-not-at-top
   from lbcl_jax.methods import ewc  # pylint: disable=g-import-not-at-top
   workdir = workdir.resolve()  # orbax reads absolute paths only
-  config_file = workdir / "config.json"
-  if not config_file.is_file():
-    sys.exit(f"{config_file}: not found (WORKDIR is a finished run's --workdir)")
-  config = json.loads(config_file.read_text())
-  if config.get("method") != "ewc" or config["ewc"]["over"] != "seqft":
-    sys.exit(f"{config_file}: method {config.get('method')!r} over "
-             f"{config.get('ewc', {}).get('over')!r}; this reads an ewc run over seqft")
-  steps = sorted(int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit())
+  config = export.read_config(workdir)
+  if config.method != "ewc" or config.ewc.over != "seqft":
+    what = f"ewc over {config.ewc.over!r}" if config.method == "ewc" else repr(config.method)
+    raise InputError(f"--workdir={workdir}: method {what}; this reads an ewc run over seqft")
+  ckpt_dir = workdir / "checkpoints"
+  run_ckpt = checkpointing.RunCheckpointer(ckpt_dir)
+  steps = run_ckpt.all_steps()
+  run_ckpt.close()
   if len(steps) < 2:
-    sys.exit(f"{workdir / 'checkpoints'}: {len(steps)} checkpoint(s); the last two tasks' are "
-             "needed")
+    raise InputError(f"{ckpt_dir}: {len(steps)} checkpoint(s); the last two tasks' are needed")
   before, last = steps[-2:]
   ckpt = ocp.PyTreeCheckpointer()
-  state = ckpt.restore(workdir / "checkpoints" / str(before) / "method_state")["own"]
-  theta = ckpt.restore(workdir / "checkpoints" / str(last) / "params")
+  state = ckpt.restore(ckpt_dir / str(before) / "method_state")["own"]
+  theta = ckpt.restore(ckpt_dir / str(last) / "params")
   fisher, anchor = state["fisher"], state["anchor"]
   if jax.tree.structure(theta) != jax.tree.structure(anchor):
-    sys.exit(f"{workdir}: the anchor's tree is not the weights' (a run over seqft anchors the "
-             "base)")
-  weight = float(config["ewc"]["weight"])
+    raise InputError(f"--workdir={workdir}: the anchor's tree is not the weights' (a run over "
+                     "seqft anchors the base)")
+  weight = float(config.ewc.weight)
   f = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(fisher)])
   penalty, grad = jax.value_and_grad(ewc.ewc_penalty)(theta, anchor, fisher, weight)
   sq = lambda t: float(sum(np.sum(np.square(np.asarray(x, np.float64)))
@@ -68,15 +69,19 @@ def measure(workdir: pathlib.Path) -> dict:
                      "max": float(f.max()), "sum": float(f.sum())},
           "distance": sq(delta) ** 0.5, "penalty": float(penalty),
           "penalty_grad_norm": sq(grad) ** 0.5,
-          "grad_clip": config["optim"].get("grad_clip")}
+          "grad_clip": config.optim.grad_clip}
 
 
 def main(argv=None) -> int:
   args = parse_args(argv)
   sys.path.insert(0, str(ROOT))
+  from lbcl_jax.errors import InputError  # pylint: disable=g-import-not-at-top
   runs = []
   for workdir in args.workdirs:
-    out = measure(workdir)
+    try:
+      out = measure(workdir)
+    except InputError as e:
+      sys.exit(f"error: {e}")
     runs.append(out)
     f = out["fisher"]
     print(f"{workdir}: lambda {out['weight']:g}; Fisher mean {f['mean']:.3g}, median "

@@ -76,7 +76,7 @@ def flags(args, method_flags) -> list[str]:
 
 def run_method(args, label: str, method_flags, workdir: pathlib.Path) -> dict:
   cmd = [sys.executable, "-m", "lbcl_jax.main",
-         f"--config={ROOT / 'configs' / 'smollm2_cl.py'}", f"--workdir={workdir}",
+         f"--config={generative_cl.SPEC.config}", f"--workdir={workdir}",
          f"--config.data.data_dir={args.data_dir}", *flags(args, method_flags)]
   t0 = time.perf_counter()
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

@@ -318,19 +318,19 @@ def test_input_grams_sum_the_unmasked_rows_of_each_layer():
 def test_ewc_penalty_benchmark_reads_the_last_task_from_the_last_two_checkpoints(tmp_path):
   """`benchmarks/ewc_penalty.py` pairs the state after the second-to-last task (Fisher and
   anchor) with the weights after the last, and reports the penalty and its gradient's norm."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   import ewc_penalty  # pylint: disable=g-import-not-at-top
+  from lbcl_jax import checkpointing  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   tree = lambda: {"model": {"a": rng.normal(size=(3, 4)).astype(np.float32),
                             "b": rng.normal(size=(5,)).astype(np.float32)}}
-  ckpt = ocp.PyTreeCheckpointer()
+  ckpt = checkpointing.RunCheckpointer(tmp_path / "checkpoints", max_to_keep=3)
   fisher = jax.tree.map(np.abs, tree())
   anchor, theta = tree(), tree()
   for step, state, params in ((2, {"own": {"fisher": tree(), "anchor": tree()}}, tree()),  # older
                               (4, {"own": {"fisher": fisher, "anchor": anchor}}, tree()),
                               (6, {"own": {"fisher": tree(), "anchor": tree()}}, theta)):
-    ckpt.save(tmp_path / "checkpoints" / str(step) / "method_state", state)
-    ckpt.save(tmp_path / "checkpoints" / str(step) / "params", params)
+    ckpt.save(step, {"method_state": state, "params": params}, {"phase": "stage_start"})
+  ckpt.close()
   (tmp_path / "config.json").write_text(json.dumps(
       {"method": "ewc", "ewc": {"over": "seqft", "weight": 30.0}, "optim": {"grad_clip": 1.0}}))
   got = ewc_penalty.measure(tmp_path)
