@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import pathlib
 import sys
 
@@ -23,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import machine
 from lbcl_jax import data as data_lib
-from lbcl_jax import files
 from lbcl_jax import tasks
 from lbcl_jax.data import pipeline
 from lbcl_jax.models import gguf
@@ -91,17 +90,17 @@ def main(argv=None) -> int:
         "argmax_agreement": float(np.mean(logits.argmax(-1)[real] == ref_logits.argmax(-1)[real])),
         "same_generations": int(sum(a == b for a, b in zip(text, ref_text))),
         "generations": text}
-  doc = {"model": str(path), "device": str(device), "device_kind": device.device_kind,
+  doc = {"model": str(path), "machine": machine.describe(), "device": str(device),
+         "device_kind": device.device_kind,
          "reference": f"{cpu} float32", "logit_scale": scale, "rows": len(SENTENCES),
          "reference_generations": ref_text, "runs": runs, "tolerance": args.tolerance,
          "ok": runs["float32"]["max_rel_diff"] <= args.tolerance}
-  args.output.parent.mkdir(parents=True, exist_ok=True)
-  files.atomic_write_text(args.output, json.dumps(doc, indent=1) + "\n")
+  machine.write_record(args.output, doc)
   print(f"{'run':<22} {'max |dlogit|':>12} {'relative':>10} {'argmax agree':>13} {'same answers':>13}")
   for dtype, r in runs.items():
     print(f"{device.platform + ' ' + dtype:<22} {r['max_abs_diff']:>12.2e} {r['max_rel_diff']:>10.2e}"
           f" {r['argmax_agreement']:>13.3f} {r['same_generations']:>9}/{len(SENTENCES)}")
-  print(f"reference: {doc['reference']}; wrote {args.output}")
+  print(f"reference: {doc['reference']}")
   if not doc["ok"]:
     print(f"error: float32 logits on {device} differ from the CPU's by "
           f"{runs['float32']['max_rel_diff']:.2e} (relative) > --tolerance={args.tolerance}",

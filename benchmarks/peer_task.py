@@ -143,6 +143,9 @@ def run_hf(args, train_ex, test_ex) -> dict:
   # transformers dequantises a GGUF to float32 tensors at load (as ours does), but marks the
   # model quantized, and Trainer refuses to train such a model: clear the marker.
   base.is_quantized, base.hf_quantizer = False, None
+  # PEFT draws LoRA's A here, before Trainer seeds anything (its seed=0 covers dropout and the
+  # data order only): without this each process starts from another adapter.
+  transformers.set_seed(0)
   model = peft.get_peft_model(base, peft.LoraConfig(
       r=8, lora_alpha=32, lora_dropout=0.1, target_modules=["q_proj", "v_proj"], bias="none",
       task_type="CAUSAL_LM"))
@@ -260,8 +263,7 @@ def main(argv=None) -> int:
           f"{r['wall_s']:>8.1f} {r['examples_per_s']:>6.2f} {r['accuracy']:>6.3f}")
   if "speedup_wall" in doc:
     print(f"ours / HF whole-task speed: {doc['speedup_wall']:.2f}x")
-  args.output.parent.mkdir(parents=True, exist_ok=True)
-  files.atomic_write_text(args.output, json.dumps(doc, indent=1) + "\n")
+  machine.write_record(args.output, doc)
   return 0
 
 
