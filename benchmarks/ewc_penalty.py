@@ -45,11 +45,22 @@ def measure(workdir: pathlib.Path) -> dict:
     raise InputError(f"--workdir={workdir}: method {what}; this reads an ewc run over seqft")
   ckpt_dir = workdir / "checkpoints"
   run_ckpt = checkpointing.RunCheckpointer(ckpt_dir)
-  steps = run_ckpt.all_steps()
-  run_ckpt.close()
-  if len(steps) < 2:
-    raise InputError(f"{ckpt_dir}: {len(steps)} checkpoint(s); the last two tasks' are needed")
-  before, last = steps[-2:]
+  try:
+    steps = run_ckpt.all_steps()
+    if len(steps) < 2:
+      raise InputError(f"{ckpt_dir}: {len(steps)} checkpoint(s); the last two tasks' are needed")
+    before, last = steps[-2:]
+    # Both must be task ends, one task apart: a run stopped mid-task (or one that saves every
+    # N steps) has a newer checkpoint than its last task's end.
+    progress = [run_ckpt.restore_progress(s) for s in (before, last)]
+  finally:
+    run_ckpt.close()
+  if (any(p.get("phase") != "stage_start" for p in progress)
+      or int(progress[1]["stage"]) != int(progress[0]["stage"]) + 1):
+    got = ", ".join(f"step {s}: {p.get('phase')} of stage {p.get('stage')}"
+                    for s, p in zip((before, last), progress))
+    raise InputError(f"{ckpt_dir}: the last two checkpoints are not two consecutive task ends "
+                     f"({got}); this reads a finished run that kept its task-end checkpoints")
   ckpt = ocp.PyTreeCheckpointer()
   state = ckpt.restore(ckpt_dir / str(before) / "method_state")["own"]
   theta = ckpt.restore(ckpt_dir / str(last) / "params")

@@ -326,10 +326,12 @@ def test_ewc_penalty_benchmark_reads_the_last_task_from_the_last_two_checkpoints
   ckpt = checkpointing.RunCheckpointer(tmp_path / "checkpoints", max_to_keep=3)
   fisher = jax.tree.map(np.abs, tree())
   anchor, theta = tree(), tree()
-  for step, state, params in ((2, {"own": {"fisher": tree(), "anchor": tree()}}, tree()),  # older
-                              (4, {"own": {"fisher": fisher, "anchor": anchor}}, tree()),
-                              (6, {"own": {"fisher": tree(), "anchor": tree()}}, theta)):
-    ckpt.save(step, {"method_state": state, "params": params}, {"phase": "stage_start"})
+  for stage, step, state, params in (
+      (1, 2, {"own": {"fisher": tree(), "anchor": tree()}}, tree()),  # older
+      (2, 4, {"own": {"fisher": fisher, "anchor": anchor}}, tree()),
+      (3, 6, {"own": {"fisher": tree(), "anchor": tree()}}, theta)):
+    ckpt.save(step, {"method_state": state, "params": params},
+              {"phase": "stage_start", "stage": stage})
   ckpt.close()
   (tmp_path / "config.json").write_text(json.dumps(
       {"method": "ewc", "ewc": {"over": "seqft", "weight": 30.0}, "optim": {"grad_clip": 1.0}}))
@@ -342,3 +344,20 @@ def test_ewc_penalty_benchmark_reads_the_last_task_from_the_last_two_checkpoints
                              rtol=1e-5)
   np.testing.assert_allclose(got["distance"], np.linalg.norm(t - a), rtol=1e-6)
   assert got["fisher"]["max"] == pytest.approx(float(f.max()))
+
+
+def test_ewc_penalty_benchmark_refuses_a_run_whose_newest_checkpoint_is_mid_task(tmp_path):
+  """A run stopped inside a task has a newer checkpoint than its last task end: pairing it
+  with the checkpoint before would measure a task that never finished."""
+  import ewc_penalty  # pylint: disable=g-import-not-at-top
+  from lbcl_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  tree = {"model": {"a": np.ones((2, 2), np.float32)}}
+  ckpt = checkpointing.RunCheckpointer(tmp_path / "checkpoints", max_to_keep=3)
+  ckpt.save(4, {"method_state": {"own": {"fisher": tree, "anchor": tree}}, "params": tree},
+            {"phase": "stage_start", "stage": 2})
+  ckpt.save(5, {"params": tree}, {"phase": "train", "stage": 2})
+  ckpt.close()
+  (tmp_path / "config.json").write_text(json.dumps(
+      {"method": "ewc", "ewc": {"over": "seqft", "weight": 1.0}, "optim": {"grad_clip": 1.0}}))
+  with pytest.raises(InputError, match="not two consecutive task ends .*step 5: train of stage 2"):
+    ewc_penalty.measure(tmp_path)
