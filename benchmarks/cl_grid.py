@@ -460,7 +460,7 @@ def make_record(name: str, flags: Sequence[str], wall: float, results: dict,
           "stage_costs": results.get("stage_costs"),
           # `data.invalid_rows=skip`: {task: {split: rows skipped}}.
           "skipped_rows": results.get("skipped_rows"),
-          "machine": machine.describe()}
+          "machine": machine.describe(accelerator=results.get("devices"))}
 
 
 def run_cell(spec: Spec, name: str, flags: Sequence[str], workdir: pathlib.Path, data_dir: str,

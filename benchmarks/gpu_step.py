@@ -59,7 +59,7 @@ T5_TINY = dict(T5_LARGE, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decode
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--models", default="t5-large,smollm2")
+  p.add_argument("--models", default="smollm2,t5-large")
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--batch", type=int, default=64)
@@ -95,8 +95,11 @@ def t5_setup(args) -> dict:
   np_batch = t5_step.make_batch(ns, config.vocab_size,
                                 decoder_start_id=config.decoder_start_token_id)
 
-  def torch_model(torch, transformers):
-    return transformers.T5ForConditionalGeneration(transformers.T5Config(**cfg_dict))
+  def torch_model(torch, transformers, device):
+    # Built on the device: T5-large's random initialisation on the host's CPU takes longer than
+    # the whole timed step loop.
+    with torch.device(device):
+      return transformers.T5ForConditionalGeneration(transformers.T5Config(**cfg_dict))
 
   def torch_loss(m, tb):
     labels = tb["labels"].masked_fill(~tb["label_mask"].bool(), -100)
@@ -119,7 +122,8 @@ def smollm2_setup(args) -> dict:
   n, length = args.batch, args.seq_len
   np_batch = peer_step.causal_lm_batch(n, length, args.answer_len, model.config.vocab_size)
 
-  def torch_model(torch, transformers):
+  def torch_model(torch, transformers, device):
+    del device  # dequantised on the host, then moved
     return transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32)
 
@@ -155,7 +159,7 @@ def time_torch(setup, args) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   device = "cuda" if torch.cuda.is_available() else "cpu"
-  base = setup["torch_model"](torch, transformers)
+  base = setup["torch_model"](torch, transformers, device)
   base.is_quantized, base.hf_quantizer = False, None
   base = base.to(device=device, dtype=torch.bfloat16)
   base.train(False)
@@ -184,6 +188,19 @@ def time_torch(setup, args) -> dict:
   return {"median_step_s": float(np.median(times)), "device": device}
 
 
+def _finish(rows: dict, setup: dict, args) -> None:
+  """Fills each row's rates (MFU from ours' FLOPs: both stacks do the same model work)."""
+  flops = rows.get("ours inclora", {}).get("flops")
+  for r in rows.values():
+    r["steps_per_s"] = 1.0 / r["median_step_s"]
+    r["tokens_per_s"] = setup["tokens"] / r["median_step_s"]
+    r["mfu"] = (flops / r["median_step_s"] / (args.peak_tflops * 1e12)
+                if flops and np.isfinite(flops) else None)
+  if "PyTorch + PEFT" in rows and "ours inclora" in rows:
+    rows["ours inclora"]["vs_peft"] = (rows["ours inclora"]["steps_per_s"]
+                                       / rows["PyTorch + PEFT"]["steps_per_s"])
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   models = [m for m in args.models.split(",") if m]
@@ -191,41 +208,44 @@ def main(argv=None) -> int:
     sys.exit(f"--models={args.models}: expected a comma-separated subset of {','.join(SETUPS)}")
   stacks = [s for s in args.stacks.split(",") if s]
   dev = jax.devices()[0]
-  print(f"device: {dev.device_kind} ({dev.platform}); peak {args.peak_tflops} TFLOP/s bf16")
-  out = {}
-  for name in models:
-    setup = SETUPS[name](args)
-    rows = {}
-    if "ours" in stacks:
-      rows["ours inclora"] = time_ours(setup, "inclora", 0, args)
-      rows[f"ours lbcl (K={args.old_tasks})"] = time_ours(setup, "lbcl", args.old_tasks, args)
-    if "torch" in stacks:
-      rows["PyTorch + PEFT"] = time_torch(setup, args)
-    flops = rows.get("ours inclora", {}).get("flops")
-    for r in rows.values():
-      r["steps_per_s"] = 1.0 / r["median_step_s"]
-      r["tokens_per_s"] = setup["tokens"] / r["median_step_s"]
-      r["mfu"] = (flops / r["median_step_s"] / (args.peak_tflops * 1e12)
-                  if flops and np.isfinite(flops) else None)
-    if "PyTorch + PEFT" in rows and "ours inclora" in rows:
-      rows["ours inclora"]["vs_peft"] = (rows["ours inclora"]["steps_per_s"]
-                                         / rows["PyTorch + PEFT"]["steps_per_s"])
-    out[name] = {"desc": setup["desc"], "rows": rows}
-    print(f"\n{name}: {setup['desc']}")
-    print(f"{'stack':<22} {'step ms':>9} {'steps/s':>8} {'tokens/s':>10} {'MFU':>6}")
-    for label, r in rows.items():
-      mfu = "--" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-      print(f"{label:<22} {1e3 * r['median_step_s']:>9.1f} {r['steps_per_s']:>8.2f} "
-            f"{r['tokens_per_s']:>10.0f} {mfu:>6}")
-    if "vs_peft" in rows.get("ours inclora", {}):
-      print(f"ours / PEFT steps/s: {rows['ours inclora']['vs_peft']:.2f}x")
+  t0 = time.perf_counter()
+  print(f"device: {dev.device_kind} ({dev.platform}); peak {args.peak_tflops} TFLOP/s bf16",
+        flush=True)
   doc = {"benchmark": "gpu_step", "device": dev.device_kind, "platform": dev.platform,
          "peak_tflops": args.peak_tflops, "tiny": args.tiny, "steps": args.steps,
          "warmup": args.warmup, "jax": jax.__version__, "host": platform.node(),
          "host_cpu": machine.describe(),
          "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-         "models": out}
-  machine.write_record(args.output, doc)
+         "models": {}}
+  # Each row is printed when measured and the record is rewritten after each one, so a suite
+  # that stops this at its time limit keeps every row finished by then.
+  for name in models:
+    setup = SETUPS[name](args)
+    rows: dict = {}
+    doc["models"][name] = {"desc": setup["desc"], "rows": rows}
+    print(f"\n{name}: {setup['desc']} (set up at {time.perf_counter() - t0:.0f} s)")
+    print(f"{'stack':<22} {'step ms':>9} {'steps/s':>8} {'tokens/s':>10} {'MFU':>6} "
+          f"{'compile s':>9} {'at s':>6}", flush=True)
+    todo = []
+    if "ours" in stacks:
+      todo += [("ours inclora", lambda: time_ours(setup, "inclora", 0, args)),
+               (f"ours lbcl (K={args.old_tasks})",
+                lambda: time_ours(setup, "lbcl", args.old_tasks, args))]
+    if "torch" in stacks:
+      todo.append(("PyTorch + PEFT", lambda: time_torch(setup, args)))
+    for label, measure in todo:
+      rows[label] = measure()
+      _finish(rows, setup, args)
+      r = rows[label]
+      mfu = "--" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+      compile_s = r.get("compile_s")
+      print(f"{label:<22} {1e3 * r['median_step_s']:>9.1f} {r['steps_per_s']:>8.2f} "
+            f"{r['tokens_per_s']:>10.0f} {mfu:>6} "
+            f"{'--' if compile_s is None else f'{compile_s:.1f}':>9} "
+            f"{time.perf_counter() - t0:>6.0f}", flush=True)
+      machine.write_record(args.output, doc)
+    if "vs_peft" in rows.get("ours inclora", {}):
+      print(f"ours / PEFT steps/s: {rows['ours inclora']['vs_peft']:.2f}x", flush=True)
   return 0
 
 

@@ -14,8 +14,10 @@
 #
 # Python packages the suite needs beyond the device image's are installed from ./.whl/*.whl
 # when that folder exists (offline, --no-deps), then checked. For the H200 image (Python 3.12,
-# which has jax, flax, optax, orbax, transformers, torch) that is ml-collections and gguf:
-#   python3 -m pip download --no-deps -d .whl ml-collections==1.1.0 gguf==0.19.0
+# which has jax, flax, optax, orbax, transformers, torch) that is ml-collections, gguf and
+# tensorboardX (the driver's metric writer):
+#   python3 -m pip download --no-deps -d .whl ml-collections==1.1.0 gguf==0.19.0 \
+#       tensorboardX==2.6.5
 #
 # What runs, in order (each stage has its own time limit, so the whole stays within budget):
 #   1. gpu_parity.py: SmolLM2's logits and greedy answers on the GPU against the CPU's, float32
@@ -84,7 +86,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 missing=$("$PYTHON" - <<'EOF'
 import importlib.util
 need = ["jax", "flax", "optax", "orbax.checkpoint", "ml_collections", "transformers", "gguf",
-        "tokenizers", "matplotlib", "tqdm", "safetensors"]
+        "tokenizers", "matplotlib", "tqdm", "safetensors", "tensorboardX", "absl", "numpy"]
 print(" ".join(n for n in need if importlib.util.find_spec(n.split(".")[0]) is None))
 EOF
 )
@@ -114,7 +116,7 @@ status=0
 timeout "$GRID_LIMIT" "$PYTHON" benchmarks/generative_cl.py --scale=gpu --grid=main \
     --orders=1,2,3 --only '^o[123]_(seqft|inclora|olora|lbcl)$' --jobs "$JOBS" \
     --data_dir "$DATA" --workdir "$WORK/cells" --output_dir "$OUT" \
-    --extra_flags "--config.model.path=$MODEL" || status=$?
+    --extra_flags="--config.model.path=$MODEL" || status=$?
 if [ "$status" -ne 0 ]; then
   say "the grid stopped (exit $status; 124 = its time limit): reporting the cells it finished"
 fi

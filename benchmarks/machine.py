@@ -53,9 +53,11 @@ def x86_id(text: str) -> Optional[str]:
   return f"family {family} model {model}"
 
 
-def describe(cpuinfo: Optional[str] = None) -> dict[str, Any]:
+def describe(cpuinfo: Optional[str] = None,
+             accelerator: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
   """The CPU model, its vector extensions (None: unknown on this OS), the logical cores and
-  the cores this process may use."""
+  the cores this process may use; and `accelerator`, a run's `{"platform", "kind", "count"}`
+  (its results' `devices`), where that platform is not the CPU."""
   if cpuinfo is None:
     try:
       cpuinfo = pathlib.Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
@@ -65,7 +67,7 @@ def describe(cpuinfo: Optional[str] = None) -> dict[str, Any]:
   ident = x86_id(cpuinfo)
   usable = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
             else os.cpu_count())
-  return {
+  out = {
       "cpu_model": model or platform.processor() or platform.machine(),
       # x86 "family F model M" (None elsewhere): the generation behind a generic model name.
       "cpu_id": ident,
@@ -75,16 +77,22 @@ def describe(cpuinfo: Optional[str] = None) -> dict[str, Any]:
       "usable_cores": usable,
       "arch": platform.machine(),
   }
+  if accelerator and accelerator.get("platform") != "cpu":
+    out["accelerator"] = dict(accelerator)
+  return out
 
 
 def summary(desc: Optional[dict[str, Any]] = None) -> str:
-  """One line for a table: "AMD EPYC (family 25 model 17; AVX2, AVX-512, BF16), 2 cores"."""
+  """One line for a table: "AMD EPYC (family 25 model 17; AVX2, AVX-512, BF16), 2 cores", and
+  ", with 1 x NVIDIA H200 (gpu)" where the record names an accelerator."""
   d = describe() if desc is None else desc
   ext = d["vector_extensions"]
   ext_text = "extensions unknown" if ext is None else (", ".join(ext) or "no AVX2")
   ident = d.get("cpu_id")  # absent from records written before it existed
+  acc = d.get("accelerator")
   return (f"{d['cpu_model']} ({f'{ident}; ' if ident else ''}{ext_text}), "
-          f"{d['usable_cores']} cores")
+          f"{d['usable_cores']} cores"
+          + (f", with {acc['count']} x {acc['kind']} ({acc['platform']})" if acc else ""))
 
 
 def write_record(path: pathlib.Path, doc: Mapping[str, Any]) -> None:

@@ -340,8 +340,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str, stage: stage_lib.Stage
         config=checkpointing.config_to_dict(config))
     # This invocation's wall seconds by phase (a resumed run counts only its own part).
     # And the C heap's policy its process ran with ("glibc" where none could be set).
+    # And the accelerator it ran on, which a benchmark record names beside the host's CPU.
     late = lambda: {"timings": timings.as_dict(), "malloc_policy": malloc,
-                    "huge_pages": timings_lib.huge_pages_in_force()}
+                    "huge_pages": timings_lib.huge_pages_in_force(),
+                    "devices": {"platform": jax.default_backend(),
+                                "kind": jax.devices()[0].device_kind,
+                                "count": jax.device_count()}}
     if jax.process_index() == 0:
       if config.export.final:
         # The merged model of the last stage as a Hugging Face checkpoint directory.

@@ -34,6 +34,8 @@ def test_default_config_two_tasks_writes_every_output(tmp_path):
   r = _results(wd)
   assert r["warnings"] == []  # nothing collapsed (run_main also checks stderr)
   assert r["malloc_policy"] == ("reuse" if platform.libc_ver()[0] == "glibc" else "glibc")
+  # The devices it ran on, which a benchmark record names beside the host CPU.
+  assert r["devices"] == {"platform": "cpu", "kind": "cpu", "count": 1}
   # Every seen label as an option: a superset of the task's own, so never more accurate (up to
   # one near-tie of the 16 test rows, which float rounding of other padded shapes may flip), and
   # the same before a second task's labels exist.

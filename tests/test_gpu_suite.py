@@ -1,6 +1,7 @@
 """`benchmarks/gpu_suite.sh`'s model stage: the GGUF travels in parts, is joined in name order
 and must carry the wheel file's SHA-256 before any device time is spent."""
 
+import os
 import pathlib
 import subprocess
 
@@ -51,3 +52,50 @@ def test_parts_of_the_real_gguf_join_to_the_checked_file(tmp_path):
   (parts / "smollm2.gguf.part00").rename(parts / "smollm2.gguf.part02")
   r = _suite(parts, tmp_path)
   assert r.returncode == 2 and "sha256" in r.stderr
+
+
+# Installed with the package but imported only by paths the suite never takes: hub downloads
+# (datasets, huggingface_hub) and T5's SentencePiece tokenizer; the device image has the last
+# two anyway.
+_NOT_ON_THE_SUITES_PATH = {"datasets", "huggingface_hub", "sentencepiece"}
+
+
+def test_the_package_check_names_every_core_dependency():
+  # A device machine has its own image: a core dependency missing there must stop the suite
+  # before device time is spent (tensorboardX once failed every grid cell after two stages).
+  import ast
+  import re
+  text = SUITE.read_text()
+  need = set(ast.literal_eval(re.search(r"^need = (\[.*?\])", text, re.S | re.M).group(1)))
+  setup = (ROOT / "setup.py").read_text()
+  block = re.search(r"install_requires=\[(.*?)\]", setup, re.S).group(1)
+  dists = [re.match(r"[A-Za-z0-9_.-]+", s).group(0)
+           for s in ast.literal_eval("[" + block + "]")]
+  module = {"orbax-checkpoint": "orbax.checkpoint", "ml-collections": "ml_collections",
+            "absl-py": "absl"}
+  missing = [d for d in dists
+             if module.get(d, d) not in need and d not in _NOT_ON_THE_SUITES_PATH]
+  assert not missing, f"gpu_suite.sh's package check lacks {missing}"
+
+
+def test_the_grids_command_line_parses(tmp_path):
+  # `--extra_flags "--config..."` is read by argparse as a flag with its value missing (the
+  # suite's first GPU run lost its grid to it): the suite's own grid command, as written there,
+  # must parse; --report_only then rebuilds the report from the committed records alone.
+  import re
+  import shlex
+  import sys
+  text = SUITE.read_text()
+  call = re.search(r"generative_cl\.py (--scale=gpu --grid=main.*?)\|\|", text, re.S).group(1)
+  call = (call.replace("\\\n", " ").replace('"$MODEL"', "/m.gguf").replace("$MODEL", "/m.gguf")
+          .replace('"$JOBS"', "4").replace('"$DATA"', str(tmp_path / "data"))
+          .replace('"$WORK/cells"', str(tmp_path / "cells"))
+          .replace('"$OUT"', str(tmp_path / "out")))
+  assert not re.search(r"\$[A-Z{]", call), call  # each of its variables is given a value above
+  argv = shlex.split(call)
+  assert "--extra_flags=--config.model.path=/m.gguf" in argv
+  r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generative_cl.py"), *argv,
+                      "--report_only"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                     env=dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'benchmarks'}"))
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert (tmp_path / "out" / "generative_cl_gpu.json").is_file()

@@ -98,3 +98,12 @@ def test_write_record_writes_whole_records_or_nothing(tmp_path, capsys):
     machine.write_record(out, {"step_ms": object()})
   assert json.loads(out.read_text())["step_ms"] == [1.5, 2.0]
   assert [p.name for p in out.parent.iterdir()] == ["bench.json"]
+
+
+def test_an_accelerator_is_named_beside_the_cpu_and_the_cpu_platform_is_not():
+  gpu = {"platform": "gpu", "kind": "NVIDIA H200", "count": 1}
+  d = machine.describe(SAPPHIRE, accelerator=gpu)
+  assert d["accelerator"] == gpu
+  assert machine.summary(d).endswith("cores, with 1 x NVIDIA H200 (gpu)")
+  host = machine.describe(SAPPHIRE, accelerator={"platform": "cpu", "kind": "cpu", "count": 1})
+  assert "accelerator" not in host and "with" not in machine.summary(host)
