@@ -99,3 +99,46 @@ def test_the_grids_command_line_parses(tmp_path):
                      env=dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'benchmarks'}"))
   assert r.returncode == 0, r.stderr[-2000:]
   assert (tmp_path / "out" / "generative_cl_gpu.json").is_file()
+
+
+CARRY = ROOT / "benchmarks" / "gpu_carry.sh"
+
+
+def _carry(tmp_path, *args, **env):
+  return subprocess.run(["bash", str(CARRY), *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120, env=dict(os.environ, SKIP_WHEELS="1",
+                                              GPU_CARRY_DIR=str(tmp_path / "pack"),
+                                              GPU_SUITE_HOME=str(tmp_path / "home"), **env))
+
+
+def test_two_calls_carry_the_model_and_the_data_and_join_them_there(tmp_path):
+  model = tmp_path / "m.gguf"
+  model.write_bytes(bytes(range(256)) * 9000)  # 2.3 MB
+  data = tmp_path / "any_name"
+  for task in ("TC/dbpedia", "TC/agnews", "SC/amazon", "SC/yelp"):
+    (data / task).mkdir(parents=True)
+    (data / task / "train.json").write_text(f'["{task}"]')
+  r = _carry(tmp_path, "pack", str(model), str(data), PART1_MB="1")
+  assert r.returncode == 0, r.stderr
+  for call in ("call1", "call2"):
+    r = _carry(tmp_path, "unpack", str(tmp_path / "pack" / call))
+    assert r.returncode == 0, r.stderr
+  home = tmp_path / "home"
+  parts = sorted((home / "parts").iterdir())
+  assert len(parts) == 2 and b"".join(p.read_bytes() for p in parts) == model.read_bytes()
+  assert (home / "cl_benchmark" / "SC" / "yelp" / "train.json").read_text() == '["SC/yelp"]'
+
+
+def test_a_call_over_the_carry_limit_is_one_error_and_nothing_packed(tmp_path):
+  model = tmp_path / "m.gguf"
+  with open(model, "wb") as f:
+    f.truncate(70 * 2**20)  # sparse: the first part alone is over 64 MiB
+  data = tmp_path / "d"
+  for task in ("TC/dbpedia", "TC/agnews", "SC/amazon", "SC/yelp"):
+    (data / task).mkdir(parents=True)
+    (data / task / "train.json").write_text("[]")
+  r = _carry(tmp_path, "pack", str(model), str(data), PART1_MB="69")
+  assert r.returncode == 2 and r.stderr.count("\n") == 1 and "PART1_MB=69" in r.stderr
+  assert not (tmp_path / "pack").exists() and not (tmp_path / "pack.tmp").exists()
+  r = _carry(tmp_path, "pack", str(model), str(tmp_path / "nodata"))
+  assert r.returncode == 2 and "no TC/dbpedia/train.json" in r.stderr
