@@ -53,8 +53,8 @@ case "${1:-}" in
       echo "$c: $size bytes with the repository"
     done
     rm -rf "$PACK" && mv "$PACK.tmp" "$PACK"  # whole or not at all
-    echo "device calls: carry .gpu/call1 with 'bash benchmarks/gpu_carry.sh unpack .gpu/call1';" \
-         "then at once carry .gpu/call2 with 'bash benchmarks/gpu_carry.sh unpack .gpu/call2 &&" \
+    echo "device calls: carry $PACK/call1 with 'bash benchmarks/gpu_carry.sh unpack $PACK/call1';" \
+         "then at once carry $PACK/call2 with 'bash benchmarks/gpu_carry.sh unpack $PACK/call2 &&" \
          "bash benchmarks/gpu_carry.sh run \$OUT'"
     ;;
   unpack)
@@ -68,10 +68,9 @@ case "${1:-}" in
   run)
     out=${2:?usage: gpu_carry.sh run OUT}
     mkdir -p "$out" "$HOME_DIR/out"
-    # The wheels the suite installs from ./.whl (replacing an older .whl there, which is ignored).
-    rm -rf .whl && mkdir .whl && { cp "$HOME_DIR"/whl/*.whl .whl/ 2>/dev/null || true; }
     status=0
-    SUITE_LIMIT=${SUITE_LIMIT:-540} DATA_DIR="$HOME_DIR/cl_benchmark" PYTHONUNBUFFERED=1 \
+    SUITE_LIMIT=${SUITE_LIMIT:-540} DATA_DIR="$HOME_DIR/cl_benchmark" WHEELS="$HOME_DIR/whl" \
+        PYTHONUNBUFFERED=1 \
         bash benchmarks/gpu_suite.sh "$HOME_DIR/parts" "$HOME_DIR/out" 2>&1 \
         | tee "$out/gpu_suite.log" || status=$?
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >> "$out/gpu_suite.log" \

@@ -12,12 +12,11 @@
 # The benchmark data is read from DATA_DIR (default ../shared/cl_benchmark; on a device machine,
 # carry a copy of its TC/dbpedia, TC/agnews, SC/amazon and SC/yelp, 16 MB).
 #
-# Python packages the suite needs beyond the device image's are installed from ./.whl/*.whl
-# when that folder exists (offline, --no-deps), then checked. For the H200 image (Python 3.12,
-# which has jax, flax, optax, orbax, transformers, torch) that is ml-collections, gguf and
-# tensorboardX (the driver's metric writer):
-#   python3 -m pip download --no-deps -d .whl ml-collections==1.1.0 gguf==0.19.0 \
-#       tensorboardX==2.6.5
+# Python packages the suite needs beyond the device image's are installed from $WHEELS/*.whl
+# (default ./.whl) when that folder exists (offline, --no-deps), then checked. For the H200
+# image (Python 3.12, which has jax, flax, optax, orbax, transformers, torch) that is
+# ml-collections, gguf and tensorboardX (the driver's metric writer), which
+# `benchmarks/gpu_carry.sh pack` downloads with the versions it names.
 #
 # What runs, in order (each stage has its own time limit, so the whole stays within budget):
 #   1. gpu_parity.py: SmolLM2's logits and greedy answers on the GPU against the CPU's, float32
@@ -77,9 +76,10 @@ say "model $MODEL (sha256 ok)"
 if [ -n "${CHECK_MODEL_ONLY:-}" ]; then exit 0; fi  # to check a transfer before a device run
 
 # -- packages -----------------------------------------------------------------------------------
-if [ -d .whl ] && compgen -G ".whl/*.whl" > /dev/null; then
+WHEELS=${WHEELS:-.whl}
+if [ -d "$WHEELS" ] && compgen -G "$WHEELS/*.whl" > /dev/null; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target "$WORK/site" .whl/*.whl
+      --target "$WORK/site" "$WHEELS"/*.whl
   export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -91,7 +91,7 @@ print(" ".join(n for n in need if importlib.util.find_spec(n.split(".")[0]) is N
 EOF
 )
 if [ -n "$missing" ]; then
-  echo "error: missing Python packages: $missing (carry their wheels in ./.whl/)" >&2; exit 2
+  echo "error: missing Python packages: $missing (carry their wheels in $WHEELS/)" >&2; exit 2
 fi
 "$PYTHON" -c "import jax; print('devices:', jax.devices())"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # several cells share the GPU

@@ -104,6 +104,14 @@ def test_the_grids_command_line_parses(tmp_path):
 CARRY = ROOT / "benchmarks" / "gpu_carry.sh"
 
 
+def _fake_data(data):
+  """The four task folders the suite reads, each train.json naming its task."""
+  for task in ("TC/dbpedia", "TC/agnews", "SC/amazon", "SC/yelp"):
+    (data / task).mkdir(parents=True)
+    (data / task / "train.json").write_text(f'["{task}"]')
+  return data
+
+
 def _carry(tmp_path, *args, **env):
   return subprocess.run(["bash", str(CARRY), *args], cwd=ROOT, capture_output=True, text=True,
                         timeout=120, env=dict(os.environ, SKIP_WHEELS="1",
@@ -114,10 +122,7 @@ def _carry(tmp_path, *args, **env):
 def test_two_calls_carry_the_model_and_the_data_and_join_them_there(tmp_path):
   model = tmp_path / "m.gguf"
   model.write_bytes(bytes(range(256)) * 9000)  # 2.3 MB
-  data = tmp_path / "any_name"
-  for task in ("TC/dbpedia", "TC/agnews", "SC/amazon", "SC/yelp"):
-    (data / task).mkdir(parents=True)
-    (data / task / "train.json").write_text(f'["{task}"]')
+  data = _fake_data(tmp_path / "any_name")
   r = _carry(tmp_path, "pack", str(model), str(data), PART1_MB="1")
   assert r.returncode == 0, r.stderr
   for call in ("call1", "call2"):
@@ -133,10 +138,7 @@ def test_a_call_over_the_carry_limit_is_one_error_and_nothing_packed(tmp_path):
   model = tmp_path / "m.gguf"
   with open(model, "wb") as f:
     f.truncate(70 * 2**20)  # sparse: the first part alone is over 64 MiB
-  data = tmp_path / "d"
-  for task in ("TC/dbpedia", "TC/agnews", "SC/amazon", "SC/yelp"):
-    (data / task).mkdir(parents=True)
-    (data / task / "train.json").write_text("[]")
+  data = _fake_data(tmp_path / "d")
   r = _carry(tmp_path, "pack", str(model), str(data), PART1_MB="69")
   assert r.returncode == 2 and r.stderr.count("\n") == 1 and "PART1_MB=69" in r.stderr
   assert not (tmp_path / "pack").exists() and not (tmp_path / "pack.tmp").exists()
