@@ -33,7 +33,6 @@ def measure(workdir: pathlib.Path) -> dict:
   """The last task's EWC penalty from `workdir`'s last two checkpoints (see the docstring)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from lbcl_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from lbcl_jax import export  # pylint: disable=g-import-not-at-top
   from lbcl_jax.errors import InputError  # pylint: disable=g-import-not-at-top
@@ -53,17 +52,17 @@ def measure(workdir: pathlib.Path) -> dict:
     # Both must be task ends, one task apart: a run stopped mid-task (or one that saves every
     # N steps) has a newer checkpoint than its last task's end.
     progress = [run_ckpt.restore_progress(s) for s in (before, last)]
+    if (any(p.get("phase") != "stage_start" for p in progress)
+        or int(progress[1]["stage"]) != int(progress[0]["stage"]) + 1):
+      got = ", ".join(f"step {s}: {p.get('phase')} of stage {p.get('stage')}"
+                      for s, p in zip((before, last), progress))
+      raise InputError(f"{ckpt_dir}: the last two checkpoints are not two consecutive task ends "
+                       f"({got}); this reads a finished run that kept its task-end checkpoints")
+    # Read as saved, through the driver's own reader (a damaged file is named).
+    state = run_ckpt.restore(before, {"method_state": None})["method_state"]["own"]
+    theta = run_ckpt.restore(last, {"params": None})["params"]
   finally:
     run_ckpt.close()
-  if (any(p.get("phase") != "stage_start" for p in progress)
-      or int(progress[1]["stage"]) != int(progress[0]["stage"]) + 1):
-    got = ", ".join(f"step {s}: {p.get('phase')} of stage {p.get('stage')}"
-                    for s, p in zip((before, last), progress))
-    raise InputError(f"{ckpt_dir}: the last two checkpoints are not two consecutive task ends "
-                     f"({got}); this reads a finished run that kept its task-end checkpoints")
-  ckpt = ocp.PyTreeCheckpointer()
-  state = ckpt.restore(ckpt_dir / str(before) / "method_state")["own"]
-  theta = ckpt.restore(ckpt_dir / str(last) / "params")
   fisher, anchor = state["fisher"], state["anchor"]
   if jax.tree.structure(theta) != jax.tree.structure(anchor):
     raise InputError(f"--workdir={workdir}: the anchor's tree is not the weights' (a run over "

@@ -22,7 +22,10 @@ EXTENSIONS = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("amx_tile", "AMX"),
 def parse_cpuinfo(text: str) -> tuple[Optional[str], Optional[set[str]]]:
   """(model name, flags) of the first processor in a /proc/cpuinfo text (None where absent;
   ARM's cpuinfo names its flags `Features`)."""
-  fields = _first_processor(text)
+  return _model_and_flags(_first_processor(text))
+
+
+def _model_and_flags(fields: Mapping[str, str]) -> tuple[Optional[str], Optional[set[str]]]:
   flags = fields.get("flags", fields.get("Features"))
   return fields.get("model name"), (None if flags is None else set(flags.split()))
 
@@ -46,7 +49,10 @@ def x86_id(text: str) -> Optional[str]:
   CPU only "AMD EPYC" or "Intel(R) Xeon(R) Processor", and the family and model numbers are
   what tell its generation (family 25 model 17: AMD Zen 4; family 6 model 143: Intel Sapphire
   Rapids)."""
-  fields = _first_processor(text)
+  return _x86_id(_first_processor(text))
+
+
+def _x86_id(fields: Mapping[str, str]) -> Optional[str]:
   family, model = fields.get("cpu family"), fields.get("model")
   if not (family and model and family.isdigit() and model.isdigit()):
     return None
@@ -63,8 +69,9 @@ def describe(cpuinfo: Optional[str] = None,
       cpuinfo = pathlib.Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
       cpuinfo = ""
-  model, flags = parse_cpuinfo(cpuinfo)
-  ident = x86_id(cpuinfo)
+  fields = _first_processor(cpuinfo)  # parsed once; both readings come from it
+  model, flags = _model_and_flags(fields)
+  ident = _x86_id(fields)
   usable = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
             else os.cpu_count())
   out = {

@@ -233,7 +233,9 @@ class RunCheckpointer:
     return out.progress
 
   def restore(self, step: int, abstract: dict[str, Any]) -> dict[str, Any]:
-    """Restores the named trees onto the shapes, dtypes and shardings of `abstract`."""
+    """Restores the named trees onto the shapes, dtypes and shardings of `abstract`; a `None`
+    tree restores as saved (a reader of a finished run, which has no model to take shapes
+    from)."""
     with self._naming_failures(step):
       out = self._mngr.restore(step, args=ocp.args.Composite(
           **{name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}))

@@ -5,7 +5,8 @@ Sharded runs of it are in tests/test_sharding.py.
 
 The tokenizer is tests/tiny_tokenizer.py's with a Llama-style `<s>` (du.tiny_llama), so nothing
 here needs shared/. Runs are in process (`train.train_and_evaluate`) where a fresh process
-proves nothing more, and share a persistent compilation cache, to keep the file short.
+proves nothing more (the run's persistent compilation cache, tests/conftest.py, keeps the file
+short).
 """
 
 from __future__ import annotations
@@ -13,10 +14,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 
 import jax
-from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 import pytest
 
@@ -35,39 +34,6 @@ from test_method_battery import BATTERY
 STEPS = ["--config.optim.max_steps_per_task=6", "--config.optim.num_epochs=3",
          "--config.checkpoint.every_steps=4", "--config.eval.max_new_tokens=4",
          "--config.plots=False"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def persistent_compilation_cache(tmp_path_factory):
-  """A persistent XLA cache for this module's runs, in process and in the `main` processes.
-
-  Every run builds its backbone and jits its functions anew, so without it each run compiles
-  what the previous one did (evaluation, the first stage's train step, ...); with it, a program
-  compiled once is loaded (the same executable, so results are unchanged). The resume test's
-  SIGKILL lands between train steps, never inside a compilation, so no entry is left half
-  written. The previous settings are restored afterwards.
-  """
-  path = str(tmp_path_factory.mktemp("xla_cache"))
-  settings = {"jax_compilation_cache_dir": path,
-              "jax_persistent_cache_min_compile_time_secs": 0.0,
-              "jax_persistent_cache_min_entry_size_bytes": -1}
-  previous = {k: getattr(jax.config, k) for k in settings}
-  env = {k.upper(): str(v) for k, v in settings.items()}
-  previous_env = {k: os.environ.get(k) for k in env}
-  for k, v in settings.items():
-    jax.config.update(k, v)
-  os.environ.update(env)
-  # The cache is set up once per process (maybe already, without a directory): again.
-  compilation_cache.reset_cache()
-  yield
-  for k, v in previous.items():
-    jax.config.update(k, v)
-  for k, v in previous_env.items():
-    if v is None:
-      os.environ.pop(k, None)
-    else:
-      os.environ[k] = v
-  compilation_cache.reset_cache()
 
 
 def _results(workdir):

@@ -65,9 +65,15 @@ def _launch(workdir: pathlib.Path, processes: int, *args: str, timeout: int = 30
     try:
       _, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+      # Which process hung, and where: every process's state and the end of its stderr.
+      running = [i for i, q in enumerate(procs) if q.poll() is None]
       for q in procs:
         q.kill()
-      raise
+      errs = [q.communicate()[1] for q in procs]
+      tails = "\n".join(f"--- process {i} (rc {q.returncode}):\n{e[-1500:]}"
+                        for i, (q, e) in enumerate(zip(procs, errs)))
+      pytest.fail(f"{processes} process(es) not done after {timeout} s; process(es) {running} "
+                  f"were still running\n{tails}")
     out.append((p.returncode, err))
   return out
 
