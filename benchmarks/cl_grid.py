@@ -379,6 +379,14 @@ def grid_cells(spec: Spec, grid: str, chosen: Mapping[str, dict],
   return out
 
 
+def grid_phases(spec: Spec, grid: str) -> tuple[str, ...]:
+  """The phases `--grid=<grid>` runs after the validation sweep, in order; `all` includes the
+  analyses only where `spec.analyses_in_all` says so."""
+  if grid != "all":
+    return (grid,)
+  return ("main", "seeds", "after_adam") + (("analyses",) if spec.analyses_in_all else ())
+
+
 def _injection_of(flags: Sequence[str]) -> tuple[str, bool]:
   layers, sigma = "all", True
   for f in flags:
@@ -1081,8 +1089,7 @@ def main(spec: Spec, description: str, argv: Sequence[str] | None = None) -> Non
       chosen = choices(spec, load_records(spec), partial=True)
       if chosen is None:
         sys.exit("no family's validation sweep is complete (run --grid=validation first)")
-      phases = ("main", "seeds", "after_adam", "analyses") if args.grid == "all" else (args.grid,)
-      for phase in phases:
+      for phase in grid_phases(spec, args.grid):
         failed += run_cells(spec, grid_cells(spec, phase, chosen), args, env)
       if len(chosen) < len(spec.families):
         missing = ", ".join(f for f in spec.families if f not in chosen)

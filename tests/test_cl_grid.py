@@ -445,3 +445,17 @@ def test_method_costs_runs_each_sequential_method_with_the_grid_settings():
   # Table 1's methods that train task after task (not MTL's joint stage) and the four beyond it.
   assert ran == ({(m, "") for m in cl_grid.METHODS if m != "mtl"}
                  | {("replay", "seqft"), ("replay", "lbcl"), ("ewc", "seqft"), ("inflora", "")})
+
+
+def test_grid_all_runs_the_analyses_only_where_the_spec_says():
+  """SmolLM2's `--grid all` stops after the seeds (its analyses run with `--grid analyses`);
+  the MiniLM grid's `all` includes them. Each phase planned as `--grid all` plans it."""
+  chosen = {f: {"flags": []} for f in cl_grid.FAMILIES}
+  for spec, with_analyses in ((generative_cl.SPEC, False), (cl_methods.SPEC, True)):
+    assert spec.analyses_in_all is with_analyses
+    phases = cl_grid.grid_phases(spec, "all")
+    assert ("analyses" in phases) is with_analyses
+    cells = {k for phase in phases for k in cl_grid.grid_cells(spec, phase, chosen)}
+    assert any(k.startswith("o1_lbcl_rank") for k in cells) is with_analyses
+    assert any(k.endswith("_seed1") for k in cells)
+  assert cl_grid.grid_phases(generative_cl.SPEC, "analyses") == ("analyses",)
