@@ -336,8 +336,9 @@ def grid_cells(spec: Spec, grid: str, chosen: Mapping[str, dict],
   # Partial choices: the chosen families' methods.
   methods = [m for m in spec.methods if spec.family_of(m) in chosen]
   flags_of = lambda m: method_flags(m, chosen, spec.injection, spec.extra_rows.get(m))
+  phases = grid_phases(spec, grid)
   out = {}
-  if grid in ("main", "all"):
+  if "main" in phases:
     for order in orders:
       # In the running order `order_methods` gives, where it does.
       ordered = methods if spec.order_methods is None else spec.order_methods.get(order, ())
@@ -352,19 +353,18 @@ def grid_cells(spec: Spec, grid: str, chosen: Mapping[str, dict],
       out["zeroshot"] = ["--config.method=inclora", f"--config.order={spec.orders[1]}",
                          "--config.optim.learning_rate=0.0",
                          "--config.optim.max_steps_per_task=1", *spec.zeroshot_flags]
-  if grid in ("seeds", "all"):
+  if "seeds" in phases:
     for method in [m for m in spec.seed_methods if m in methods]:
       for seed in EXTRA_SEEDS:
         out[f"o1_{method}_seed{seed}"] = [*flags_of(method), f"--config.order={spec.orders[1]}",
                                           f"--config.seed={seed}"]
-  if spec.after_adam and grid in ("after_adam", "all") and "svd" in chosen:
+  if spec.after_adam and "after_adam" in phases and "svd" in chosen:
     for order in orders:
       for method in ("bcl", "lbcl"):
         out[f"o{order}_{method}_after_adam"] = [*method_flags(method, chosen, spec.injection),
                                                 f"--config.order={spec.orders[order]}",
                                                 "--config.projection.after_adam=True"]
-  if ((grid == "analyses" or grid == "all" and spec.analyses_in_all) and spec.analyses
-      and "svd" in chosen):
+  if "analyses" in phases and spec.analyses and "svd" in chosen:
     base = [*method_flags("lbcl", chosen, spec.injection), f"--config.order={spec.orders[1]}"]
     for r in RANKS:
       if r != 8:
